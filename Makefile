@@ -1,0 +1,116 @@
+# hiercon — every target fetches what it needs itself, idempotently, into git-ignored folders.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+ORT_VERSION := 1.31.1
+ORT_LIB     := .ort/lib/libonnxruntime.so.$(ORT_VERSION)
+CACHE       := .cache
+NPM_DIR     := $(CACHE)/npm
+DEB_DIR     := $(CACHE)/deb
+VENV        := $(CACHE)/venv
+EMOJI_VER   := 16.0.0
+CARGO       ?= cargo
+# Tests and data imports share the dev build (dependencies optimised, see Cargo.toml); the
+# demo, benchmarks and servers use release. `make data PROFILE=release` picks the other one.
+PROFILE     ?= debug
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+HIERCON     := target/$(PROFILE)/hiercon
+
+export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
+
+.PHONY: all demo test build ort ort-gpu data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
+        pyenv bench clean-data help
+
+help:
+	@echo "make demo   - set everything up and run the shipped default"
+	@echo "make test   - fetch what the tests need and run them"
+	@echo "make data   - fetch and import the emoji and Fashion-MNIST catalogues"
+	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
+	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
+	@echo "make bench  - criterion benchmarks; results in bench/results"
+
+# --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
+ort: $(ORT_LIB)
+
+$(ORT_LIB):
+	@mkdir -p $(CACHE)/wheels .ort/lib
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(CACHE)/wheels onnxruntime==$(ORT_VERSION)
+	python3 -m zipfile -e $(CACHE)/wheels/onnxruntime-$(ORT_VERSION)-*.whl $(CACHE)/ort-wheel
+	cp $(CACHE)/ort-wheel/onnxruntime/capi/libonnxruntime.so.$(ORT_VERSION) \
+	   $(CACHE)/ort-wheel/onnxruntime/capi/libonnxruntime_providers_shared.so .ort/lib/
+	echo cpu > .ort/flavour
+	@echo "ONNX Runtime $(ORT_VERSION) (CPU) -> $(ORT_LIB)"
+
+# The GPU wheel's library also runs on CPU; it replaces the CPU one and adds the CUDA provider.
+ort-gpu:
+	@mkdir -p $(CACHE)/wheels .ort/lib
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(CACHE)/wheels onnxruntime-gpu==$(ORT_VERSION)
+	python3 -m zipfile -e $(CACHE)/wheels/onnxruntime_gpu-$(ORT_VERSION)-*.whl $(CACHE)/ort-gpu-wheel
+	cp $(CACHE)/ort-gpu-wheel/onnxruntime/capi/libonnxruntime*.so* .ort/lib/
+	echo gpu > .ort/flavour
+	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) -> .ort/lib"
+
+# --- Python tools used by tests (onnx checker, onnxruntime for cross-checks) ------------------
+pyenv: $(VENV)/.ok
+
+$(VENV)/.ok:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet onnx numpy onnxruntime==$(ORT_VERSION)
+	touch $@
+
+# --- data --------------------------------------------------------------------------------------
+fetch-emoji: $(NPM_DIR)/.ok
+
+$(NPM_DIR)/.ok:
+	@mkdir -p $(NPM_DIR)
+	cd $(NPM_DIR) && npm pack --silent emoji-datasource@$(EMOJI_VER) emoji-datasource-google@$(EMOJI_VER) emoji-datasource-twitter@$(EMOJI_VER) >/dev/null
+	mkdir -p $(NPM_DIR)/emoji-datasource $(NPM_DIR)/emoji-datasource-google $(NPM_DIR)/emoji-datasource-twitter
+	tar -xzf $(NPM_DIR)/emoji-datasource-$(EMOJI_VER).tgz -C $(NPM_DIR)/emoji-datasource --strip-components=1 \
+	    package/emoji.json package/LICENSE package/package.json
+	tar -xzf $(NPM_DIR)/emoji-datasource-google-$(EMOJI_VER).tgz -C $(NPM_DIR)/emoji-datasource-google --strip-components=1 \
+	    package/img/google/64 package/package.json
+	tar -xzf $(NPM_DIR)/emoji-datasource-twitter-$(EMOJI_VER).tgz -C $(NPM_DIR)/emoji-datasource-twitter --strip-components=1 \
+	    package/img/twitter/64 package/package.json
+	rm -f $(NPM_DIR)/*.tgz
+	touch $@
+
+fetch-fashion-mnist: $(DEB_DIR)/.ok
+
+$(DEB_DIR)/.ok:
+	@mkdir -p $(DEB_DIR)
+	cd $(DEB_DIR) && (apt-get download dataset-fashion-mnist 2>/dev/null || (apt-get update -qq && apt-get download dataset-fashion-mnist))
+	dpkg-deb -x $(DEB_DIR)/dataset-fashion-mnist_*.deb $(DEB_DIR)/root
+	rm -f $(DEB_DIR)/*.deb
+	touch $@
+
+data: data-emoji data-fashion-mnist
+
+data-emoji: data/emoji/manifest.jsonl
+data-fashion-mnist: data/fashion-mnist/manifest.jsonl
+
+data/emoji/manifest.jsonl: $(NPM_DIR)/.ok | build
+	$(HIERCON) data emoji --packages $(NPM_DIR) --out data/emoji
+
+data/fashion-mnist/manifest.jsonl: $(DEB_DIR)/.ok | build
+	$(HIERCON) data fashion-mnist --source $(DEB_DIR)/root/usr/share/datasets/fashion-mnist --out data/fashion-mnist
+
+clean-data:
+	rm -rf data
+
+# --- build, test, demo, bench ------------------------------------------------------------------
+build: ort
+	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
+
+test: ort pyenv
+	$(MAKE) --no-print-directory data PROFILE=debug
+	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
+	    $(CARGO) test --locked
+
+demo: ort
+	$(MAKE) --no-print-directory data PROFILE=release
+	target/release/hiercon demo
+
+bench: ort pyenv
+	$(MAKE) --no-print-directory data PROFILE=release
+	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
+	    $(CARGO) bench --locked

@@ -1,0 +1,1 @@
+//! HNSW index generations, filters and search (issue 5; not built yet).

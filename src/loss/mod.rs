@@ -1,0 +1,1 @@
+//! Hierarchical contrastive losses and baselines (issue 4; not built yet).

@@ -222,9 +222,9 @@ mod tests {
         assert_eq!(names, ["level1", "level2", "product", "variation", "image"]);
         assert_eq!(labels.rows.dim(), (items.len(), 5));
         let reference = reference_ids(&items, 2);
-        for c in 0..5 {
+        for (c, expected) in reference.iter().enumerate() {
             let got: Vec<i64> = labels.rows.column(c).to_vec();
-            assert_eq!(got, reference[c], "column {c}");
+            assert_eq!(&got, expected, "column {c}");
             // dense 0..n
             let distinct: BTreeSet<i64> = got.iter().copied().collect();
             assert_eq!(distinct, (0..labels.classes(c) as i64).collect());

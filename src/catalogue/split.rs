@@ -205,8 +205,7 @@ mod tests {
         assert!(by_product.values().all(|s| s.len() == 1), "a product on both sides");
         for l in 0..12 {
             let cat = format!("top{}/leaf{l}", l % 3);
-            let test =
-                by_product.iter().filter(|((c, _), s)| *c == cat && s.contains(&Split::Test)).count();
+            let test = by_product.iter().filter(|((c, _), s)| *c == cat && s.contains(&Split::Test)).count();
             assert_eq!(test, (17.0f64 * 0.25).round() as usize, "{cat}");
         }
     }

@@ -256,7 +256,9 @@ mod tests {
         assert_eq!((s.levels.clone(), s.products, s.variations), (vec![3, 3], 3, 5));
         assert_eq!((s.query, s.gallery), (5, 2));
         let attribution = std::fs::read_to_string(out.path().join("ATTRIBUTION.md")).unwrap();
-        for needle in ["MIT", "Apache-2.0", "CC-BY-4.0", "emoji-datasource-google", "emoji-datasource-twitter", "16.0.0"] {
+        for needle in
+            ["MIT", "Apache-2.0", "CC-BY-4.0", "emoji-datasource-google", "emoji-datasource-twitter", "16.0.0"]
+        {
             assert!(attribution.contains(needle), "ATTRIBUTION.md lacks {needle}");
         }
         assert!(out.path().join("LICENSE.emoji-datasource").is_file());

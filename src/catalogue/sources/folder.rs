@@ -36,7 +36,12 @@ pub fn import(csv_path: &Path, out: &Path, split: &SplitOptions) -> Result<Manif
     let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(file);
     let headers = reader
         .headers()
-        .map_err(|e| csv_error(csv_path, vec![LineIssue { line: 1, field: "header", problem: Problem::Malformed(e.to_string()) }]))?
+        .map_err(|e| {
+            csv_error(
+                csv_path,
+                vec![LineIssue { line: 1, field: "header", problem: Problem::Malformed(e.to_string()) }],
+            )
+        })?
         .clone();
     let column = |name: &str| headers.iter().position(|h| h == name);
     let missing: Vec<LineIssue> = REQUIRED
@@ -150,7 +155,10 @@ mod tests {
         let m = import(&csv, out.path(), &SplitOptions::default()).unwrap();
         assert_eq!(m.items.len(), 3);
         let it = m.get("a/2.png").unwrap();
-        assert_eq!((it.image.as_str(), it.category.as_str(), it.role), ("images/a/2.png", "shoes/boots", Some(Role::Gallery)));
+        assert_eq!(
+            (it.image.as_str(), it.category.as_str(), it.role),
+            ("images/a/2.png", "shoes/boots", Some(Role::Gallery))
+        );
         assert_eq!(m.get("b/3.png").unwrap().role, None);
         assert!(m.image_path(it).is_file());
         assert_eq!(Manifest::read(out.path().join("manifest.jsonl")).unwrap().items, m.items);
@@ -199,6 +207,9 @@ mod tests {
         let csv = src.path().join("labels.csv");
         std::fs::write(&csv, "image,category,item\nx.png,a,b\n").unwrap();
         let out = tempfile::tempdir().unwrap();
-        assert_eq!(csv_issues(import(&csv, out.path(), &SplitOptions::default())), vec![(1, "product"), (1, "variation")]);
+        assert_eq!(
+            csv_issues(import(&csv, out.path(), &SplitOptions::default())),
+            vec![(1, "product"), (1, "variation")]
+        );
     }
 }

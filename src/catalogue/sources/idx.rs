@@ -71,7 +71,9 @@ fn parse<'a>(bytes: &'a [u8], path: &Path, magic: u32, what: &str) -> Result<(Ve
         Some(n) if n > data.len() => {
             Err(bad(path, format!("truncated: the header {shape:?} needs {n} data bytes, the file has {}", data.len())))
         }
-        Some(n) => Err(bad(path, format!("{} bytes after the {n} data bytes the header {shape:?} describes", data.len() - n))),
+        Some(n) => {
+            Err(bad(path, format!("{} bytes after the {n} data bytes the header {shape:?} describes", data.len() - n)))
+        }
         None => Err(bad(path, format!("header dimensions {shape:?} overflow"))),
     }
 }

@@ -150,7 +150,8 @@ enum Adjust {
 fn colour_jitter(t: &mut Array3<f32>, jitter: f32, rng: &mut ChaCha8Rng) {
     let (lo, hi) = (f64::from((1.0 - jitter).max(0.0)), f64::from(1.0 + jitter));
     let factors: [f32; 3] = std::array::from_fn(|_| uniform(rng, lo, hi) as f32);
-    let mut order = [(Adjust::Brightness, factors[0]), (Adjust::Contrast, factors[1]), (Adjust::Saturation, factors[2])];
+    let mut order =
+        [(Adjust::Brightness, factors[0]), (Adjust::Contrast, factors[1]), (Adjust::Saturation, factors[2])];
     order.shuffle(rng);
     for (adjust, f) in order {
         match adjust {
@@ -263,9 +264,18 @@ mod tests {
     fn impossible_crop_falls_back_to_centre() {
         let mut r = rng(3);
         // Area over 100% never fits: a centred crop, aspect clamped into range.
-        assert_eq!(sample_crop(60, 40, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r), CropBox { x: 3, y: 0, width: 53, height: 40 });
-        assert_eq!(sample_crop(40, 60, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r), CropBox { x: 0, y: 3, width: 40, height: 53 });
-        assert_eq!(sample_crop(50, 40, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r), CropBox { x: 0, y: 0, width: 50, height: 40 });
+        assert_eq!(
+            sample_crop(60, 40, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r),
+            CropBox { x: 3, y: 0, width: 53, height: 40 }
+        );
+        assert_eq!(
+            sample_crop(40, 60, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r),
+            CropBox { x: 0, y: 3, width: 40, height: 53 }
+        );
+        assert_eq!(
+            sample_crop(50, 40, (2.0, 3.0), (0.75, 4.0 / 3.0), &mut r),
+            CropBox { x: 0, y: 0, width: 50, height: 40 }
+        );
     }
 
     #[test]

@@ -60,7 +60,8 @@ const DECODER_HEADROOM_BYTES: u64 = 64 * 1024 * 1024;
 /// format (or none recognised) is [`Error::UnsupportedImageFormat`]; the header's dimensions
 /// over `max_side` or `max_pixels` are [`Error::ImageTooManyPixels`], before any pixel is
 /// decoded (the `image` crate's own limits are set too); corrupt or truncated data is
-/// [`Error::ImageDecode`]. The EXIF orientation (JPEG, WebP, PNG `eXIf`) is applied. Alpha is
+/// [`Error::ImageDecode`] (a JPEG cut inside its scan data still decodes, the missing part
+/// filled in, as browsers show it). The EXIF orientation (JPEG, WebP, PNG `eXIf`) is applied. Alpha is
 /// composited over white (`a*c + (1-a)*255`); 16-bit and float images are scaled to 8 bits.
 /// A panic inside a decoder is caught and reported as [`Error::ImageDecode`].
 pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage> {
@@ -71,9 +72,8 @@ pub fn decode(bytes: &[u8], limits: &Limits) -> Result<RgbImage> {
         return Err(Error::ImageTooLarge { bytes: bytes.len() as u64, limit: limits.max_bytes as u64 });
     }
     let format = sniff(bytes)?;
-    catch_unwind(AssertUnwindSafe(|| decode_sniffed(bytes, format, limits))).unwrap_or_else(|_| {
-        Err(Error::ImageDecode { reason: format!("{} decoder panicked", mime(format)) })
-    })
+    catch_unwind(AssertUnwindSafe(|| decode_sniffed(bytes, format, limits)))
+        .unwrap_or_else(|_| Err(Error::ImageDecode { reason: format!("{} decoder panicked", mime(format)) }))
 }
 
 /// Reads and decodes an image file; the file's size is checked against `max_bytes` before
@@ -102,11 +102,12 @@ fn sniff(bytes: &[u8]) -> Result<ImageFormat> {
     }
 }
 
-/// Whether the bytes are a strict prefix of an accepted format's signature.
+/// Whether the bytes are too short to be recognised but start like an accepted format.
 fn is_truncated_signature(bytes: &[u8]) -> bool {
     const SIGNATURES: [&[u8]; 3] = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF"];
-    let webp_prefix = bytes.len() < 12 && (bytes.starts_with(b"RIFF") || b"RIFF".starts_with(bytes));
-    webp_prefix || SIGNATURES[..2].iter().any(|sig| bytes.len() < sig.len() && sig.starts_with(bytes))
+    // WebP is recognised from 12 bytes: "RIFF", a size, "WEBP".
+    let short_riff = bytes.len() < 12 && bytes.starts_with(b"RIFF");
+    short_riff || SIGNATURES.iter().any(|sig| bytes.len() < sig.len() && sig.starts_with(bytes))
 }
 
 fn mime(format: ImageFormat) -> &'static str {
@@ -353,7 +354,10 @@ mod tests {
         let side = Limits { max_side: 39, ..Limits::default() };
         assert!(matches!(decode(&bytes, &side), Err(Error::ImageTooManyPixels { limit: PixelLimit::Side(39), .. })));
         let pixels = Limits { max_pixels: 799, ..Limits::default() };
-        assert!(matches!(decode(&bytes, &pixels), Err(Error::ImageTooManyPixels { limit: PixelLimit::Pixels(799), .. })));
+        assert!(matches!(
+            decode(&bytes, &pixels),
+            Err(Error::ImageTooManyPixels { limit: PixelLimit::Pixels(799), .. })
+        ));
         assert!(decode(&bytes, &Limits { max_side: 40, max_pixels: 800, ..Limits::default() }).is_ok());
     }
 
@@ -366,7 +370,8 @@ mod tests {
         }
         let mut bmp = b"BM".to_vec();
         bmp.extend_from_slice(&[0u8; 60]);
-        assert!(matches!(decode(&bmp, &Limits::default()), Err(Error::UnsupportedImageFormat { format }) if format == "image/bmp"));
+        let bmp = decode(&bmp, &Limits::default());
+        assert!(matches!(bmp, Err(Error::UnsupportedImageFormat { format }) if format == "image/bmp"));
         assert!(matches!(
             decode(b"hello, this is not an image", &Limits::default()),
             Err(Error::UnsupportedImageFormat { format }) if format == "unknown"
@@ -383,8 +388,12 @@ mod tests {
             );
         }
         let jpeg = jpeg_bytes(&asymmetric(40, 20));
+        assert!(matches!(decode(b"RIFF\x10\0", &Limits::default()), Err(Error::ImageDecode { .. })));
         for cut in [2, 20] {
-            assert!(matches!(decode(&jpeg[..cut], &Limits::default()), Err(Error::ImageDecode { .. })), "JPEG cut at {cut}");
+            assert!(
+                matches!(decode(&jpeg[..cut], &Limits::default()), Err(Error::ImageDecode { .. })),
+                "JPEG cut at {cut}"
+            );
         }
         // A PNG whose image data is overwritten with noise: zlib or CRC checks fail.
         let mut corrupt = png.clone();
@@ -445,6 +454,24 @@ mod tests {
         // Fully transparent is white whatever the colour; opaque keeps the colour.
         assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
         assert_eq!(out.get_pixel(7, 1).0, [100, 160, 49]);
+    }
+
+    #[test]
+    fn grey_is_replicated_and_webp_alpha_composited() {
+        let grey = ImageBuffer::from_fn(3, 2, |x, y| ::image::Luma([(40 * x + 90 * y) as u8]));
+        let out = decode(&png_bytes(&DynamicImage::ImageLuma8(grey.clone())), &Limits::default()).unwrap();
+        assert!(grey.enumerate_pixels().all(|(x, y, p)| out.get_pixel(x, y).0 == [p[0]; 3]));
+
+        let rgba = ImageBuffer::from_fn(4, 1, |x, _| Rgba([200, 10 * x as u8, 90, [0, 90, 180, 255][x as usize]]));
+        let mut webp = Vec::new();
+        ::image::codecs::webp::WebPEncoder::new_lossless(&mut webp)
+            .write_image(rgba.as_raw(), 4, 1, ::image::ExtendedColorType::Rgba8)
+            .unwrap();
+        let out = decode(&webp, &Limits::default()).unwrap();
+        for (x, _, p) in rgba.enumerate_pixels() {
+            let want: Vec<u8> = (0..3).map(|c| over_white(f64::from(p[c]), f64::from(p[3]) / 255.0)).collect();
+            assert_eq!(out.get_pixel(x, 0).0.to_vec(), want, "pixel {x}");
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! [`to_tensor`] makes a normalised `[3, size, size]` model input ([`Preprocess`]);
 //! [`augment`] makes a random training view ([`Augment`]); [`batch_from_bytes`] /
 //! [`batch_from_files`] do decode + preprocess in parallel with one result per item, and
-//! [`stack`] builds the NCHW batch. Serving, indexing and evaluation all use [`to_tensor`], so
-//! what is measured is what is served.
+//! [`stack`] builds the NCHW batch. Serving, indexing and evaluation should all go through
+//! [`to_tensor`] with the model's [`Preprocess`], so that what is measured is what is served.
 
 mod augment;
 mod decode;

@@ -70,7 +70,8 @@ pub fn to_tensor(img: &RgbImage, p: &Preprocess) -> Array3<f32> {
         return Array3::zeros((3, size as usize, size as usize));
     }
     let (rw, rh) = shorter_side_to(w, h, size);
-    let resized = if (rw, rh) == (w, h) { Cow::Borrowed(img) } else { Cow::Owned(imageops::resize(img, rw, rh, FILTER)) };
+    let resized =
+        if (rw, rh) == (w, h) { Cow::Borrowed(img) } else { Cow::Owned(imageops::resize(img, rw, rh, FILTER)) };
     let (left, top) = (centre_offset(rw, size), centre_offset(rh, size));
     normalised_chw(&resized, left, top, size, p)
 }

@@ -76,9 +76,9 @@ pub fn loss_and_grad(
             let (value, grad) = level_loss(&batch, &all, |a, b| a == b, opts);
             Ok(LossValue { total: value, level_losses: vec![value], grad, level_samples: vec![all] })
         }
-        LossKind::Ce => Err(opts.config_error(
-            "cross-entropy needs a classifier's weights: use `ce_loss_and_grad`".to_string(),
-        )),
+        LossKind::Ce => {
+            Err(opts.config_error("cross-entropy needs a classifier's weights: use `ce_loss_and_grad`".to_string()))
+        }
     }
 }
 
@@ -322,7 +322,6 @@ fn check_len(what: &'static str, found: usize, expected: usize) -> Result<()> {
     if found == expected { Ok(()) } else { Err(Error::LossShape { what, expected, found }) }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,7 +486,8 @@ mod tests {
         let (n, d, k) = (4, 4, 3);
         let (e1, e2) = (1f64.exp(), 0.5f64.exp());
         for dedup in [Dedup::Official, Dedup::None] {
-            let at = |kind| loss_and_grad(&features, &labels, n, d, k, &LossOptions { kind, dedup, ..opts(kind) }).unwrap();
+            let at =
+                |kind| loss_and_grad(&features, &labels, n, d, k, &LossOptions { kind, dedup, ..opts(kind) }).unwrap();
             let (hmc, hce, hmce) = (at(LossKind::Hmc), at(LossKind::Hce), at(LossKind::Hmce));
             assert!((hce.level_losses[0] - l1).abs() < 1e-12 && (hce.level_losses[1] - l2).abs() < 1e-12);
             assert!(l2 < l1 - 1.0, "the case must make the constraint bind");
@@ -497,10 +497,13 @@ mod tests {
 
             // The bound level passes its weight on to level 1; level 2's own gradient is unused.
             let all: Vec<usize> = (0..n).collect();
-            let level = |columns| level_loss_and_grad(&features, &labels, n, d, k, columns, &all, &opts(LossKind::Hce)).unwrap().1;
+            let level = |columns| {
+                level_loss_and_grad(&features, &labels, n, d, k, columns, &all, &opts(LossKind::Hce)).unwrap().1
+            };
             let (g1, g2) = (level(2), level(1));
             assert!(g2.iter().zip(&g1).any(|(a, b)| (a - b).abs() > 1e-3), "levels must differ");
-            let expect = |w1: f64, w2: f64| -> Vec<f64> { g1.iter().zip(&g2).map(|(a, b)| (w1 * a + w2 * b) / 3.0).collect() };
+            let expect =
+                |w1: f64, w2: f64| -> Vec<f64> { g1.iter().zip(&g2).map(|(a, b)| (w1 * a + w2 * b) / 3.0).collect() };
             assert_close("hce grad", &hce.grad, &expect(2.0, 0.0), 1e-12);
             assert_close("hmce grad", &hmce.grad, &expect(e1 + e2, 0.0), 1e-12);
             assert_close("hmc grad", &hmc.grad, &expect(e1, e2), 1e-12);
@@ -534,13 +537,17 @@ mod tests {
         let features = unit_features(&mut rng, 2 * n, d);
         let official = loss_and_grad(&features, &labels, n, d, k, &opts(LossKind::Hmc)).unwrap();
         assert_eq!(official.level_samples, expected);
-        let none = loss_and_grad(&features, &labels, n, d, k, &LossOptions { dedup: Dedup::None, ..opts(LossKind::Hmc) }).unwrap();
+        let none =
+            loss_and_grad(&features, &labels, n, d, k, &LossOptions { dedup: Dedup::None, ..opts(LossKind::Hmc) })
+                .unwrap();
         assert_eq!(none.level_samples, vec![(0..6).collect::<Vec<_>>(); 3]);
         assert!((official.level_losses[0] - none.level_losses[0]).abs() < 1e-12, "level 1 sees the whole batch");
         assert!((official.total - none.total).abs() > 1e-6, "official and none must differ here");
 
         // The representative matters: level 3 is the category loss over {4, 5, 2}, not {4, 5, 0}.
-        let category = |samples: &[usize]| level_loss_and_grad(&features, &labels, n, d, k, 1, samples, &opts(LossKind::Hmc)).unwrap().0;
+        let category = |samples: &[usize]| {
+            level_loss_and_grad(&features, &labels, n, d, k, 1, samples, &opts(LossKind::Hmc)).unwrap().0
+        };
         assert!((official.level_losses[2] - category(&[4, 5, 2])).abs() < 1e-12);
         assert!((category(&[4, 5, 2]) - category(&[4, 5, 0])).abs() > 1e-6);
         check_gradient(&opts(LossKind::Hmce), &features, &labels, n, d, k);
@@ -554,12 +561,22 @@ mod tests {
         let features = unit_features(&mut rng, 2 * n, d);
         let images: Vec<i64> = labels.chunks(4).map(|r| r[3]).collect();
         let simclr = loss_and_grad(&features, &labels, n, d, 4, &opts(LossKind::Simclr)).unwrap();
-        let supcon = loss_and_grad(&features, &images, n, d, 1, &LossOptions { supcon_level: Some(1), ..opts(LossKind::Supcon) }).unwrap();
+        let supcon = loss_and_grad(
+            &features,
+            &images,
+            n,
+            d,
+            1,
+            &LossOptions { supcon_level: Some(1), ..opts(LossKind::Supcon) },
+        )
+        .unwrap();
         assert!((simclr.total - supcon.total).abs() < 1e-12);
         assert_close("simclr grad", &simclr.grad, &supcon.grad, 1e-12);
         // And supcon at the product level is hmc's level 2 with dedup none.
         let supcon = loss_and_grad(&features, &labels, n, d, 4, &opts(LossKind::Supcon)).unwrap();
-        let hmc = loss_and_grad(&features, &labels, n, d, 4, &LossOptions { dedup: Dedup::None, ..opts(LossKind::Hmc) }).unwrap();
+        let hmc =
+            loss_and_grad(&features, &labels, n, d, 4, &LossOptions { dedup: Dedup::None, ..opts(LossKind::Hmc) })
+                .unwrap();
         assert!((supcon.total - hmc.level_losses[1]).abs() < 1e-12);
         assert!((supcon.total - simclr.total).abs() > 1e-6, "product positives must change the loss");
     }
@@ -575,8 +592,7 @@ mod tests {
         assert_ne!(perm, (0..n).collect::<Vec<_>>());
         // New sample j is old sample perm[j], both views together.
         let row = |f: &[f64], r: usize| f[r * d..(r + 1) * d].to_vec();
-        let permuted_features: Vec<f64> =
-            (0..2 * n).flat_map(|r| row(&features, perm[r % n] + (r / n) * n)).collect();
+        let permuted_features: Vec<f64> = (0..2 * n).flat_map(|r| row(&features, perm[r % n] + (r / n) * n)).collect();
         let permuted_labels: Vec<i64> = perm.iter().flat_map(|&s| labels[s * k..(s + 1) * k].to_vec()).collect();
         for kind in [LossKind::Hmc, LossKind::Hce, LossKind::Hmce] {
             let o = LossOptions { kind, dedup: Dedup::None, ..opts(kind) };
@@ -599,8 +615,18 @@ mod tests {
         let v = ce_loss_and_grad(&features, &weights, &bias, &targets, n, d, c).unwrap();
         let loss = |f: &[f64], w: &[f64], b: &[f64]| ce_loss_and_grad(f, w, b, &targets, n, d, c).unwrap().loss;
         let h = 1e-5;
-        assert_close("features", &v.grad_features, &central_differences(&features, h, |f| loss(f, &weights, &bias)), 1e-8);
-        assert_close("weights", &v.grad_weights, &central_differences(&weights, h, |w| loss(&features, w, &bias)), 1e-8);
+        assert_close(
+            "features",
+            &v.grad_features,
+            &central_differences(&features, h, |f| loss(f, &weights, &bias)),
+            1e-8,
+        );
+        assert_close(
+            "weights",
+            &v.grad_weights,
+            &central_differences(&weights, h, |w| loss(&features, w, &bias)),
+            1e-8,
+        );
         assert_close("bias", &v.grad_bias, &central_differences(&bias, h, |b| loss(&features, &weights, b)), 1e-8);
 
         // Zero classifier: uniform softmax, loss ln C, bias gradient 1/C - class share.
@@ -636,9 +662,21 @@ mod tests {
             loss: LossOptions,
         }
         assert_eq!(Cli::try_parse_from(["x"]).unwrap().loss, LossOptions::default());
-        let parsed = Cli::try_parse_from(["x", "--loss", "hce", "--penalty", "pow2", "--dedup", "none", "--normalize", "levels", "--supcon-level", "2"])
-            .unwrap()
-            .loss;
+        let parsed = Cli::try_parse_from([
+            "x",
+            "--loss",
+            "hce",
+            "--penalty",
+            "pow2",
+            "--dedup",
+            "none",
+            "--normalize",
+            "levels",
+            "--supcon-level",
+            "2",
+        ])
+        .unwrap()
+        .loss;
         let expected = LossOptions {
             kind: LossKind::Hce,
             penalty: Penalty::Pow2,

@@ -77,6 +77,22 @@ pub enum Error {
     // --- graph ----------------------------------------------------------------------------------
 
     // --- model / loss / train -------------------------------------------------------------------
+    /// A loss input does not have the length its shape implies.
+    #[error("loss input `{what}` has {found} values, expected {expected}")]
+    LossShape { what: &'static str, expected: usize, found: usize },
+
+    /// A loss option or label table that the chosen loss cannot work with.
+    #[error("loss `{loss}`: {reason}")]
+    LossConfig { loss: &'static str, reason: String },
+
+    /// The sampler cannot be built from these labels or this configuration.
+    #[error("batch sampler: {reason}")]
+    SamplerConfig { reason: String },
+
+    /// A saved sampler state does not belong to the labels or the sampler it is resumed with.
+    #[error("batch sampler state cannot be resumed: {reason}")]
+    SamplerState { reason: String },
+
 
     // --- index / search -------------------------------------------------------------------------
 

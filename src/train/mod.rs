@@ -1,1 +1,5 @@
-//! Sampler, trainer loop, schedules and checkpoints (issue 4; not built yet).
+//! Training: batch samplers (trainer loop, schedules and checkpoints to come, issue 4).
+
+pub mod sampler;
+
+pub use sampler::{Batch, Sampler, SamplerConfig, SamplerKind, SamplerState, SamplerStats, SlotRole};

@@ -40,6 +40,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod autodiff;
 pub mod ir;
 pub mod nn;
 pub mod onnx;
@@ -47,6 +48,7 @@ pub mod ops;
 pub mod proto;
 pub mod run;
 
+pub use autodiff::{ConvGradChoice, GradOptions, GradReport, grad, grad_with};
 pub use ir::{Attr, ConvWeightGrad, DType, Graph, Input, InputKind, Node, Source, Tensor, Value, ValueInfo};
 pub use nn::{BatchNorm, BatchNormOut, Conv2d, ConvTranspose2d, Gemm, Pool2d};
 pub use run::{Outputs, Runner};

@@ -359,6 +359,11 @@ impl Graph {
         Ok(self.push1("Reshape", vec![x, s], vec![], dt, out))
     }
 
+    /// Reshape to a fully known shape.
+    pub fn reshape_to(&mut self, x: Value, shape: &[usize]) -> Result<Value> {
+        self.reshape(x, &to_i64(shape))
+    }
+
     /// Flattens to 2-D: dimensions before `axis` times dimensions from `axis` on.
     pub fn flatten(&mut self, x: Value, axis: i64) -> Result<Value> {
         let s = self.shape(x).to_vec();
@@ -375,10 +380,12 @@ impl Graph {
         if perm.len() != s.len() || perm.iter().any(|&p| p >= s.len() || std::mem::replace(&mut seen[p], true)) {
             return Err(shape_err("Transpose", format!("perm {perm:?} is not a permutation of the axes of {s:?}")));
         }
-        if perm.iter().enumerate().all(|(i, &p)| i == p) {
-            return Ok(x);
+        let out: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+        // Moving only size-1 dimensions keeps the memory order: a Reshape does it without a copy.
+        let moved: Vec<usize> = perm.iter().copied().filter(|&p| s[p] != 1).collect();
+        if moved.windows(2).all(|w| w[0] < w[1]) {
+            return self.reshape_to(x, &out);
         }
-        let out = perm.iter().map(|&p| s[p]).collect();
         let dt = self.dtype(x);
         Ok(self.push1("Transpose", vec![x], vec![("perm", Attr::Ints(to_i64(perm)))], dt, out))
     }

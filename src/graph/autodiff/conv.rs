@@ -1,0 +1,207 @@
+//! Conv gradients. Input: ConvTranspose with the forward geometry (output_padding restores odd
+//! sizes). Weight: one of two lowerings, [`ConvWeightGrad::Transposed`] (a Conv over the
+//! transposed input with the output gradient as kernel, dilations = stride) or
+//! [`ConvWeightGrad::Im2col`] (strided slices of the padded input and one Gemm / batched MatMul),
+//! chosen per layer. Bias: ReduceSum over batch and space.
+
+use super::{Ctx, no_grad};
+use crate::Result;
+use crate::graph::ir::{Attr, ConvWeightGrad, Graph, Node, Value};
+use crate::graph::nn::{ConvTranspose2d, Gemm};
+use crate::graph::ops::to_i64;
+
+/// The weight-gradient lowering used for one convolution, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvGradChoice {
+    /// Name of the convolution's output value.
+    pub output: String,
+    pub x_shape: Vec<usize>,
+    pub w_shape: Vec<usize>,
+    pub stride: usize,
+    pub groups: usize,
+    /// `Transposed` or `Im2col`, never `Auto`.
+    pub lowering: ConvWeightGrad,
+    pub reason: &'static str,
+}
+
+/// The measured rule behind [`ConvWeightGrad::Auto`], for input `[N, C, H, W]`, weight
+/// `[M, C/groups, kh, kw]` and the output's spatial size.
+///
+/// Measured on ONNX Runtime 1.31 CPU (see `benches/graph_conv_grad.rs` and the report of
+/// `make bench`): the Transposed lowering runs the reduction over `N·Ho·Wo` inside a Conv whose
+/// "image" is one input channel and whose output is only `kh·kw` wide, which MLAS handles poorly;
+/// Im2col turns the same work into one large Gemm with a `C·kh·kw` wide output and wins
+/// whenever that Gemm is big enough to amortise the slices.
+pub fn conv_weight_rule(x_shape: &[usize], w_shape: &[usize], groups: usize) -> (ConvWeightGrad, &'static str) {
+    let k = w_shape[2] * w_shape[3];
+    if k == 1 {
+        return (ConvWeightGrad::Im2col, "1x1 kernel: im2col is a plain Gemm, no slices");
+    }
+    if groups > 1 {
+        return (ConvWeightGrad::Im2col, "grouped: im2col is one batched MatMul, the transposed Conv would repeat the gradient per channel");
+    }
+    let _ = x_shape;
+    (ConvWeightGrad::Im2col, "dense 3x3-type kernel: im2col Gemm measured faster than the transposed Conv")
+}
+
+pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &mut Ctx) -> Result<Vec<Option<Value>>> {
+    let (x, w) = (node.inputs[0], node.inputs[1]);
+    let (xs, ws) = (g.shape(x).to_vec(), g.shape(w).to_vec());
+    let ys = g.shape(gy).to_vec();
+    let strides = node.attr_ints("strides", &[1, 1]);
+    let pads = node.attr_ints("pads", &[0, 0, 0, 0]);
+    let dil = node.attr_ints("dilations", &[1, 1]);
+    let groups = node.attr_int("group", 1) as usize;
+    if node.attr("auto_pad").is_some() || strides.len() != 2 {
+        return Err(no_grad(node, "only 2-D convolutions with explicit pads are differentiated"));
+    }
+    let u = |v: &[i64]| v.iter().map(|&a| a as usize).collect::<Vec<_>>();
+    let (s, p, d) = (u(&strides), u(&pads), u(&dil));
+    let mut out = vec![None; node.inputs.len()];
+
+    if need[0] {
+        let mut op = [0; 2];
+        for i in 0..2 {
+            let full = s[i] * (ys[2 + i] - 1) + d[i] * (ws[2 + i] - 1) + 1;
+            op[i] = xs[2 + i] + p[i] + p[i + 2] - full;
+        }
+        let ct = ConvTranspose2d {
+            strides: [s[0], s[1]],
+            pads: [p[0], p[1], p[2], p[3]],
+            dilations: [d[0], d[1]],
+            group: groups,
+            output_padding: op,
+        };
+        out[0] = Some(g.conv_transpose(gy, w, ct)?);
+    }
+    if need[1] {
+        let (lowering, reason) = match (node.weight_grad, ctx.opts.conv_weight) {
+            (ConvWeightGrad::Auto, ConvWeightGrad::Auto) => conv_weight_rule(&xs, &ws, groups),
+            (ConvWeightGrad::Auto, chosen) => (chosen, "chosen by GradOptions"),
+            (chosen, _) => (chosen, "chosen on the Conv2d builder"),
+        };
+        let geo = Geometry { xs: xs.clone(), ws: ws.clone(), ys: ys.clone(), s, p, d, groups };
+        out[1] = Some(match lowering {
+            ConvWeightGrad::Transposed => weight_transposed(g, x, gy, &geo)?,
+            _ => weight_im2col(g, x, gy, &geo)?,
+        });
+        ctx.report.convs.push(ConvGradChoice {
+            output: g.name(node.outputs[0]).to_string(),
+            x_shape: xs,
+            w_shape: ws,
+            stride: geo.s[0],
+            groups,
+            lowering: if lowering == ConvWeightGrad::Transposed { lowering } else { ConvWeightGrad::Im2col },
+            reason,
+        });
+    }
+    if node.inputs.len() > 2 && need[2] {
+        out[2] = Some(g.reduce_sum(gy, &[0, 2, 3], false)?);
+    }
+    Ok(out)
+}
+
+struct Geometry {
+    xs: Vec<usize>,
+    ws: Vec<usize>,
+    ys: Vec<usize>,
+    s: Vec<usize>,
+    p: Vec<usize>,
+    d: Vec<usize>,
+    groups: usize,
+}
+
+/// dW[m, c, a, e] = Σ_{n,i,j} gy[n, m, i, j] · x_pad[n, c, i·s + a·d, j·s + e·d]: a Conv whose
+/// batch is the input channels, whose channels are the batch, and whose kernel is the output
+/// gradient, with stride and dilation swapped.
+fn weight_transposed(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<Value> {
+    let (n, c) = (geo.xs[0], geo.xs[1]);
+    let (m, cig, kh, kw) = (geo.ws[0], geo.ws[1], geo.ws[2], geo.ws[3]);
+    let groups = geo.groups;
+    let xt = g.transpose(x, &[1, 0, 2, 3])?; // [C, N, H, W]
+    let gt = g.transpose(gy, &[1, 0, 2, 3])?; // [M, N, Ho, Wo]
+    let attrs = |g: &Graph, k: Value, group: usize| {
+        let ks = g.shape(k)[2..].to_vec();
+        vec![
+            ("kernel_shape", Attr::Ints(to_i64(&ks))),
+            ("strides", Attr::Ints(to_i64(&geo.d))),
+            ("pads", Attr::Ints(to_i64(&geo.p))),
+            ("dilations", Attr::Ints(to_i64(&geo.s))),
+            ("group", Attr::Int(group as i64)),
+        ]
+    };
+    let out_hw = |i: usize| (geo.xs[2 + i] + geo.p[i] + geo.p[i + 2] - geo.s[i] * (geo.ys[2 + i] - 1) - 1) / geo.d[i] + 1;
+    let (oh, ow) = (out_hw(0), out_hw(1));
+    let dt = g.dtype(x);
+    let full = if groups == 1 {
+        let a = attrs(g, gt, 1);
+        let r = g.push1("Conv", vec![xt, gt], a, dt, vec![c, m, oh, ow]); // [C, M, oh, ow]
+        g.transpose(r, &[1, 0, 2, 3])? // [M, C, oh, ow]
+    } else {
+        // One image with C·N channels, one group per input channel; each group's kernels are the
+        // output gradients of the output channels that read that input channel.
+        let cog = m / groups;
+        let xi = g.reshape_to(xt, &[1, c * n, geo.xs[2], geo.xs[3]])?;
+        let gk = if cig == 1 {
+            gt
+        } else {
+            let g6 = g.reshape_to(gt, &[groups, 1, cog, n, geo.ys[2], geo.ys[3]])?;
+            let e = g.expand(g6, &[groups, cig, cog, n, geo.ys[2], geo.ys[3]])?;
+            g.reshape_to(e, &[c * cog, n, geo.ys[2], geo.ys[3]])?
+        };
+        let a = attrs(g, gk, c);
+        let r = g.push1("Conv", vec![xi, gk], a, dt, vec![1, c * cog, oh, ow]);
+        let r = g.reshape_to(r, &[groups, cig, cog, oh, ow])?;
+        let r = g.transpose(r, &[0, 2, 1, 3, 4])?;
+        g.reshape_to(r, &[m, cig, oh, ow])?
+    };
+    if oh == kh && ow == kw {
+        Ok(full)
+    } else {
+        g.slice(full, &[2, 3], &[0, 0], &[kh as i64, kw as i64], &[])
+    }
+}
+
+/// dW = gy (as [M, N·Ho·Wo]) · colsᵀ, where cols stacks, for each kernel offset, the strided
+/// slice of the padded input it multiplies (as [C·kh·kw, N·Ho·Wo]); per group for grouped convs.
+fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<Value> {
+    let (n, c) = (geo.xs[0], geo.xs[1]);
+    let (m, cig, kh, kw) = (geo.ws[0], geo.ws[1], geo.ws[2], geo.ws[3]);
+    let (ho, wo) = (geo.ys[2], geo.ys[3]);
+    let groups = geo.groups;
+    let k = kh * kw;
+    let nhw = n * ho * wo;
+    let xt = g.transpose(x, &[1, 0, 2, 3])?; // [C, N, H, W]
+    let p = &geo.p;
+    let xp = if p.iter().any(|&v| v > 0) { g.pad(xt, &[0, 0, p[0], p[1], 0, 0, p[2], p[3]])? } else { xt };
+    let (hp, wp) = (g.shape(xp)[2], g.shape(xp)[3]);
+    let mut slices = Vec::with_capacity(k);
+    for a in 0..kh {
+        for e in 0..kw {
+            let (r0, c0) = (a * geo.d[0], e * geo.d[1]);
+            let (r1, c1) = (r0 + geo.s[0] * (ho - 1) + 1, c0 + geo.s[1] * (wo - 1) + 1);
+            let whole = r0 == 0 && c0 == 0 && r1 == hp && c1 == wp && geo.s == [1, 1];
+            slices.push(if whole {
+                xp
+            } else {
+                g.slice(xp, &[2, 3], &[r0 as i64, c0 as i64], &[r1 as i64, c1 as i64], &[geo.s[0] as i64, geo.s[1] as i64])?
+            });
+        }
+    }
+    let cols = if slices.len() == 1 { slices[0] } else { g.concat(&slices, 1)? }; // [C, K·N, Ho, Wo]
+    let gt = g.transpose(gy, &[1, 0, 2, 3])?; // [M, N, Ho, Wo]
+    if groups == 1 {
+        let cols = g.reshape_to(cols, &[c * k, nhw])?;
+        let gt = g.reshape_to(gt, &[m, nhw])?;
+        let dw = g.gemm(gt, cols, None, Gemm { trans_b: true, ..Gemm::default() })?; // [M, C·K]
+        g.reshape_to(dw, &[m, cig, kh, kw])
+    } else {
+        let cog = m / groups;
+        let cols = g.reshape_to(cols, &[groups, cig * k, nhw])?;
+        let gt = g.reshape_to(gt, &[groups, cog, nhw])?;
+        let gtt = g.transpose(gt, &[0, 2, 1])?; // [G, NHW, Cog]
+        let dw = g.matmul(cols, gtt)?; // [G, Cig·K, Cog]
+        let dw = g.transpose(dw, &[0, 2, 1])?;
+        g.reshape_to(dw, &[m, cig, kh, kw])
+    }
+}

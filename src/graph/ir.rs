@@ -342,6 +342,14 @@ impl Graph {
         &self.inputs
     }
 
+    /// The input record of `v`, if `v` is a graph input.
+    pub fn input_info(&self, v: Value) -> Option<&Input> {
+        match self.info(v).source {
+            Source::Input(i) => Some(&self.inputs[i]),
+            _ => None,
+        }
+    }
+
     /// Inputs of one kind, in declaration order.
     pub fn inputs_of(&self, kind: InputKind) -> impl Iterator<Item = &Input> {
         self.inputs.iter().filter(move |i| i.kind == kind)

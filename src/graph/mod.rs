@@ -44,6 +44,7 @@ pub mod autodiff;
 pub mod ir;
 pub mod nn;
 pub mod onnx;
+pub mod optim;
 pub mod ops;
 pub mod proto;
 pub mod run;
@@ -51,6 +52,7 @@ pub mod run;
 pub use autodiff::{ConvGradChoice, GradOptions, GradReport, grad, grad_with};
 pub use ir::{Attr, ConvWeightGrad, DType, Graph, Input, InputKind, Node, Source, Tensor, Value, ValueInfo};
 pub use nn::{BatchNorm, BatchNormOut, Conv2d, ConvTranspose2d, Gemm, Pool2d};
+pub use optim::{AdamW, Optimizer, OptimizerStep, Sgd, TrainStep, train_step};
 pub use run::{Outputs, Runner};
 
 #[cfg(test)]

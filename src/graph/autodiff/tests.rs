@@ -196,8 +196,10 @@ fn matmul_and_gemm() {
     f64c().run(830, &[&[3, 4], &[5, 4], &[5]], |g, x| g.linear(x[0], x[1], Some(x[2])).unwrap());
 }
 
-/// Conv cases: (input, weight, stride, pad, dilation, groups, bias).
-const CONVS: &[(&[usize], &[usize], usize, usize, usize, usize, bool)] = &[
+/// (input, weight, stride, pad, dilation, groups, bias).
+type ConvCase = (&'static [usize], &'static [usize], usize, usize, usize, usize, bool);
+
+const CONVS: &[ConvCase] = &[
     (&[2, 3, 6, 6], &[4, 3, 3, 3], 1, 1, 1, 1, true),
     (&[2, 3, 7, 7], &[4, 3, 3, 3], 2, 1, 1, 1, false), // stride 2, odd input
     (&[2, 2, 8, 8], &[3, 2, 3, 3], 2, 0, 1, 1, true),  // stride 2, even input, a row left over

@@ -18,12 +18,18 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Resu
         "Sub" => {
             let ga = if want(0) { Some(unbroadcast(g, gy, &shape(g, 0))?) } else { None };
             let gb = if want(1) {
-                let n = g.neg(gy)?;
-                Some(unbroadcast(g, n, &shape(g, 1))?)
+                // Negate after summing back: the smaller tensor.
+                let r = unbroadcast(g, gy, &shape(g, 1))?;
+                Some(g.neg(r)?)
             } else {
                 None
             };
             vec![ga, gb]
+        }
+        "Mul" if x[0] == x[1] => {
+            // x·x: one product and a doubling instead of two products and a sum.
+            let t = g.mul(gy, x[0])?;
+            vec![Some(g.mul_scalar(t, 2.0)?), None]
         }
         "Mul" => {
             let ga = if want(0) {

@@ -364,3 +364,4 @@ fn a_small_training_graph_passes_the_onnx_checker() {
     }
     onnx_check(&g);
 }
+

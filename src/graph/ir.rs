@@ -152,6 +152,19 @@ impl Tensor {
         }
     }
 
+    /// The same values as `dtype` (floats rounded, bool as 0/1, non-zero as `true`).
+    pub fn cast(&self, dtype: DType) -> Tensor {
+        let v = self.to_f64_vec();
+        let s = self.shape().to_vec();
+        let a = |v: Vec<f64>| ArrayD::from_shape_vec(s.clone(), v).expect("same element count");
+        match dtype {
+            DType::F64 => Tensor::F64(a(v)),
+            DType::F32 => Tensor::F32(a(v).mapv(|x| x as f32)),
+            DType::I64 => Tensor::I64(a(v).mapv(|x| x as i64)),
+            DType::Bool => Tensor::Bool(a(v).mapv(|x| x != 0.0)),
+        }
+    }
+
     /// The elements converted to f64, row-major (bool as 0/1). For constants and tests.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         match self {

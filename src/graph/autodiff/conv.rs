@@ -6,8 +6,8 @@
 
 use super::{Ctx, no_grad};
 use crate::Result;
-use crate::graph::ir::{Attr, ConvWeightGrad, Graph, Node, Value};
-use crate::graph::nn::{ConvTranspose2d, Gemm};
+use crate::graph::ir::{Attr, ConvWeightGrad, Graph, Node, Tensor, Value};
+use crate::graph::nn::ConvTranspose2d;
 use crate::graph::ops::to_i64;
 
 /// The weight-gradient lowering used for one convolution, and why.
@@ -166,46 +166,38 @@ fn weight_transposed(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Resu
     }
 }
 
-/// dW = gy (as [M, N·Ho·Wo]) · colsᵀ, where cols stacks, for each kernel offset, the strided
-/// slice of the padded input it multiplies (as [C·kh·kw, N·Ho·Wo]); per group for grouped convs.
+/// im2col without slices: a grouped Conv with 0/1 "identity" kernels unfolds the input into
+/// `cols [N, C·kh·kw, Ho·Wo]` (exact: each output is one input times 1), then
+/// `dW = Σ_n cols_n · gy_nᵀ` is one batched MatMul and a ReduceSum over the batch (per group for
+/// grouped convs). The unfold runs inside ORT's threaded Conv kernel, where strided Slices would
+/// copy single-threaded.
 fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<Value> {
     let (n, c) = (geo.xs[0], geo.xs[1]);
     let (m, cig, kh, kw) = (geo.ws[0], geo.ws[1], geo.ws[2], geo.ws[3]);
-    let (ho, wo) = (geo.ys[2], geo.ys[3]);
+    let hw = geo.ys[2] * geo.ys[3];
     let groups = geo.groups;
-    let k = kh * kw;
-    let nhw = n * ho * wo;
-    let xt = g.transpose(x, &[1, 0, 2, 3])?; // [C, N, H, W]
-    let p = &geo.p;
-    let xp = if p.iter().any(|&v| v > 0) { g.pad(xt, &[0, 0, p[0], p[1], 0, 0, p[2], p[3]])? } else { xt };
-    let (hp, wp) = (g.shape(xp)[2], g.shape(xp)[3]);
-    let mut slices = Vec::with_capacity(k);
-    for a in 0..kh {
-        for e in 0..kw {
-            let (r0, c0) = (a * geo.d[0], e * geo.d[1]);
-            let (r1, c1) = (r0 + geo.s[0] * (ho - 1) + 1, c0 + geo.s[1] * (wo - 1) + 1);
-            let whole = r0 == 0 && c0 == 0 && r1 == hp && c1 == wp && geo.s == [1, 1];
-            slices.push(if whole {
-                xp
-            } else {
-                g.slice(xp, &[2, 3], &[r0 as i64, c0 as i64], &[r1 as i64, c1 as i64], &[geo.s[0] as i64, geo.s[1] as i64])?
-            });
+    let (k, cog) = (kh * kw, m / groups);
+    let dt = g.dtype(x);
+    let mut eye = vec![0.0; c * k * k];
+    for ch in 0..c {
+        for i in 0..k {
+            eye[(ch * k + i) * k + i] = 1.0;
         }
     }
-    let cols = if slices.len() == 1 { slices[0] } else { g.concat(&slices, 1)? }; // [C, K·N, Ho, Wo]
-    let gt = g.transpose(gy, &[1, 0, 2, 3])?; // [M, N, Ho, Wo]
-    if groups == 1 {
-        let cols = g.reshape_to(cols, &[c * k, nhw])?;
-        let gt = g.reshape_to(gt, &[m, nhw])?;
-        let dw = g.gemm(gt, cols, None, Gemm { trans_b: true, ..Gemm::default() })?; // [M, C·K]
-        g.reshape_to(dw, &[m, cig, kh, kw])
-    } else {
-        let cog = m / groups;
-        let cols = g.reshape_to(cols, &[groups, cig * k, nhw])?;
-        let gt = g.reshape_to(gt, &[groups, cog, nhw])?;
-        let gtt = g.transpose(gt, &[0, 2, 1])?; // [G, NHW, Cog]
-        let dw = g.matmul(cols, gtt)?; // [G, Cig·K, Cog]
-        let dw = g.transpose(dw, &[0, 2, 1])?;
-        g.reshape_to(dw, &[m, cig, kh, kw])
-    }
+    let eye = g.cached_constant(Tensor::F64(ndarray::ArrayD::from_shape_vec(vec![c * k, 1, kh, kw], eye).expect("sizes match")).cast(dt));
+    let attrs = vec![
+        ("kernel_shape", Attr::Ints(vec![kh as i64, kw as i64])),
+        ("strides", Attr::Ints(to_i64(&geo.s))),
+        ("pads", Attr::Ints(to_i64(&geo.p))),
+        ("dilations", Attr::Ints(to_i64(&geo.d))),
+        ("group", Attr::Int(c as i64)),
+    ];
+    let cols = g.push1("Conv", vec![x, eye], attrs, dt, vec![n, c * k, geo.ys[2], geo.ys[3]]);
+    let cols = g.reshape_to(cols, &[n, groups, cig * k, hw])?;
+    let g4 = g.reshape_to(gy, &[n, groups, cog, hw])?;
+    let gt = g.transpose(g4, &[0, 1, 3, 2])?; // [N, G, HoWo, Cog]
+    let prod = g.matmul(cols, gt)?; // [N, G, Cig·K, Cog]
+    let dw = g.reduce_sum(prod, &[0], false)?; // [G, Cig·K, Cog]
+    let dw = g.transpose(dw, &[0, 2, 1])?; // [G, Cog, Cig·K]
+    g.reshape_to(dw, &[m, cig, kh, kw])
 }

@@ -250,6 +250,25 @@ impl Node {
     }
 }
 
+/// A run of consecutive nodes that together compute one higher-level op. Autodiff applies the
+/// op's closed-form gradient rule instead of differentiating the nodes one by one (falling back
+/// to the nodes when a value inside the run gets a gradient from outside it).
+#[derive(Debug, Clone)]
+pub struct Composite {
+    /// The nodes `first..=last` of [`Graph::nodes`].
+    pub first: usize,
+    pub last: usize,
+    pub kind: CompositeKind,
+}
+
+/// The higher-level ops that have a composite gradient rule.
+#[derive(Debug, Clone)]
+pub enum CompositeKind {
+    /// `y = (x - mean) * inv * gamma + beta` with batch statistics over `axes`
+    /// (`inv = 1 / sqrt(var + eps)`, `xc = x - mean`; `inv` and `gamma_b` shaped `[1, C, 1, ..]`).
+    BatchNormTrain { x: Value, gamma: Value, beta: Value, y: Value, xc: Value, inv: Value, gamma_b: Value, axes: Vec<i64> },
+}
+
 /// Where a value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -310,6 +329,7 @@ pub struct Graph {
     pub(crate) constants: Vec<(Value, Tensor)>,
     pub(crate) outputs: Vec<Value>,
     pub(crate) feedback: Vec<(Value, Value)>,
+    pub(crate) composites: Vec<Composite>,
     names: HashMap<String, Value>,
     /// Small constants (scalars, axes lists) shared by every node that needs them.
     const_cache: HashMap<(DType, Vec<usize>, Vec<u64>), Value>,

@@ -306,6 +306,10 @@ impl Graph {
     pub fn reduce_max(&mut self, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {
         self.reduce("ReduceMax", x, axes, keepdims)
     }
+    /// Sum of squares over `axes` (one pass, no squared tensor in memory).
+    pub fn reduce_sum_square(&mut self, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {
+        self.reduce("ReduceSumSquare", x, axes, keepdims)
+    }
     /// Sum of all elements, as a rank-0 value.
     pub fn sum_all(&mut self, x: Value) -> Result<Value> {
         let axes: Vec<i64> = (0..self.shape(x).len() as i64).collect();

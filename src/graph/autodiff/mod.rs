@@ -5,9 +5,11 @@
 //! differentiated. A value that does not depend on any `wrt` gets no gradient work, and a `wrt`
 //! the loss does not depend on gets a zero gradient. Rules live in `elementwise` (arithmetic,
 //! activations, Where, Max/Min), `shape` (reductions, reshapes, Concat/Split, Slice, Gather, Pad)
-//! and `nn` (MatMul, Gemm, Conv, MaxPool, GlobalAveragePool); BatchNorm in training mode is
-//! composed from those ops, so its gradient follows.
+//! and `nn` (MatMul, Gemm, Conv, MaxPool, GlobalAveragePool). BatchNorm in training mode is
+//! composed from those ops; `composite` gives it the closed-form gradient (fewer passes over
+//! the activations), and the op-by-op rules remain the fallback.
 
+mod composite;
 mod conv;
 mod elementwise;
 mod nn;
@@ -87,7 +89,23 @@ pub fn grad_with(g: &mut Graph, loss: Value, wrt: &[Value], opts: &GradOptions) 
     let seed = g.cached_constant(Tensor::full(g.dtype(loss), &seed_shape, 1.0));
     contrib.insert(loss, vec![seed]);
 
-    for idx in (0..n_fwd).rev() {
+    // Composites whose last node is at a given index.
+    let composites: HashMap<usize, usize> =
+        g.composites.iter().enumerate().filter(|(_, c)| c.last < n_fwd).map(|(i, c)| (c.last, i)).collect();
+    let mut idx = n_fwd;
+    while idx > 0 {
+        idx -= 1;
+        if let Some(&ci) = composites.get(&idx) {
+            let comp = g.composites[ci].clone();
+            if let Some(grads) = composite::rule(g, &comp, &mut contrib, &needed)? {
+                for (x, gx) in grads {
+                    check_grad(g, "BatchNorm", x, gx)?;
+                    contrib.entry(x).or_default().push(gx);
+                }
+                idx = comp.first;
+                continue;
+            }
+        }
         let outs = g.nodes[idx].outputs.clone();
         if !outs.iter().any(|o| needed[o.index()] && contrib.contains_key(o)) {
             continue;
@@ -104,19 +122,7 @@ pub fn grad_with(g: &mut Graph, loss: Value, wrt: &[Value], opts: &GradOptions) 
         let gxs = rule(g, idx, &node, &gys, &need, &mut ctx)?;
         for ((&x, gx), &nd) in node.inputs.iter().zip(gxs).zip(&need) {
             let Some(gx) = gx.filter(|_| nd) else { continue };
-            if g.shape(gx) != g.shape(x) || g.dtype(gx) != g.dtype(x) {
-                return Err(Error::GraphInvalid {
-                    reason: format!(
-                        "gradient rule for {} gave {}{:?} for input `{}` of {}{:?}",
-                        node.op,
-                        g.dtype(gx),
-                        g.shape(gx),
-                        g.name(x),
-                        g.dtype(x),
-                        g.shape(x)
-                    ),
-                });
-            }
+            check_grad(g, node.op, x, gx)?;
             contrib.entry(x).or_default().push(gx);
         }
     }
@@ -134,6 +140,23 @@ pub fn grad_with(g: &mut Graph, loss: Value, wrt: &[Value], opts: &GradOptions) 
     Ok((grads, ctx.report))
 }
 
+/// A rule's gradient must have its input's type and shape.
+fn check_grad(g: &Graph, op: &str, x: Value, gx: Value) -> Result<()> {
+    if g.shape(gx) != g.shape(x) || g.dtype(gx) != g.dtype(x) {
+        return Err(Error::GraphInvalid {
+            reason: format!(
+                "gradient rule for {op} gave {}{:?} for input `{}` of {}{:?}",
+                g.dtype(gx),
+                g.shape(gx),
+                g.name(x),
+                g.dtype(x),
+                g.shape(x)
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) struct Ctx {
     pub opts: GradOptions,
     pub report: GradReport,
@@ -146,7 +169,7 @@ fn rule(g: &mut Graph, idx: usize, node: &Node, gys: &[Option<Value>], need: &[b
     match node.op {
         "Add" | "Sub" | "Mul" | "Div" | "Neg" | "Relu" | "Sigmoid" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Pow"
         | "Max" | "Min" | "Where" | "Sum" | "Identity" | "Cast" | "Expand" => elementwise::rule(g, node, gy()?, need),
-        "ReduceSum" | "ReduceMean" | "ReduceMax" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose"
+        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose"
         | "Concat" | "Slice" | "Gather" | "Pad" => shape::rule(g, node, gy()?, need),
         "Split" => shape::split(g, node, gys),
         "MatMul" | "Gemm" | "MaxPool" | "GlobalAveragePool" => nn::rule(g, idx, node, gy()?, need),

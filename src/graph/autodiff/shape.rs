@@ -1,4 +1,4 @@
-//! Gradient rules for reductions and shape ops: ReduceSum/Mean/Max, Reshape, Flatten, Squeeze,
+//! Gradient rules for reductions and shape ops: ReduceSum/Mean/Max/SumSquare, Reshape, Flatten, Squeeze,
 //! Unsqueeze, Transpose, Concat, Split, Slice, Gather, Pad.
 
 use super::{const_ints, no_grad};
@@ -11,12 +11,16 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Resu
     let xs = g.shape(x).to_vec();
     let mut out: Vec<Option<Value>> = vec![None; node.inputs.len()];
     out[0] = Some(match node.op {
-        "ReduceSum" | "ReduceMean" | "ReduceMax" => {
+        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" => {
             let axes = norm_axes(node.op, &const_ints(g, node, node.inputs[1])?, xs.len())?;
             let kept: Vec<usize> = xs.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
             let gk = g.reshape_to(gy, &kept)?;
             match node.op {
                 "ReduceSum" => g.expand(gk, &xs)?,
+                "ReduceSumSquare" => {
+                    let twice = g.mul_scalar(gk, 2.0)?;
+                    g.mul(x, twice)?
+                }
                 "ReduceMean" => {
                     let count: usize = axes.iter().map(|&a| xs[a]).product();
                     let scaled = g.mul_scalar(gk, 1.0 / count as f64)?;

@@ -122,6 +122,7 @@ fn reductions() {
         f64c().run(s, &[x], |g, v| g.reduce_sum(v[0], axes, keep).unwrap());
         f64c().run(s + 1, &[x], |g, v| g.reduce_mean(v[0], axes, keep).unwrap());
         f64c().separated(0.05).run(s + 2, &[x], |g, v| g.reduce_max(v[0], axes, keep).unwrap());
+        f64c().run(s + 3, &[x], |g, v| g.reduce_sum_square(v[0], axes, keep).unwrap());
     }
 }
 
@@ -274,17 +275,58 @@ fn global_average_pool() {
     FdCheck::f32().run(1101, &[&[1, 2, 1, 1]], |g, x| g.global_avg_pool(x[0]).unwrap());
 }
 
+fn f64_buffers(g: &mut Graph, c: usize) -> (Value, Value) {
+    let rm = g.input_of("rm", InputKind::Buffer, DType::F64, &[c], Some(Tensor::zeros(DType::F64, &[c]))).unwrap();
+    let rv = g.input_of("rv", InputKind::Buffer, DType::F64, &[c], Some(Tensor::full(DType::F64, &[c], 1.0))).unwrap();
+    (rm, rv)
+}
+
 #[test]
 fn batch_norm_training_mode() {
+    // The closed-form (composite) gradient, w.r.t. x, gamma and beta.
     let b = BatchNorm::default();
     for (i, xs) in [&[4, 3, 2, 2][..], &[5, 2]].into_iter().enumerate() {
         let c = xs[1];
         f64c().run(1200 + i as u64, &[xs, &[c], &[c]], |g, x| {
-            let rm = g.input_of("rm", InputKind::Buffer, DType::F64, &[c], Some(Tensor::zeros(DType::F64, &[c]))).unwrap();
-            let rv = g.input_of("rv", InputKind::Buffer, DType::F64, &[c], Some(Tensor::full(DType::F64, &[c], 1.0))).unwrap();
+            let (rm, rv) = f64_buffers(g, c);
             g.batch_norm_train(x[0], x[1], x[2], rm, rv, b).unwrap().y
         });
     }
+    // When the loss also reads the batch statistics (through the running mean and variance),
+    // autodiff falls back to the op-by-op rules.
+    f64c().run(1210, &[&[3, 2, 2, 2], &[2], &[2]], |g, x| {
+        let (rm, rv) = f64_buffers(g, 2);
+        let o = g.batch_norm_train(x[0], x[1], x[2], rm, rv, b).unwrap();
+        let y = g.reshape(o.y, &[-1]).unwrap();
+        g.concat(&[y, o.running_mean, o.running_var], 0).unwrap()
+    });
+}
+
+#[test]
+fn batch_norm_uses_the_closed_form_unless_statistics_are_read() {
+    let backward_ops = |read_stats: bool| {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[4, 3, 2, 2]).unwrap();
+        let ga = g.param("gamma", &[3], vec![1.0; 3]).unwrap();
+        let be = g.param("beta", &[3], vec![0.0; 3]).unwrap();
+        let rm = g.buffer("rm", &[3], vec![0.0; 3]).unwrap();
+        let rv = g.buffer("rv", &[3], vec![1.0; 3]).unwrap();
+        let o = g.batch_norm_train(x, ga, be, rm, rv, BatchNorm::default()).unwrap();
+        let mut loss = g.sum_all(o.y).unwrap();
+        if read_stats {
+            let s = g.sum_all(o.running_var).unwrap();
+            loss = g.add(loss, s).unwrap();
+        }
+        let before = g.nodes().len();
+        grad(&mut g, loss, &[x, ga, be]).unwrap();
+        g.nodes()[before..].iter().map(|n| n.op).collect::<Vec<_>>()
+    };
+    let closed = backward_ops(false);
+    let fallback = backward_ops(true);
+    // The op-by-op rules differentiate Sub / Sqrt / Reciprocal (Neg, Div); the closed form does not.
+    assert!(!closed.contains(&"Neg") && !closed.contains(&"Div"), "{closed:?}");
+    assert!(fallback.contains(&"Neg") && fallback.contains(&"Div"), "{fallback:?}");
+    assert!(closed.len() < fallback.len(), "{} vs {}", closed.len(), fallback.len());
 }
 
 #[test]

@@ -203,7 +203,7 @@ pub enum ConvWeightGrad {
     Auto,
     /// A Conv over the transposed input with the output gradient as kernel (dilations = stride).
     Transposed,
-    /// Strided slices of the padded input (im2col) and one Gemm / batched MatMul.
+    /// im2col: the input unfolded by a grouped Conv with 0/1 kernels, then one (batched) MatMul.
     Im2col,
 }
 

@@ -1,8 +1,9 @@
 //! Conv gradients. Input: ConvTranspose with the forward geometry (output_padding restores odd
 //! sizes). Weight: one of two lowerings, [`ConvWeightGrad::Transposed`] (a Conv over the
 //! transposed input with the output gradient as kernel, dilations = stride) or
-//! [`ConvWeightGrad::Im2col`] (strided slices of the padded input and one Gemm / batched MatMul),
-//! chosen per layer. Bias: ReduceSum over batch and space.
+//! [`ConvWeightGrad::Im2col`] (the input unfolded by a Conv with 0/1 kernels, then MatMul),
+//! chosen per layer by [`conv_weight_rule`] unless the builder or [`super::GradOptions`] says.
+//! Bias: ReduceSum over batch and space.
 
 use super::{Ctx, no_grad};
 use crate::Result;
@@ -25,26 +26,27 @@ pub struct ConvGradChoice {
 }
 
 /// The measured rule behind [`ConvWeightGrad::Auto`] for input `[N, C, H, W]` and weight
-/// `[M, C/groups, kh, kw]`: Im2col for kernels up to 3x3 (and 1x1, and every grouped conv),
+/// `[M, C/groups, kh, kw]`: Im2col for kernels up to 3x3, 1x1 kernels and every grouped conv;
 /// Transposed for dense kernels of 5x5 and more.
 ///
-/// Measured with `benches/graph_conv_grad.rs` (ONNX Runtime 1.31 CPU, one thread, batch 32,
-/// ms per weight gradient, transposed / im2col): 64x32x32 -> 64 k3 s1: 38.6 / 24.4;
-/// 128x16x16 -> 256 k3 s2: 14.7 / 8.9; 512x4x4 -> 512 k3: 23.0 / 14.7; 1x1 s2 64 -> 128:
-/// 15.3 / 2.8; depthwise 64x32x32 k3: 18.3 / 12.1; 3x32x32 -> 64 k3: 2.9 / 1.7; but
-/// 64x32x32 -> 64 k5 s1: 64.1 / 67.6, k7 s1: 112 / 124, k7 s2: 28.4 / 53.5, and the ResNet
-/// stem 3x64x64 -> 64 k7 s2: 6.0 / 10.4. Im2col pays one strided slice per kernel offset, which
-/// dominates for large kernels; the transposed Conv pays a `kh·kw`-wide Gemm per input channel.
+/// Measured with `benches/graph_conv_grad.rs` (ONNX Runtime 1.31 CPU, one thread, batch 32; ms
+/// per weight gradient, transposed / im2col): 3x32x32 -> 64 k3: 3.3 / 1.9; 64x32x32 -> 64 k3:
+/// 42.1 / 23.4; 64x32x32 -> 128 k3 s2: 17.7 / 11.3; 128x16x16 -> 256 k3 s2: 15.1 / 8.7;
+/// 256x8x8 -> 256 k3: 27.0 / 17.3; 512x4x4 -> 512 k3: 25.6 / 16.2; 1x1 s2 64 -> 128: 15.2 / 1.9;
+/// depthwise 64x32x32 k3: 20.1 / 13.2; but 64x32x32 -> 64 k5: 70.2 / 68.5, k7 s2: 30.3 / 43.5,
+/// and the ResNet stem 3x64x64 -> 64 k7 s2: 6.7 / 9.1. The unfold writes `kh·kw` copies of the
+/// input, which dominates for large kernels; the transposed Conv runs a `kh·kw`-wide Gemm per
+/// input channel, which is what makes it lose on small kernels.
 pub fn conv_weight_rule(_x_shape: &[usize], w_shape: &[usize], groups: usize) -> (ConvWeightGrad, &'static str) {
     let k = w_shape[2] * w_shape[3];
     if groups > 1 {
-        (ConvWeightGrad::Im2col, "grouped: one batched MatMul (measured 1.5x faster for depthwise 3x3)")
+        (ConvWeightGrad::Im2col, "grouped: unfold + batched MatMul (measured 1.5x faster for depthwise 3x3)")
     } else if k == 1 {
-        (ConvWeightGrad::Im2col, "1x1 kernel: im2col is a single Gemm (measured 5x faster)")
+        (ConvWeightGrad::Im2col, "1x1 kernel: im2col measured 8x faster")
     } else if k < 25 {
-        (ConvWeightGrad::Im2col, "kernel up to 3x3: im2col Gemm measured 1.2-1.7x faster")
+        (ConvWeightGrad::Im2col, "kernel up to 3x3: im2col measured 1.5-1.8x faster")
     } else {
-        (ConvWeightGrad::Transposed, "kernel 5x5 or larger: transposed Conv measured up to 1.9x faster")
+        (ConvWeightGrad::Transposed, "kernel 5x5 or larger: transposed Conv measured equal (5x5) to 1.4x faster (7x7)")
     }
 }
 
@@ -168,8 +170,9 @@ fn weight_transposed(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Resu
 
 /// im2col without slices: a grouped Conv with 0/1 "identity" kernels unfolds the input into
 /// `cols [N, C·kh·kw, Ho·Wo]` (exact: each output is one input times 1), then
-/// `dW = Σ_n cols_n · gy_nᵀ` is one batched MatMul and a ReduceSum over the batch (per group for
-/// grouped convs). The unfold runs inside ORT's threaded Conv kernel, where strided Slices would
+/// `dW = Σ_n gy_n · cols_nᵀ` is one batched MatMul and a ReduceSum over the batch, or, for small
+/// maps with many channels, one MatMul over `N·Ho·Wo` after moving the batch next to the map
+/// (per group for grouped convs). The unfold runs inside ORT's threaded Conv kernel, where strided Slices would
 /// copy single-threaded.
 fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<Value> {
     let (n, c) = (geo.xs[0], geo.xs[1]);
@@ -195,9 +198,20 @@ fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<V
     let cols = g.push1("Conv", vec![x, eye], attrs, dt, vec![n, c * k, geo.ys[2], geo.ys[3]]);
     let cols = g.reshape_to(cols, &[n, groups, cig * k, hw])?;
     let g4 = g.reshape_to(gy, &[n, groups, cog, hw])?;
-    let gt = g.transpose(g4, &[0, 1, 3, 2])?; // [N, G, HoWo, Cog]
-    let prod = g.matmul(cols, gt)?; // [N, G, Cig·K, Cog]
-    let dw = g.reduce_sum(prod, &[0], false)?; // [G, Cig·K, Cog]
-    let dw = g.transpose(dw, &[0, 2, 1])?; // [G, Cog, Cig·K]
+    let dw = if cig * k * cog > hw * (cig * k + cog) {
+        // Small maps, many channels: the per-image products [N, G, Cig·K, Cog] would outweigh
+        // the inputs, so fold the batch into the reduction: one MatMul over N·Ho·Wo.
+        let ct = g.transpose(cols, &[1, 2, 0, 3])?; // [G, Cig·K, N, HoWo]
+        let ct = g.reshape_to(ct, &[groups, cig * k, n * hw])?;
+        let gt = g.transpose(g4, &[1, 2, 0, 3])?;
+        let gt = g.reshape_to(gt, &[groups, cog, n * hw])?;
+        let ctt = g.transpose(ct, &[0, 2, 1])?; // fused into the MatMul by ORT
+        g.matmul(gt, ctt)? // [G, Cog, Cig·K]
+    } else {
+        let gt = g.transpose(g4, &[0, 1, 3, 2])?; // [N, G, HoWo, Cog]
+        let prod = g.matmul(cols, gt)?; // [N, G, Cig·K, Cog]
+        let dw = g.reduce_sum(prod, &[0], false)?; // [G, Cig·K, Cog]
+        g.transpose(dw, &[0, 2, 1])? // [G, Cog, Cig·K]
+    };
     g.reshape_to(dw, &[m, cig, kh, kw])
 }

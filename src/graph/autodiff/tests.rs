@@ -210,6 +210,8 @@ const CONVS: &[ConvCase] = &[
     (&[1, 4, 5, 5], &[6, 2, 3, 3], 2, 1, 1, 2, false), // grouped, 2 channels per group
     (&[1, 2, 9, 9], &[2, 2, 3, 3], 2, 2, 2, 1, false), // dilation 2
     (&[2, 3, 7, 7], &[2, 3, 7, 7], 1, 0, 1, 1, false), // kernel as large as the input
+    (&[2, 8, 2, 2], &[8, 8, 3, 3], 1, 1, 1, 1, true),  // tiny map, many channels: batch folded
+    (&[2, 8, 2, 2], &[16, 4, 3, 3], 1, 1, 1, 2, false), // the same, grouped
 ];
 
 #[test]

@@ -41,7 +41,9 @@ fn conv_weight_grad(c: &mut Criterion) {
             let mut g = Graph::new();
             let x = g.input("x", DType::F32, &[BATCH, cin, h, h]).unwrap();
             let w = g.param("w", &[m, cin / groups, k, k], vec![0.01; m * (cin / groups) * k * k]).unwrap();
-            let y = g.conv(x, w, None, Conv2d { stride, pad, groups, weight_grad: lowering, ..Default::default() }).unwrap();
+            let y = g
+                .conv(x, w, None, Conv2d { stride, pad, groups, weight_grad: lowering, ..Default::default() })
+                .unwrap();
             let ys = g.shape(y).to_vec();
             let gy = g.input("gy", DType::F32, &ys).unwrap();
             let prod = g.mul(y, gy).unwrap();

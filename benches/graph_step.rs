@@ -6,7 +6,7 @@
 //! loss `mean(feat²)`. `HIERCON_BENCH_DUMP=<dir>` also writes the step graph there as ONNX.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use hiercon::graph::{BatchNorm, Conv2d, DType, Graph, GradOptions, Optimizer, Runner, Sgd, Tensor, train_step};
+use hiercon::graph::{BatchNorm, Conv2d, DType, GradOptions, Graph, Optimizer, Runner, Sgd, Tensor, train_step};
 use hiercon::runtime::RuntimeOptions;
 use rand::{Rng, SeedableRng};
 
@@ -43,8 +43,13 @@ fn step_graph() -> Graph {
     let z = g.linear(feat, lw, None).unwrap();
     let sq = g.mul(z, z).unwrap();
     let loss = g.mean_all(sq).unwrap();
-    train_step(&mut g, loss, &Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false }), &GradOptions::default())
-        .unwrap();
+    train_step(
+        &mut g,
+        loss,
+        &Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false }),
+        &GradOptions::default(),
+    )
+    .unwrap();
     g.output("loss", loss).unwrap();
     g
 }
@@ -61,7 +66,9 @@ fn train_step_bench(c: &mut Criterion) {
     let mut run = Runner::new(&g, &RuntimeOptions::default()).unwrap();
     let mut group = c.benchmark_group("train_step");
     group.sample_size(10);
-    group.bench_function("conv4x64_64px_batch64_sgd", |b| b.iter(|| run.run(&[("images", &images), ("lr", &lr)]).unwrap()));
+    group.bench_function("conv4x64_64px_batch64_sgd", |b| {
+        b.iter(|| run.run(&[("images", &images), ("lr", &lr)]).unwrap())
+    });
     group.finish();
 }
 

@@ -266,7 +266,16 @@ pub struct Composite {
 pub enum CompositeKind {
     /// `y = (x - mean) * inv * gamma + beta` with batch statistics over `axes`
     /// (`inv = 1 / sqrt(var + eps)`, `xc = x - mean`; `inv` and `gamma_b` shaped `[1, C, 1, ..]`).
-    BatchNormTrain { x: Value, gamma: Value, beta: Value, y: Value, xc: Value, inv: Value, gamma_b: Value, axes: Vec<i64> },
+    BatchNormTrain {
+        x: Value,
+        gamma: Value,
+        beta: Value,
+        y: Value,
+        xc: Value,
+        inv: Value,
+        gamma_b: Value,
+        axes: Vec<i64>,
+    },
 }
 
 /// Where a value comes from.
@@ -455,7 +464,14 @@ impl Graph {
     }
 
     /// Declares a graph input.
-    pub fn input_of(&mut self, name: &str, kind: InputKind, dtype: DType, shape: &[usize], init: Option<Tensor>) -> Result<Value> {
+    pub fn input_of(
+        &mut self,
+        name: &str,
+        kind: InputKind,
+        dtype: DType,
+        shape: &[usize],
+        init: Option<Tensor>,
+    ) -> Result<Value> {
         if let Some(t) = &init
             && (t.dtype() != dtype || t.shape() != shape)
         {
@@ -517,7 +533,14 @@ impl Graph {
     }
 
     /// Like [`Graph::push_node`] for single-output nodes.
-    pub(crate) fn push1(&mut self, op: &'static str, inputs: Vec<Value>, attrs: Vec<(&'static str, Attr)>, dtype: DType, shape: Vec<usize>) -> Value {
+    pub(crate) fn push1(
+        &mut self,
+        op: &'static str,
+        inputs: Vec<Value>,
+        attrs: Vec<(&'static str, Attr)>,
+        dtype: DType,
+        shape: Vec<usize>,
+    ) -> Value {
         self.push_node(op, inputs, attrs, vec![(dtype, shape)])[0]
     }
 
@@ -579,13 +602,18 @@ impl Graph {
         let ii = self.info(input);
         let is_state = matches!(ii.source, Source::Input(i) if self.inputs[i].kind != InputKind::Data);
         if !is_state {
-            return Err(Error::GraphInvalid { reason: format!("`{}` is not a parameter, buffer or state input", ii.name) });
+            return Err(Error::GraphInvalid {
+                reason: format!("`{}` is not a parameter, buffer or state input", ii.name),
+            });
         }
         let ni = self.info(next);
         if ii.dtype != ni.dtype || ii.shape != ni.shape {
             return Err(Error::GraphShape {
                 op: "feed_back".into(),
-                detail: format!("input `{}` is {}{:?}, new value is {}{:?}", ii.name, ii.dtype, ii.shape, ni.dtype, ni.shape),
+                detail: format!(
+                    "input `{}` is {}{:?}, new value is {}{:?}",
+                    ii.name, ii.dtype, ii.shape, ni.dtype, ni.shape
+                ),
             });
         }
         if self.feedback.iter().any(|(i, _)| *i == input) {

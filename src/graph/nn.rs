@@ -83,7 +83,10 @@ pub struct BatchNormOut {
 fn window_out(op: &str, x: &[usize], n: usize, k: usize, s: usize, p: (usize, usize), d: usize) -> Result<usize> {
     let span = d * (k - 1) + 1;
     if s == 0 || n + p.0 + p.1 < span {
-        return Err(shape_err(op, format!("input {x:?} is smaller than the window (kernel {k}, dilation {d}, padding {p:?}, stride {s})")));
+        return Err(shape_err(
+            op,
+            format!("input {x:?} is smaller than the window (kernel {k}, dilation {d}, padding {p:?}, stride {s})"),
+        ));
     }
     Ok((n + p.0 + p.1 - span) / s + 1)
 }
@@ -100,7 +103,10 @@ impl Graph {
     fn same_float(&self, op: &str, a: Value, b: Value) -> Result<DType> {
         let d = self.require_float(op, a)?;
         if self.dtype(b) != d {
-            return Err(type_err(op, format!("operands are {d}{:?} and {}{:?}", self.shape(a), self.dtype(b), self.shape(b))));
+            return Err(type_err(
+                op,
+                format!("operands are {d}{:?} and {}{:?}", self.shape(a), self.dtype(b), self.shape(b)),
+            ));
         }
         Ok(d)
     }
@@ -127,14 +133,20 @@ impl Graph {
         let (m, k) = if o.trans_a { (sa[1], sa[0]) } else { (sa[0], sa[1]) };
         let (k2, n) = if o.trans_b { (sb[1], sb[0]) } else { (sb[0], sb[1]) };
         if k != k2 {
-            return Err(shape_err("Gemm", format!("shapes {sa:?} (trans {}) and {sb:?} (trans {}) do not multiply", o.trans_a, o.trans_b)));
+            return Err(shape_err(
+                "Gemm",
+                format!("shapes {sa:?} (trans {}) and {sb:?} (trans {}) do not multiply", o.trans_a, o.trans_b),
+            ));
         }
         let mut inputs = vec![a, b];
         if let Some(c) = c {
             self.same_float("Gemm", a, c)?;
             let sc = self.shape(c).to_vec();
             if broadcast("Gemm", &sc, &[m, n])? != [m, n] {
-                return Err(shape_err("Gemm", format!("bias {sc:?} does not broadcast to the product's shape {:?}", [m, n])));
+                return Err(shape_err(
+                    "Gemm",
+                    format!("bias {sc:?} does not broadcast to the product's shape {:?}", [m, n]),
+                ));
             }
             inputs.push(c);
         }
@@ -192,7 +204,10 @@ impl Graph {
         let dt = self.same_float("ConvTranspose", x, w)?;
         let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
         if sx.len() != 4 || sw.len() != 4 || sx[1] != sw[0] || sw[0] % c.group.max(1) != 0 {
-            return Err(shape_err("ConvTranspose", format!("input {sx:?} and weight {sw:?} do not fit with group={}", c.group)));
+            return Err(shape_err(
+                "ConvTranspose",
+                format!("input {sx:?} and weight {sw:?} do not fit with group={}", c.group),
+            ));
         }
         let mut out = vec![sx[0], sw[1] * c.group.max(1)];
         for i in 0..2 {
@@ -271,7 +286,10 @@ impl Graph {
         for &p in per_channel {
             self.same_float(op, x, p)?;
             if self.shape(p) != [sx[1]] {
-                return Err(shape_err(op, format!("input {sx:?} has {} channels, parameter is {:?}", sx[1], self.shape(p))));
+                return Err(shape_err(
+                    op,
+                    format!("input {sx:?} has {} channels, parameter is {:?}", sx[1], self.shape(p)),
+                ));
             }
         }
         let axes = (0..sx.len() as i64).filter(|&a| a != 1).collect();
@@ -329,9 +347,23 @@ impl Graph {
     }
 
     /// BatchNorm in inference form (one ONNX `BatchNormalization` node using running statistics).
-    pub fn batch_norm_infer(&mut self, x: Value, gamma: Value, beta: Value, mean: Value, var: Value, eps: f32) -> Result<Value> {
+    pub fn batch_norm_infer(
+        &mut self,
+        x: Value,
+        gamma: Value,
+        beta: Value,
+        mean: Value,
+        var: Value,
+        eps: f32,
+    ) -> Result<Value> {
         self.bn_check("BatchNormalization", x, &[gamma, beta, mean, var])?;
         let (dt, s) = (self.dtype(x), self.shape(x).to_vec());
-        Ok(self.push1("BatchNormalization", vec![x, gamma, beta, mean, var], vec![("epsilon", Attr::Float(eps))], dt, s))
+        Ok(self.push1(
+            "BatchNormalization",
+            vec![x, gamma, beta, mean, var],
+            vec![("epsilon", Attr::Float(eps))],
+            dt,
+            s,
+        ))
     }
 }

@@ -34,7 +34,8 @@ fn tensor_proto(name: Option<String>, t: &Tensor) -> TensorProto {
 }
 
 fn value_info(name: &str, dtype: DType, shape: &[usize]) -> ValueInfoProto {
-    let dims = shape.iter().map(|&d| Dimension { value: Some(dimension::Value::DimValue(d as i64)), ..Default::default() });
+    let dims =
+        shape.iter().map(|&d| Dimension { value: Some(dimension::Value::DimValue(d as i64)), ..Default::default() });
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {
@@ -205,7 +206,17 @@ mod tests {
         let (p, idx) = g.max_pool_with_indices(r, Pool2d { kernel: 3, stride: 2, pad: 1 }).unwrap();
         let p2 = g.max_pool(inf, Pool2d { kernel: 2, stride: 1, pad: 0 }).unwrap();
         let ct = g
-            .conv_transpose(c, w, crate::graph::ConvTranspose2d { strides: [2, 2], pads: [1, 1, 1, 1], dilations: [1, 1], group: 1, output_padding: [0, 0] })
+            .conv_transpose(
+                c,
+                w,
+                crate::graph::ConvTranspose2d {
+                    strides: [2, 2],
+                    pads: [1, 1, 1, 1],
+                    dilations: [1, 1],
+                    group: 1,
+                    output_padding: [0, 0],
+                },
+            )
             .unwrap();
         let gap = g.global_avg_pool(p).unwrap();
         let flat = g.flatten(gap, 1).unwrap();

@@ -61,13 +61,15 @@ impl Graph {
 
     /// A trainable f32 parameter: a graph input the trainer feeds, starting from `init`.
     pub fn param(&mut self, name: &str, shape: &[usize], init: Vec<f32>) -> Result<Value> {
-        let t = Tensor::f32(shape, init).map_err(|_| shape_err("param", format!("`{name}`: initial data does not fill {shape:?}")))?;
+        let t = Tensor::f32(shape, init)
+            .map_err(|_| shape_err("param", format!("`{name}`: initial data does not fill {shape:?}")))?;
         self.input_of(name, InputKind::Param, DType::F32, shape, Some(t))
     }
 
     /// A non-trainable f32 state input (e.g. BatchNorm running statistics), starting from `init`.
     pub fn buffer(&mut self, name: &str, shape: &[usize], init: Vec<f32>) -> Result<Value> {
-        let t = Tensor::f32(shape, init).map_err(|_| shape_err("buffer", format!("`{name}`: initial data does not fill {shape:?}")))?;
+        let t = Tensor::f32(shape, init)
+            .map_err(|_| shape_err("buffer", format!("`{name}`: initial data does not fill {shape:?}")))?;
         self.input_of(name, InputKind::Buffer, DType::F32, shape, Some(t))
     }
 
@@ -195,7 +197,10 @@ impl Graph {
     /// `cond ? a : b` elementwise, all three broadcast together.
     pub fn where_(&mut self, cond: Value, a: Value, b: Value) -> Result<Value> {
         if self.dtype(cond) != DType::Bool {
-            return Err(type_err("Where", format!("condition is {}{:?}, needs bool", self.dtype(cond), self.shape(cond))));
+            return Err(type_err(
+                "Where",
+                format!("condition is {}{:?}, needs bool", self.dtype(cond), self.shape(cond)),
+            ));
         }
         let dt = self.same_dtype("Where", a, b)?;
         let s = broadcast("Where", self.shape(a), self.shape(b))?;
@@ -442,7 +447,10 @@ impl Graph {
         let s = self.shape(x).to_vec();
         let steps = if steps.is_empty() { vec![1; axes.len()] } else { steps.to_vec() };
         if starts.len() != axes.len() || ends.len() != axes.len() || steps.len() != axes.len() {
-            return Err(shape_err("Slice", format!("axes {axes:?}, starts {starts:?}, ends {ends:?}, steps {steps:?} differ in length")));
+            return Err(shape_err(
+                "Slice",
+                format!("axes {axes:?}, starts {starts:?}, ends {ends:?}, steps {steps:?} differ in length"),
+            ));
         }
         let ax = axes.iter().map(|&a| norm_axis("Slice", a, s.len())).collect::<Result<Vec<_>>>()?;
         let mut out = s.clone();
@@ -450,7 +458,10 @@ impl Graph {
         for i in 0..ax.len() {
             let d = s[ax[i]] as i64;
             if steps[i] <= 0 {
-                return Err(shape_err("Slice", format!("step {} on axis {} of {s:?} is not positive", steps[i], ax[i])));
+                return Err(shape_err(
+                    "Slice",
+                    format!("step {} on axis {} of {s:?} is not positive", steps[i], ax[i]),
+                ));
             }
             let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
             let (b, e) = (clamp(starts[i]), clamp(ends[i]));
@@ -458,7 +469,8 @@ impl Graph {
             st.push(b);
             en.push(e);
         }
-        let inputs = vec![x, self.const_i64(&st), self.const_i64(&en), self.const_i64(&to_i64(&ax)), self.const_i64(&steps)];
+        let inputs =
+            vec![x, self.const_i64(&st), self.const_i64(&en), self.const_i64(&to_i64(&ax)), self.const_i64(&steps)];
         let dt = self.dtype(x);
         Ok(self.push1("Slice", inputs, vec![], dt, out))
     }
@@ -527,14 +539,24 @@ impl Graph {
     }
 
     /// `data` with `updates` written (or, with `add`, accumulated) at `indices` along `axis`.
-    pub fn scatter_elements(&mut self, data: Value, indices: Value, updates: Value, axis: i64, add: bool) -> Result<Value> {
+    pub fn scatter_elements(
+        &mut self,
+        data: Value,
+        indices: Value,
+        updates: Value,
+        axis: i64,
+        add: bool,
+    ) -> Result<Value> {
         let (ds, is, us) = (self.shape(data).to_vec(), self.shape(indices).to_vec(), self.shape(updates).to_vec());
         if self.dtype(indices) != DType::I64 {
             return Err(type_err("ScatterElements", format!("indices are {}, need i64", self.dtype(indices))));
         }
         let dt = self.same_dtype("ScatterElements", data, updates)?;
         if is != us || is.len() != ds.len() {
-            return Err(shape_err("ScatterElements", format!("data {ds:?}, indices {is:?} and updates {us:?} do not fit")));
+            return Err(shape_err(
+                "ScatterElements",
+                format!("data {ds:?}, indices {is:?} and updates {us:?} do not fit"),
+            ));
         }
         let a = norm_axis("ScatterElements", axis, ds.len())?;
         let mut attrs = vec![("axis", Attr::Int(a as i64))];

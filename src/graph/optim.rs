@@ -86,14 +86,23 @@ pub fn train_step(g: &mut Graph, loss: Value, opt: &Optimizer, opts: &GradOption
 
 fn check(g: &Graph, params: &[Value], grads: &[Value]) -> Result<DType> {
     if params.len() != grads.len() || params.is_empty() {
-        return Err(Error::GraphInvalid { reason: format!("{} parameters but {} gradients", params.len(), grads.len()) });
+        return Err(Error::GraphInvalid {
+            reason: format!("{} parameters but {} gradients", params.len(), grads.len()),
+        });
     }
     let dt = g.dtype(params[0]);
     for (&p, &gr) in params.iter().zip(grads) {
         if g.dtype(p) != dt || g.dtype(gr) != dt || g.shape(p) != g.shape(gr) || !dt.is_float() {
             return Err(Error::GraphShape {
                 op: "optimizer".into(),
-                detail: format!("parameter `{}` {}{:?} vs gradient {}{:?}", g.name(p), g.dtype(p), g.shape(p), g.dtype(gr), g.shape(gr)),
+                detail: format!(
+                    "parameter `{}` {}{:?} vs gradient {}{:?}",
+                    g.name(p),
+                    g.dtype(p),
+                    g.shape(p),
+                    g.dtype(gr),
+                    g.shape(gr)
+                ),
             });
         }
     }
@@ -185,8 +194,8 @@ pub fn adamw(g: &mut Graph, params: &[Value], grads: &[Value], o: &AdamW) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::Runner;
     use crate::graph::testutil::{rng, uniform};
+    use crate::graph::{Carried, Runner};
 
     /// Plain-Rust f64 reference of one parameter's trajectory.
     enum RefState {
@@ -243,11 +252,7 @@ mod tests {
             Optimizer::AdamW(_) => RefState::Adam { m: vec![0.0; 12], v: vec![0.0; 12] },
         };
         // Current values of every fed-back input, by name.
-        let mut carried: Vec<(String, Tensor)> = g
-            .feedback()
-            .iter()
-            .map(|(i, _)| (g.name(*i).to_string(), g.input_info(*i).unwrap().init.clone().unwrap()))
-            .collect();
+        let mut carried = Carried::new(&g).unwrap();
         for t in 1..=4i64 {
             let xv = uniform(&mut r, DType::F32, &shape);
             let lr = 0.1 / t as f64;
@@ -257,15 +262,18 @@ mod tests {
             if ts.optimizer.step.is_some() {
                 feeds.push(("step", &stepv));
             }
-            feeds.extend(carried.iter().map(|(n, t)| (n.as_str(), t)));
+            feeds.extend(carried.feeds());
             let out = run.run(&feeds).unwrap();
             let grad: Vec<f64> = p.iter().zip(xv.to_f64_vec()).map(|(w, x)| x + w).collect();
             reference_step(&opt, &mut p, &grad, &mut st, lr as f32 as f64, t);
             let next = out.f32("w.next").unwrap();
             for (a, b) in next.iter().zip(&p) {
-                assert!((*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()), "step {t}: graph {a} vs reference {b} ({opt:?})");
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "step {t}: graph {a} vs reference {b} ({opt:?})"
+                );
             }
-            carried = carried.iter().map(|(n, _)| (n.clone(), out.get(&format!("{n}.next")).unwrap().clone())).collect();
+            carried.update(&out).unwrap();
         }
     }
 

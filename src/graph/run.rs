@@ -42,18 +42,68 @@ impl Outputs {
     /// The f32 output called `name`.
     pub fn f32(&self, name: &str) -> Result<&ndarray::ArrayD<f32>> {
         let t = self.get(name)?;
-        t.as_f32().ok_or_else(|| Error::GraphType { op: format!("output `{name}`"), detail: format!("is {}, not f32", t.dtype()) })
+        t.as_f32().ok_or_else(|| Error::GraphType {
+            op: format!("output `{name}`"),
+            detail: format!("is {}, not f32", t.dtype()),
+        })
     }
 
     /// The f64 output called `name`.
     pub fn f64(&self, name: &str) -> Result<&ndarray::ArrayD<f64>> {
         let t = self.get(name)?;
-        t.as_f64().ok_or_else(|| Error::GraphType { op: format!("output `{name}`"), detail: format!("is {}, not f64", t.dtype()) })
+        t.as_f64().ok_or_else(|| Error::GraphType {
+            op: format!("output `{name}`"),
+            detail: format!("is {}, not f64", t.dtype()),
+        })
     }
 
     /// The outputs as a map.
     pub fn into_map(self) -> HashMap<String, Tensor> {
         self.0.into_iter().collect()
+    }
+}
+
+/// The current values of a graph's fed-back inputs (parameters, buffers, optimizer state),
+/// carried from one run's `"<name>.next"` outputs to the next run's inputs.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    /// (input name, output name, current value)
+    slots: Vec<(String, String, Tensor)>,
+}
+
+impl Carried {
+    /// Starts from the initial values of every input listed in [`Graph::feedback`].
+    pub fn new(graph: &Graph) -> Result<Carried> {
+        let slots = graph
+            .feedback()
+            .iter()
+            .map(|&(i, o)| {
+                let init = graph.input_info(i).and_then(|inp| inp.init.clone()).ok_or_else(|| Error::GraphFeed {
+                    name: graph.name(i).to_string(),
+                    reason: "fed back but has no initial value".into(),
+                })?;
+                Ok((graph.name(i).to_string(), graph.name(o).to_string(), init))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Carried { slots })
+    }
+
+    /// `(input name, value)` pairs to feed.
+    pub fn feeds(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.slots.iter().map(|(n, _, t)| (n.as_str(), t))
+    }
+
+    /// Takes the new values from a run's outputs.
+    pub fn update(&mut self, out: &Outputs) -> Result<()> {
+        for (_, o, t) in &mut self.slots {
+            *t = out.get(o)?.clone();
+        }
+        Ok(())
+    }
+
+    /// The current value of the input called `name`.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.slots.iter().find(|(n, _, _)| n == name).map(|(_, _, t)| t)
     }
 }
 
@@ -121,13 +171,17 @@ impl Runner {
         let out = self.session.run(values).map_err(|e| Error::ort("running graph", e))?;
         let mut result = Vec::with_capacity(self.outputs.len());
         for (name, dtype) in &self.outputs {
-            let v = out.get(name.as_str()).ok_or_else(|| Error::ort("running graph", format!("output `{name}` missing")))?;
+            let v = out
+                .get(name.as_str())
+                .ok_or_else(|| Error::ort("running graph", format!("output `{name}` missing")))?;
             let ctx = || format!("reading output `{name}`");
             let t = match dtype {
                 DType::F32 => Tensor::F32(v.try_extract_array::<f32>().map_err(|e| Error::ort(ctx(), e))?.to_owned()),
                 DType::F64 => Tensor::F64(v.try_extract_array::<f64>().map_err(|e| Error::ort(ctx(), e))?.to_owned()),
                 DType::I64 => Tensor::I64(v.try_extract_array::<i64>().map_err(|e| Error::ort(ctx(), e))?.to_owned()),
-                DType::Bool => Tensor::Bool(v.try_extract_array::<bool>().map_err(|e| Error::ort(ctx(), e))?.to_owned()),
+                DType::Bool => {
+                    Tensor::Bool(v.try_extract_array::<bool>().map_err(|e| Error::ort(ctx(), e))?.to_owned())
+                }
             };
             result.push((name.clone(), t));
         }

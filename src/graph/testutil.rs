@@ -64,7 +64,10 @@ pub fn onnx_check(g: &Graph) {
     let path = dir.path().join("model.onnx");
     g.write_onnx(&path, "check").unwrap();
     let out = Command::new(python())
-        .args(["-c", "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')"])
+        .args([
+            "-c",
+            "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')",
+        ])
         .arg(&path)
         .output()
         .expect("the Python in HIERCON_PYTHON should run");
@@ -74,7 +77,6 @@ pub fn onnx_check(g: &Graph) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
-
 
 /// Plain-Rust reference convolution (NCHW, OIHW weight, symmetric stride / pad / dilation).
 pub fn conv_ref(x: &ArrayD<f64>, w: &ArrayD<f64>, stride: usize, pad: usize, dil: usize, groups: usize) -> ArrayD<f64> {
@@ -94,7 +96,10 @@ pub fn conv_ref(x: &ArrayD<f64>, w: &ArrayD<f64>, stride: usize, pad: usize, dil
                     for ci in 0..cg {
                         for a in 0..kh {
                             for e in 0..kw {
-                                let (r, s) = ((i * stride + a * dil) as isize - pad as isize, (j * stride + e * dil) as isize - pad as isize);
+                                let (r, s) = (
+                                    (i * stride + a * dil) as isize - pad as isize,
+                                    (j * stride + e * dil) as isize - pad as isize,
+                                );
                                 if r >= 0 && s >= 0 && (r as usize) < h && (s as usize) < wd {
                                     acc += x[[b, grp * cg + ci, r as usize, s as usize]] * w[[o, ci, a, e]];
                                 }
@@ -145,7 +150,8 @@ impl FdCheck {
     pub fn run(&self, seed: u64, shapes: &[&[usize]], build: impl FnOnce(&mut Graph, &[Value]) -> Value) {
         let mut r = rng(seed);
         let mut g = Graph::new();
-        let xs: Vec<Value> = shapes.iter().enumerate().map(|(i, s)| g.input(&format!("x{i}"), self.dtype, s).unwrap()).collect();
+        let xs: Vec<Value> =
+            shapes.iter().enumerate().map(|(i, s)| g.input(&format!("x{i}"), self.dtype, s).unwrap()).collect();
         let y = build(&mut g, &xs);
         let ys = g.shape(y).to_vec();
         let rt = g.constant(uniform(&mut r, self.dtype, &ys));
@@ -160,7 +166,9 @@ impl FdCheck {
 
         let x0: Vec<Tensor> = shapes
             .iter()
-            .map(|s| if self.gap > 0.0 { separated(&mut r, self.dtype, s, self.gap) } else { uniform(&mut r, self.dtype, s) })
+            .map(|s| {
+                if self.gap > 0.0 { separated(&mut r, self.dtype, s, self.gap) } else { uniform(&mut r, self.dtype, s) }
+            })
             .collect();
         let eval = |runner: &mut Runner, xs: &[Tensor]| {
             let names: Vec<String> = (0..xs.len()).map(|i| format!("x{i}")).collect();

@@ -136,7 +136,8 @@ fn weight_transposed(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Resu
             ("group", Attr::Int(group as i64)),
         ]
     };
-    let out_hw = |i: usize| (geo.xs[2 + i] + geo.p[i] + geo.p[i + 2] - geo.s[i] * (geo.ys[2 + i] - 1) - 1) / geo.d[i] + 1;
+    let out_hw =
+        |i: usize| (geo.xs[2 + i] + geo.p[i] + geo.p[i + 2] - geo.s[i] * (geo.ys[2 + i] - 1) - 1) / geo.d[i] + 1;
     let (oh, ow) = (out_hw(0), out_hw(1));
     let dt = g.dtype(x);
     let full = if groups == 1 {
@@ -161,11 +162,7 @@ fn weight_transposed(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Resu
         let r = g.transpose(r, &[0, 2, 1, 3, 4])?;
         g.reshape_to(r, &[m, cig, oh, ow])?
     };
-    if oh == kh && ow == kw {
-        Ok(full)
-    } else {
-        g.slice(full, &[2, 3], &[0, 0], &[kh as i64, kw as i64], &[])
-    }
+    if oh == kh && ow == kw { Ok(full) } else { g.slice(full, &[2, 3], &[0, 0], &[kh as i64, kw as i64], &[]) }
 }
 
 /// im2col without slices: a grouped Conv with 0/1 "identity" kernels unfolds the input into
@@ -187,7 +184,9 @@ fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<V
             eye[(ch * k + i) * k + i] = 1.0;
         }
     }
-    let eye = g.cached_constant(Tensor::F64(ndarray::ArrayD::from_shape_vec(vec![c * k, 1, kh, kw], eye).expect("sizes match")).cast(dt));
+    let eye = g.cached_constant(
+        Tensor::F64(ndarray::ArrayD::from_shape_vec(vec![c * k, 1, kh, kw], eye).expect("sizes match")).cast(dt),
+    );
     let attrs = vec![
         ("kernel_shape", Attr::Ints(vec![kh as i64, kw as i64])),
         ("strides", Attr::Ints(to_i64(&geo.s))),

@@ -164,13 +164,20 @@ pub(crate) struct Ctx {
 
 /// The gradients of a node's inputs given its outputs' gradients (`None`: no gradient flows).
 /// `need[i]` says whether input `i` wants one; rules may skip work for the others.
-fn rule(g: &mut Graph, idx: usize, node: &Node, gys: &[Option<Value>], need: &[bool], ctx: &mut Ctx) -> Result<Vec<Option<Value>>> {
+fn rule(
+    g: &mut Graph,
+    idx: usize,
+    node: &Node,
+    gys: &[Option<Value>],
+    need: &[bool],
+    ctx: &mut Ctx,
+) -> Result<Vec<Option<Value>>> {
     let gy = || gys[0].ok_or_else(|| no_grad(node, "the first output has no gradient"));
     match node.op {
         "Add" | "Sub" | "Mul" | "Div" | "Neg" | "Relu" | "Sigmoid" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Pow"
         | "Max" | "Min" | "Where" | "Sum" | "Identity" | "Cast" | "Expand" => elementwise::rule(g, node, gy()?, need),
-        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" | "Transpose"
-        | "Concat" | "Slice" | "Gather" | "Pad" => shape::rule(g, node, gy()?, need),
+        "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" | "Reshape" | "Flatten" | "Squeeze"
+        | "Unsqueeze" | "Transpose" | "Concat" | "Slice" | "Gather" | "Pad" => shape::rule(g, node, gy()?, need),
         "Split" => shape::split(g, node, gys),
         "MatMul" | "Gemm" | "MaxPool" | "GlobalAveragePool" => nn::rule(g, idx, node, gy()?, need),
         "Conv" => conv::rule(g, node, gy()?, need, ctx),
@@ -189,7 +196,8 @@ pub(crate) fn unbroadcast(g: &mut Graph, gx: Value, target: &[usize]) -> Result<
         return Ok(gx);
     }
     let lead = s.len() - target.len();
-    let axes: Vec<i64> = (0..s.len()).filter(|&i| i < lead || (target[i - lead] == 1 && s[i] != 1)).map(|i| i as i64).collect();
+    let axes: Vec<i64> =
+        (0..s.len()).filter(|&i| i < lead || (target[i - lead] == 1 && s[i] != 1)).map(|i| i as i64).collect();
     let r = if axes.is_empty() { gx } else { g.reduce_sum(gx, &axes, true)? };
     g.reshape_to(r, target)
 }

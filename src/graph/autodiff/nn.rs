@@ -12,7 +12,10 @@ pub(super) fn rule(g: &mut Graph, idx: usize, node: &Node, gy: Value, need: &[bo
         "MatMul" => matmul(g, node, gy, want(0), want(1)),
         "Gemm" => gemm(g, node, gy, need),
         "MaxPool" => {
-            if node.attr_int("ceil_mode", 0) != 0 || node.attr_int("storage_order", 0) != 0 || node.attr("dilations").is_some() {
+            if node.attr_int("ceil_mode", 0) != 0
+                || node.attr_int("storage_order", 0) != 0
+                || node.attr("dilations").is_some()
+            {
                 return Err(no_grad(node, "only floor mode, row-major indices and no dilation are differentiated"));
             }
             let x = node.inputs[0];

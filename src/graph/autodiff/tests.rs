@@ -117,7 +117,9 @@ fn ties_share_the_gradient_equally() {
 #[test]
 fn reductions() {
     let x: &[usize] = &[2, 3, 4];
-    for (i, (axes, keep)) in [(&[1i64][..], true), (&[0, 2][..], false), (&[-1][..], false), (&[0, 1, 2][..], true)].into_iter().enumerate() {
+    for (i, (axes, keep)) in
+        [(&[1i64][..], true), (&[0, 2][..], false), (&[-1][..], false), (&[0, 1, 2][..], true)].into_iter().enumerate()
+    {
         let s = 300 + 10 * i as u64;
         f64c().run(s, &[x], |g, v| g.reduce_sum(v[0], axes, keep).unwrap());
         f64c().run(s + 1, &[x], |g, v| g.reduce_mean(v[0], axes, keep).unwrap());
@@ -220,7 +222,8 @@ fn conv_both_weight_lowerings() {
         for (j, lowering) in [ConvWeightGrad::Transposed, ConvWeightGrad::Im2col].into_iter().enumerate() {
             let c = Conv2d { stride, pad, dilation, groups, weight_grad: lowering };
             let shapes: Vec<&[usize]> = if bias { vec![xs, ws, &ws[..1]] } else { vec![xs, ws] };
-            FdCheck::f32().run(900 + 10 * i as u64 + j as u64, &shapes, |g, x| g.conv(x[0], x[1], x.get(2).copied(), c).unwrap());
+            FdCheck::f32()
+                .run(900 + 10 * i as u64 + j as u64, &shapes, |g, x| g.conv(x[0], x[1], x.get(2).copied(), c).unwrap());
         }
     }
 }
@@ -242,7 +245,8 @@ fn conv_lowering_follows_the_builder_then_the_options_and_is_reported() {
         let before = g.nodes().len();
         let (_, report) = grad_with(&mut g, loss, &[w1, w2], &GradOptions { conv_weight: opts }).unwrap();
         // Im2col unfolds with a Conv over constant 0/1 kernels; Transposed convolves with gy.
-        let transposed = g.nodes()[before..].iter().filter(|n| n.op == "Conv" && g.const_value(n.inputs[1]).is_none()).count();
+        let transposed =
+            g.nodes()[before..].iter().filter(|n| n.op == "Conv" && g.const_value(n.inputs[1]).is_none()).count();
         (report, transposed)
     };
     let lowering = |r: &GradReport, name: &str| r.convs.iter().find(|c| c.output == name).unwrap().lowering;
@@ -391,7 +395,9 @@ fn a_small_training_graph_passes_the_onnx_checker() {
     let rm = g.buffer("rm", &[4], vec![0.0; 4]).unwrap();
     let rv = g.buffer("rv", &[4], vec![1.0; 4]).unwrap();
     let lw = g.param("lw", &[5, 4], vec![0.1; 20]).unwrap();
-    let y = g.conv(x, w, None, Conv2d { stride: 2, pad: 1, weight_grad: ConvWeightGrad::Transposed, ..Default::default() }).unwrap();
+    let y = g
+        .conv(x, w, None, Conv2d { stride: 2, pad: 1, weight_grad: ConvWeightGrad::Transposed, ..Default::default() })
+        .unwrap();
     let y = g.conv(y, dw, None, Conv2d { pad: 1, groups: 4, ..Default::default() }).unwrap();
     let bn = g.batch_norm_train(y, ga, be, rm, rv, BatchNorm::default()).unwrap();
     let y = g.relu(bn.y).unwrap();
@@ -410,3 +416,25 @@ fn a_small_training_graph_passes_the_onnx_checker() {
     onnx_check(&g);
 }
 
+#[test]
+fn a_small_net_end_to_end() {
+    // conv (bias) -> BatchNorm -> sigmoid -> depthwise conv stride 2 -> global average pool ->
+    // linear, all parameters and the input differentiated at once (f32, ε = 1e-2, tol 1e-2;
+    // smooth activations so no kink lies within a step; Relu and MaxPool are checked alone).
+    let shapes: [&[usize]; 7] = [&[2, 2, 7, 7], &[3, 2, 3, 3], &[3], &[3], &[3], &[3, 1, 3, 3], &[4, 3]];
+    for lowering in [ConvWeightGrad::Transposed, ConvWeightGrad::Im2col] {
+        FdCheck::f32().run(1300, &shapes, |g, p| {
+            let rm = g.buffer("rm", &[3], vec![0.0; 3]).unwrap();
+            let rv = g.buffer("rv", &[3], vec![1.0; 3]).unwrap();
+            let c1 =
+                g.conv(p[0], p[1], Some(p[2]), Conv2d { pad: 1, weight_grad: lowering, ..Default::default() }).unwrap();
+            let bn = g.batch_norm_train(c1, p[3], p[4], rm, rv, BatchNorm::default()).unwrap();
+            let a = g.sigmoid(bn.y).unwrap();
+            let dw = Conv2d { stride: 2, pad: 1, groups: 3, weight_grad: lowering, ..Default::default() };
+            let c2 = g.conv(a, p[5], None, dw).unwrap();
+            let pooled = g.global_avg_pool(c2).unwrap();
+            let f = g.flatten(pooled, 1).unwrap();
+            g.linear(f, p[6], None).unwrap()
+        });
+    }
+}

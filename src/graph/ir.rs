@@ -545,7 +545,6 @@ impl Graph {
     }
 
     /// Adds an output to an existing node (autodiff asks MaxPool for its `Indices` this way).
-    #[allow(dead_code)] // used by autodiff (MaxPool indices)
     pub(crate) fn add_node_output(&mut self, node: usize, dtype: DType, shape: Vec<usize>) -> Value {
         let slot = self.nodes[node].outputs.len();
         let v = self.new_value(None, dtype, shape, Source::Node { node, slot }).expect("generated names are unique");

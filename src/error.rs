@@ -75,6 +75,26 @@ pub enum Error {
     ImageTooManyPixels { width: u32, height: u32, limit: crate::image::PixelLimit },
 
     // --- graph ----------------------------------------------------------------------------------
+    /// A builder was given operands whose shapes do not fit the op; `detail` names both shapes.
+    #[error("graph: {op}: {detail}")]
+    GraphShape { op: String, detail: String },
+
+    /// A builder was given an operand of the wrong element type.
+    #[error("graph: {op}: {detail}")]
+    GraphType { op: String, detail: String },
+
+    /// A graph is malformed: duplicate or unknown name, a value from another graph, a missing output.
+    #[error("graph: {reason}")]
+    GraphInvalid { reason: String },
+
+    /// Autodiff met an op (or an op configuration) it has no gradient rule for.
+    #[error("graph: no gradient for {op}: {reason}")]
+    GraphNoGradient { op: String, reason: String },
+
+    /// The inputs fed to a compiled graph do not match its declared inputs.
+    #[error("graph: input `{name}`: {reason}")]
+    GraphFeed { name: String, reason: String },
+
 
     // --- model / loss / train -------------------------------------------------------------------
     /// A loss input does not have the length its shape implies.

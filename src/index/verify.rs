@@ -1,0 +1,189 @@
+//! Checks a generation loaded back from disk before it may go live: self-retrieval and recall@k against exact search.
+//!
+//! - **Self-retrieval.** Every item, used as a query, must come back first. A node HNSW cannot
+//!   reach fails this. Exact duplicate images have bitwise-equal embeddings (embeddings are
+//!   cached by image hash), so for an item with `c` identical rows the check asks for `c + 3`
+//!   hits and passes when the item is among them and everything ranked above it scores the same
+//!   (within [`TIE_EPS`]). Items not returned at all are *unreachable*; items returned below a
+//!   strictly better row are *outranked*. Both count as misses; more than
+//!   [`VerifyConfig::max_self_misses`] (default 0) fails the generation.
+//! - **Recall.** On a seeded sample of items, recall@k of HNSW (at the generation's `ef_search`)
+//!   against the exact scan, where an approximate hit counts when its score is at least the
+//!   exact k-th score (ties with the k-th neighbour are not penalised). Below
+//!   [`VerifyConfig::min_recall`] (default 0.98) fails the generation.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use rand::SeedableRng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::store::Generation;
+use super::{AnnIndex, Hit};
+
+/// Scores this close count as equal.
+pub const TIE_EPS: f32 = 1e-5;
+/// Extra hits asked for in the self-retrieval check.
+const SELF_SLACK: usize = 3;
+/// Failing item ids kept in the report.
+const REPORT_IDS: usize = 10;
+
+/// Verification thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyConfig {
+    /// Minimum recall@k of HNSW against exact search.
+    pub min_recall: f64,
+    /// Items sampled for the recall check.
+    pub recall_sample: usize,
+    /// The k of recall@k.
+    pub recall_k: usize,
+    /// Self-retrieval misses tolerated.
+    pub max_self_misses: usize,
+    /// Seed of the recall sample.
+    pub seed: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig { min_recall: 0.98, recall_sample: 1000, recall_k: 10, max_self_misses: 0, seed: 0 }
+    }
+}
+
+/// What verification found; written to `gen-<n>/verification.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub generation: String,
+    pub passed: bool,
+    /// Why it failed (`None` when it passed).
+    pub reason: Option<String>,
+    pub items: usize,
+    pub ef_search: usize,
+    /// Items with at least one bitwise-identical embedding elsewhere.
+    pub duplicate_items: usize,
+    pub self_unreachable: usize,
+    pub self_outranked: usize,
+    /// Up to ten ids of items that failed self-retrieval.
+    pub self_miss_ids: Vec<String>,
+    pub recall_k: usize,
+    pub recall_queries: usize,
+    pub recall: f64,
+    pub min_recall: f64,
+}
+
+/// For each row, how many rows (itself included) have a bitwise-identical vector.
+fn identical_counts(g: &Generation) -> Vec<usize> {
+    let n = g.items.len();
+    let bits = |r: u32| g.exact.vector(r).iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    let mut buckets: HashMap<u64, Vec<u32>> = HashMap::new();
+    for r in 0..n as u32 {
+        let mut h = DefaultHasher::new();
+        bits(r).hash(&mut h);
+        buckets.entry(h.finish()).or_default().push(r);
+    }
+    let mut counts = vec![1; n];
+    for rows in buckets.values().filter(|b| b.len() > 1) {
+        for &r in rows {
+            let mine = bits(r);
+            counts[r as usize] = rows.iter().filter(|&&o| bits(o) == mine).count();
+        }
+    }
+    counts
+}
+
+enum SelfCheck {
+    Found,
+    Unreachable,
+    Outranked,
+}
+
+fn self_check(g: &Generation, row: u32, identical: usize, ef: usize) -> SelfCheck {
+    let k = identical + SELF_SLACK;
+    let hits = g.hnsw.search(g.exact.vector(row), k, ef.max(k), None);
+    let Some(pos) = hits.iter().position(|h| h.row == row) else {
+        return SelfCheck::Unreachable;
+    };
+    let own = super::exact::dot(g.exact.vector(row), g.exact.vector(row));
+    let above_is_tie = hits[..pos].iter().all(|h| {
+        let s = super::exact::dot(g.exact.vector(row), g.exact.vector(h.row));
+        s <= own + TIE_EPS && s >= own - TIE_EPS
+    });
+    if above_is_tie { SelfCheck::Found } else { SelfCheck::Outranked }
+}
+
+/// Recall@k of HNSW against exact search over `queries` rows (tie-aware, see module docs).
+pub fn recall_at_k(g: &Generation, queries: &[u32], k: usize, ef: usize) -> f64 {
+    let k = k.min(g.items.len());
+    if k == 0 || queries.is_empty() {
+        return 1.0;
+    }
+    let total: f64 = queries
+        .par_iter()
+        .map(|&r| {
+            let q = g.exact.vector(r);
+            let exact = g.exact.search(q, k, 0, None);
+            let kth = exact[k - 1].score;
+            let approx: Vec<Hit> = g.hnsw.search(q, k, ef, None);
+            let good = approx.iter().filter(|h| super::exact::dot(q, g.exact.vector(h.row)) >= kth - TIE_EPS).count();
+            good as f64 / k as f64
+        })
+        .sum();
+    total / queries.len() as f64
+}
+
+/// Runs both checks on a loaded generation.
+pub fn verify(g: &Generation, cfg: &VerifyConfig) -> VerifyReport {
+    let n = g.items.len();
+    let ef = g.meta.ef_search;
+    let identical = identical_counts(g);
+    let outcomes: Vec<SelfCheck> =
+        (0..n as u32).into_par_iter().map(|r| self_check(g, r, identical[r as usize], ef)).collect();
+    let mut unreachable = 0;
+    let mut outranked = 0;
+    let mut miss_ids = Vec::new();
+    for (r, o) in outcomes.iter().enumerate() {
+        match o {
+            SelfCheck::Found => continue,
+            SelfCheck::Unreachable => unreachable += 1,
+            SelfCheck::Outranked => outranked += 1,
+        }
+        if miss_ids.len() < REPORT_IDS {
+            miss_ids.push(g.items[r].item.id.clone());
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed);
+    let sample: Vec<u32> =
+        rand::seq::index::sample(&mut rng, n, cfg.recall_sample.min(n)).into_iter().map(|i| i as u32).collect();
+    let recall = recall_at_k(g, &sample, cfg.recall_k, ef);
+    let mut reasons = Vec::new();
+    if unreachable + outranked > cfg.max_self_misses {
+        reasons.push(format!(
+            "{} of {n} items do not find themselves first ({unreachable} unreachable, {outranked} outranked; e.g. {:?})",
+            unreachable + outranked,
+            miss_ids
+        ));
+    }
+    if recall < cfg.min_recall {
+        reasons.push(format!(
+            "recall@{} is {recall:.4} on {} queries at ef {ef}, below the threshold {}",
+            cfg.recall_k,
+            sample.len(),
+            cfg.min_recall
+        ));
+    }
+    VerifyReport {
+        generation: g.name(),
+        passed: reasons.is_empty(),
+        reason: (!reasons.is_empty()).then(|| reasons.join("; ")),
+        items: n,
+        ef_search: ef,
+        duplicate_items: identical.iter().filter(|&&c| c > 1).count(),
+        self_unreachable: unreachable,
+        self_outranked: outranked,
+        self_miss_ids: miss_ids,
+        recall_k: cfg.recall_k,
+        recall_queries: sample.len(),
+        recall,
+        min_recall: cfg.min_recall,
+    }
+}

@@ -94,7 +94,7 @@ impl ModelMeta {
         if self.input.size == 0 || self.output.dim == 0 {
             return Err("input.size and output.dim must be positive".into());
         }
-        if self.input.std.iter().any(|s| !(*s > 0.0)) {
+        if self.input.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
             return Err(format!("input.std must be positive, got {:?}", self.input.std));
         }
         if self.digest.is_empty() {
@@ -198,10 +198,11 @@ fn check_tensor(kind: &str, name: &str, dtype: &ValueType, want: &[Option<i64>])
         return Err(format!("{kind} `{name}` has rank {}, expected {}", shape.len(), want.len()));
     }
     for (i, (have, want)) in shape.iter().zip(want).enumerate() {
-        if let Some(w) = want {
-            if *have >= 0 && have != w {
-                return Err(format!("{kind} `{name}` dimension {i} is {have}, the description says {w}"));
-            }
+        if let Some(w) = want
+            && *have >= 0
+            && have != w
+        {
+            return Err(format!("{kind} `{name}` dimension {i} is {have}, the description says {w}"));
         }
     }
     Ok(())
@@ -465,7 +466,9 @@ mod tests {
         // Reference in f64: channel means, times w, divided by the norm.
         for b in 0..3 {
             let means: Vec<f64> = (0..3)
-                .map(|c| batch.slice(ndarray::s![b, c, .., ..]).iter().map(|&v| v as f64).sum::<f64>() / (size * size) as f64)
+                .map(|c| {
+                    batch.slice(ndarray::s![b, c, .., ..]).iter().map(|&v| v as f64).sum::<f64>() / (size * size) as f64
+                })
                 .collect();
             let e: Vec<f64> = (0..dim).map(|j| (0..3).map(|c| means[c] * w[[c, j]] as f64).sum()).collect();
             let norm = e.iter().map(|v| v * v).sum::<f64>().sqrt();
@@ -483,7 +486,8 @@ mod tests {
     fn ort_encoder_rejects_a_description_that_disagrees_with_the_graph() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let w = Array2::from_shape_fn((3, 4), |_| rng.random_range(-1.0f32..1.0));
-        let cases: Vec<(Box<dyn Fn(&mut ModelMeta)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut ModelMeta)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|m| m.input.name = "pixels".into()), "input"),
             (Box::new(|m| m.output.name = "features".into()), "features"),
             (Box::new(|m| m.output.dim = 7), "dimension 1"),

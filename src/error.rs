@@ -74,7 +74,6 @@ pub enum Error {
     #[error("nothing to index: {reason}")]
     EmptyIndex { reason: String },
 
-
     // --- eval / http ----------------------------------------------------------------------------
 }
 

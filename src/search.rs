@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
+use crate::encoder::Encoder;
 pub use crate::index::Answer;
 pub use crate::index::filter::{Filter, GroupBy};
-use crate::encoder::Encoder;
 use crate::index::query::QueryConfig;
 use crate::index::shim::{self, Limits};
 use crate::index::store::{Generation, IndexDir, ItemRecord};
@@ -165,7 +165,10 @@ impl Service {
         let g = self.generation();
         let ef = req.ef.unwrap_or(g.meta.ef_search);
         if ef == 0 || ef > self.config.max_ef {
-            return Err(Error::InvalidArgument { name: "ef", reason: format!("must be in 1..={}", self.config.max_ef) });
+            return Err(Error::InvalidArgument {
+                name: "ef",
+                reason: format!("must be in 1..={}", self.config.max_ef),
+            });
         }
         let res = g.query(embedding, req.k, ef, &req.filter, req.group_by, &self.config.query)?;
         let hits = res

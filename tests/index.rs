@@ -8,18 +8,19 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hiercon::Error;
 use hiercon::catalogue::{Item, Split};
 use hiercon::encoder::{Encoder, TestEncoder};
 use hiercon::index::build::{self, IndexConfig};
 use hiercon::index::store::{Generation, IndexDir};
 use hiercon::index::{self, Answer};
 use hiercon::search::{Filter, GroupBy, SearchConfig, SearchRequest, Service};
-use hiercon::Error;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const DIM: usize = 32;
-const LEAVES: [&str; 5] = ["clothing/tops/shirts", "clothing/tops/tees", "clothing/shoes", "garden/tools", "garden/pots"];
+const LEAVES: [&str; 5] =
+    ["clothing/tops/shirts", "clothing/tops/tees", "clothing/shoes", "garden/tools", "garden/pots"];
 
 /// A generated catalogue: PNGs and a manifest in a temporary folder.
 struct Catalogue {
@@ -124,8 +125,12 @@ fn encoder() -> Arc<dyn Encoder> {
     Arc::new(TestEncoder::new(DIM, 0))
 }
 
+/// A service that uses HNSW whenever the planner's fraction rule allows (the default would
+/// answer these small test indexes exactly).
 fn service(c: &Catalogue) -> Service {
-    Service::open(c.index_dir(), encoder(), SearchConfig::default()).unwrap()
+    let mut cfg = SearchConfig::default();
+    cfg.query.exact_below_rows = 0;
+    Service::open(c.index_dir(), encoder(), cfg).unwrap()
 }
 
 fn search(s: &Service, query_id: &str, req: &SearchRequest) -> hiercon::search::SearchResponse {
@@ -153,7 +158,8 @@ fn a_run_makes_a_live_generation_whose_approx_answers_agree_with_exact() {
         let approx = search(&s, &it.id, &req(10, Filter::default(), None));
         assert_eq!(approx.answered_by, Answer::Approx);
         let q = g.exact.vector(g.row_of(&it.id).unwrap());
-        let exact: Vec<u32> = g.exact.search_rows(q, 10, &(0..g.items.len() as u32).collect::<Vec<_>>()).iter().map(|h| h.row).collect();
+        let exact: Vec<u32> =
+            g.exact.search_rows(q, 10, &(0..g.items.len() as u32).collect::<Vec<_>>()).iter().map(|h| h.row).collect();
         let exact_ids: HashSet<&str> = exact.iter().map(|&r| g.item(r).item.id.as_str()).collect();
         overlap += approx.hits.iter().filter(|h| exact_ids.contains(h.id.as_str())).count();
         assert!(approx.hits.windows(2).all(|w| w[0].score >= w[1].score));
@@ -167,7 +173,10 @@ fn a_run_makes_a_live_generation_whose_approx_answers_agree_with_exact() {
     let r = s.search_image(&bytes, &req(3, Filter::default(), None)).unwrap();
     assert_eq!(r.hits[0].id, "p3-v1-w0");
     assert!(s.search_image(b"not an image", &SearchRequest::default()).is_err());
-    assert!(matches!(s.search_embedding(&[1.0; 3], &SearchRequest::default()), Err(Error::WrongVectorDimension { .. })));
+    assert!(matches!(
+        s.search_embedding(&[1.0; 3], &SearchRequest::default()),
+        Err(Error::WrongVectorDimension { .. })
+    ));
 }
 
 #[test]
@@ -178,7 +187,8 @@ fn filters_include_descendants_and_return_nothing_outside() {
     let n = c.items.len();
     let cat = |p: &str| Filter { category: Some(p.into()), ..Default::default() };
     // (filter, which items it must allow, the path expected to answer)
-    let cases: Vec<(Filter, Box<dyn Fn(&Item) -> bool>, Answer)> = vec![
+    type Allows = Box<dyn Fn(&Item) -> bool>;
+    let cases: Vec<(Filter, Allows, Answer)> = vec![
         (cat("clothing"), Box::new(|i| i.category.starts_with("clothing/")), Answer::Approx),
         (cat("clothing/tops"), Box::new(|i| i.category.starts_with("clothing/tops/")), Answer::Approx),
         (cat("garden/pots"), Box::new(|i| i.category == "garden/pots"), Answer::Approx),
@@ -213,6 +223,12 @@ fn filters_include_descendants_and_return_nothing_outside() {
         }
     }
     assert!(s.search_embedding(&[1.0; DIM], &req(0, Filter::default(), None)).is_err());
+    // With the default planner an index this small is scanned, never approximated.
+    let small = Service::open(c.index_dir(), encoder(), SearchConfig::default()).unwrap();
+    let r = search(&small, "p0-v0-w0", &req(5, cat("clothing"), None));
+    assert_eq!(r.answered_by, Answer::Exact);
+    let approx = search(&s, "p0-v0-w0", &req(5, cat("clothing"), None));
+    assert_eq!(r.hits, approx.hits);
 }
 
 #[test]
@@ -221,8 +237,10 @@ fn group_by_returns_the_best_hit_of_each_group_best_first() {
     build::run(&c.config(), encoder().as_ref()).unwrap();
     let s = service(&c);
     let g = s.generation();
-    for (by, key) in [(GroupBy::Product, Box::new(|i: &Item| i.product.clone()) as Box<dyn Fn(&Item) -> String>),
-                      (GroupBy::Category, Box::new(|i: &Item| i.category.clone()))] {
+    for (by, key) in [
+        (GroupBy::Product, Box::new(|i: &Item| i.product.clone()) as Box<dyn Fn(&Item) -> String>),
+        (GroupBy::Category, Box::new(|i: &Item| i.category.clone())),
+    ] {
         for query in ["p1-v0-w1", "p22-v1-w0"] {
             let q = g.exact.vector(g.row_of(query).unwrap()).to_vec();
             // Reference: the best score per group over every item, in f64.
@@ -239,7 +257,8 @@ fn group_by_returns_the_best_hit_of_each_group_best_first() {
             want.sort_by(|a, b| b.0.total_cmp(&a.0));
             let k = 4;
             let r = search(&s, query, &req(k, Filter::default(), Some(by)));
-            let groups: Vec<String> = r.hits.iter().map(|h| key(c.items.iter().find(|i| i.id == h.id).unwrap())).collect();
+            let groups: Vec<String> =
+                r.hits.iter().map(|h| key(c.items.iter().find(|i| i.id == h.id).unwrap())).collect();
             assert_eq!(groups.iter().collect::<HashSet<_>>().len(), k, "one hit per group: {groups:?}");
             for (hit, (score, _)) in r.hits.iter().zip(&want) {
                 assert!((hit.score as f64 - score).abs() < 1e-5, "{by:?}: {} vs {score}", hit.score);
@@ -333,7 +352,7 @@ fn the_service_reloads_owning_generations_and_refuses_bad_ones() {
     build::run(&cfg, encoder().as_ref()).unwrap();
     let s = service(&c);
     let old = s.generation(); // a query in flight holds this
-    assert_eq!(s.reload().unwrap().changed, false);
+    assert!(!s.reload().unwrap().changed);
     c.items.retain(|i| i.id != "p0-v1-w1");
     c.write_manifest();
     build::run(&cfg, encoder().as_ref()).unwrap();
@@ -432,7 +451,8 @@ fn killing_a_run_at_any_moment_leaves_a_loadable_current() {
                 let _ = child.kill();
             }
             KillAt::After(d) => {
-                let drain = std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
+                let drain =
+                    std::thread::spawn(move || std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink()));
                 let start = Instant::now();
                 while start.elapsed() < *d && child.try_wait().unwrap().is_none() {
                     std::thread::sleep(Duration::from_millis(1));

@@ -160,7 +160,9 @@ fn read_items(cfg: &IndexConfig) -> Result<Vec<Item>> {
         }
     }
     if items.is_empty() {
-        return Err(Error::EmptyIndex { reason: format!("{} has no items in the chosen split", cfg.manifest.display()) });
+        return Err(Error::EmptyIndex {
+            reason: format!("{} has no items in the chosen split", cfg.manifest.display()),
+        });
     }
     Ok(items)
 }
@@ -292,7 +294,12 @@ pub fn verify_dir(dir: &Path, cfg: &VerifyConfig) -> Result<VerifyReport> {
 }
 
 /// Verifies generation `dir` of `root` and, if it passes, makes it live and cleans up.
-pub fn verify_and_switch(root: &IndexDir, dir: &Path, cfg: &VerifyConfig, keep: usize) -> Result<(VerifyReport, Vec<PathBuf>)> {
+pub fn verify_and_switch(
+    root: &IndexDir,
+    dir: &Path,
+    cfg: &VerifyConfig,
+    keep: usize,
+) -> Result<(VerifyReport, Vec<PathBuf>)> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     tracing::info!(generation = %name, "phase: verifying");
     let report = verify_dir(dir, cfg)?;
@@ -319,8 +326,7 @@ pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
     let image_root = manifest.parent().map(Path::to_path_buf).unwrap_or_default();
     tracing::info!(items = items.len(), manifest = %manifest.display(), "phase: embedding");
     let cache = EmbeddingCache::from_index(&root, encoder.digest(), encoder.dim());
-    let (records, embeddings, stats) =
-        embed_items(&items, &image_root, encoder, &cache, cfg.batch_size, &cfg.limits)?;
+    let (records, embeddings, stats) = embed_items(&items, &image_root, encoder, &cache, cfg.batch_size, &cfg.limits)?;
     tracing::info!(embedded = stats.embedded, reused = stats.reused, skipped = stats.skipped, "embeddings ready");
     if records.is_empty() {
         return Err(Error::EmptyIndex { reason: format!("none of the {} images could be read", items.len()) });

@@ -50,11 +50,11 @@ pub fn top_k(hits: impl Iterator<Item = Hit>, k: usize) -> Vec<Hit> {
     for h in hits {
         if heap.len() < k {
             heap.push(Worst(h));
-        } else if let Some(top) = heap.peek() {
-            if Hit::ranking(&h, &top.0) == Ordering::Less {
-                heap.pop();
-                heap.push(Worst(h));
-            }
+        } else if let Some(top) = heap.peek()
+            && Hit::ranking(&h, &top.0) == Ordering::Less
+        {
+            heap.pop();
+            heap.push(Worst(h));
         }
     }
     let mut out: Vec<Hit> = heap.into_iter().map(|w| w.0).collect();

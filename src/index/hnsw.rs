@@ -231,10 +231,10 @@ mod tests {
     fn filtered_search_returns_only_allowed_rows() {
         let data = random_unit_rows(400, 8, 6);
         let idx = HnswIndex::build(data.view(), &HnswParams::default(), &Progress::hidden()).unwrap();
-        let even = |r: u32| r % 2 == 0;
+        let even = |r: u32| r.is_multiple_of(2);
         let hits = idx.search(data.row(3).as_slice().unwrap(), 10, 64, Some(&even));
         assert!(!hits.is_empty());
-        assert!(hits.iter().all(|h| h.row % 2 == 0), "{hits:?}");
+        assert!(hits.iter().all(|h| h.row.is_multiple_of(2)), "{hits:?}");
     }
 
     #[test]

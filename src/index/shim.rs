@@ -15,7 +15,9 @@ pub type RgbImage = image::RgbImage;
 
 /// Decoding limits.
 #[derive(Debug, Clone, Default)]
-pub struct Limits;
+pub struct Limits {
+    _stand_in: (),
+}
 
 /// Decodes image bytes into RGB.
 pub fn decode(bytes: &[u8], _limits: &Limits) -> Result<RgbImage> {

@@ -162,7 +162,8 @@ fn write_embeddings(path: &Path, emb: &Array2<f32>) -> Result<()> {
     let bytes: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, emb.shape().to_vec(), &bytes)
         .map_err(|e| corrupt(path, e.to_string()))?;
-    safetensors::serialize_to_file([(EMBEDDINGS_TENSOR, view)], None, path).map_err(|e| corrupt(path, e.to_string()))?;
+    safetensors::serialize_to_file([(EMBEDDINGS_TENSOR, view)], None, path)
+        .map_err(|e| corrupt(path, e.to_string()))?;
     sync_file(path)
 }
 
@@ -180,7 +181,8 @@ pub fn write_generation(
     write_items(&dir.join(ITEMS), items)?;
     write_embeddings(&dir.join(EMBEDDINGS), embeddings)?;
     hnsw.dump(dir, GRAPH)?;
-    let names = [ITEMS.to_string(), EMBEDDINGS.to_string(), format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
+    let names =
+        [ITEMS.to_string(), EMBEDDINGS.to_string(), format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
     let infos: Vec<(String, FileInfo)> = names
         .par_iter()
         .map(|n| {
@@ -350,7 +352,8 @@ impl IndexDir {
     /// Takes the run lock (released when the file is dropped or the process dies).
     pub fn lock(&self) -> Result<File> {
         let path = self.root.join(LOCK);
-        let f = File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
+        let f =
+            File::options().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(&path, e))?;
         match f.try_lock() {
             Ok(()) => Ok(f),
             Err(fs::TryLockError::WouldBlock) => Err(Error::IndexLocked { path }),
@@ -390,10 +393,10 @@ impl IndexDir {
         let mut out = Vec::new();
         for entry in rd {
             let entry = entry.map_err(|e| Error::io(&self.root, e))?;
-            if let Some(n) = entry.file_name().to_str().and_then(parse_generation_name) {
-                if entry.path().is_dir() {
-                    out.push((n, entry.path()));
-                }
+            if let Some(n) = entry.file_name().to_str().and_then(parse_generation_name)
+                && entry.path().is_dir()
+            {
+                out.push((n, entry.path()));
             }
         }
         out.sort();

@@ -316,6 +316,7 @@ pub fn verify_and_switch(
 }
 
 /// The whole run (see the [module docs](super)).
+#[tracing::instrument(skip(cfg, encoder), fields(out = %cfg.out.display(), digest = %encoder.digest()))]
 pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
     cfg.validate()?;
     let root = IndexDir::new(&cfg.out);

@@ -144,6 +144,45 @@ pub(crate) mod testutil {
     use ndarray::Array2;
     use rand::SeedableRng;
 
+    use super::store::{EmbedStats, GenerationMeta, INDEX_FORMAT, ItemRecord, ModelInfo};
+    use crate::catalogue::{Item, Split};
+
+    /// Item `i`: category `a/b`, product `p{i/3}`.
+    pub fn item(i: usize) -> ItemRecord {
+        ItemRecord {
+            item: Item {
+                id: format!("item-{i}"),
+                image: format!("img/{i}.png"),
+                category: "a/b".into(),
+                product: format!("p{}", i / 3),
+                variation: "v".into(),
+                view: String::new(),
+                split: Split::Train,
+                role: None,
+            },
+            sha256: format!("{i:064x}"),
+        }
+    }
+
+    /// A `generation.json` for generation `n` (counts and files are filled in when written).
+    pub fn meta(n: u64) -> GenerationMeta {
+        GenerationMeta {
+            format: INDEX_FORMAT.into(),
+            generation: n,
+            created_unix: 0,
+            manifest: "m.jsonl".into(),
+            image_root: "/data".into(),
+            split: None,
+            model: ModelInfo { path: None, digest: "d".into(), dim: 8 },
+            count: 0,
+            dim: 0,
+            hnsw: super::HnswParams::default(),
+            ef_search: 64,
+            stats: EmbedStats::default(),
+            files: Default::default(),
+        }
+    }
+
     /// `n` random unit rows of width `dim` (Gaussian directions), seeded.
     pub fn random_unit_rows(n: usize, dim: usize, seed: u64) -> Array2<f32> {
         use rand::Rng;

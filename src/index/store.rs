@@ -451,42 +451,8 @@ impl IndexDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::index::testutil::random_unit_rows;
+    use crate::index::testutil::{item, meta, random_unit_rows};
     use crate::progress::Progress;
-
-    fn item(i: usize) -> ItemRecord {
-        ItemRecord {
-            item: Item {
-                id: format!("item-{i}"),
-                image: format!("img/{i}.png"),
-                category: "a/b".into(),
-                product: format!("p{}", i / 3),
-                variation: "v".into(),
-                view: String::new(),
-                split: Split::Train,
-                role: None,
-            },
-            sha256: format!("{i:064x}"),
-        }
-    }
-
-    fn meta(n: u64) -> GenerationMeta {
-        GenerationMeta {
-            format: INDEX_FORMAT.into(),
-            generation: n,
-            created_unix: 0,
-            manifest: "m.jsonl".into(),
-            image_root: "/data".into(),
-            split: None,
-            model: ModelInfo { path: None, digest: "d".into(), dim: 8 },
-            count: 0,
-            dim: 0,
-            hnsw: HnswParams::default(),
-            ef_search: 64,
-            stats: EmbedStats::default(),
-            files: BTreeMap::new(),
-        }
-    }
 
     pub(crate) fn write_gen(root: &IndexDir, count: usize) -> (u64, PathBuf) {
         let (n, dir) = root.create_next().unwrap();

@@ -187,3 +187,58 @@ pub fn verify(g: &Generation, cfg: &VerifyConfig) -> VerifyReport {
         min_recall: cfg.min_recall,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::hnsw::{HnswIndex, HnswParams};
+    use crate::index::store::write_generation;
+    use crate::index::testutil::{item, meta, random_unit_rows};
+    use crate::progress::Progress;
+
+    /// Writes a generation whose graph is built on `graph_data` but whose embeddings are `emb`.
+    fn generation(graph_data: &ndarray::Array2<f32>, emb: &ndarray::Array2<f32>) -> (tempfile::TempDir, Generation) {
+        let tmp = tempfile::tempdir().unwrap();
+        let items: Vec<_> = (0..emb.nrows()).map(item).collect();
+        let h = HnswIndex::build(graph_data.view(), &HnswParams::default(), &Progress::hidden()).unwrap();
+        write_generation(tmp.path(), meta(1), &items, emb, &h).unwrap();
+        let g = Generation::load(tmp.path()).unwrap();
+        (tmp, g)
+    }
+
+    #[test]
+    fn a_sound_generation_with_duplicates_passes() {
+        let mut data = random_unit_rows(300, 8, 11);
+        for r in [10, 20, 30] {
+            let first = data.row(0).to_owned();
+            data.row_mut(r).assign(&first); // four identical rows: 0, 10, 20, 30
+        }
+        let (_t, g) = generation(&data, &data);
+        let report = verify(&g, &VerifyConfig::default());
+        assert!(report.passed, "{report:?}");
+        assert_eq!(report.duplicate_items, 4);
+        assert_eq!(report.recall_queries, 300);
+        assert!(report.recall >= 0.98);
+    }
+
+    #[test]
+    fn items_the_graph_cannot_find_fail_the_check() {
+        let data = random_unit_rows(300, 8, 12);
+        // The graph holds other vectors for rows 5 and 6 than the generation's embeddings say.
+        let mut emb = data.clone();
+        let (r5, r6) = (data.row(5).to_owned(), data.row(6).to_owned());
+        emb.row_mut(5).assign(&r6);
+        emb.row_mut(6).assign(&r5);
+        let (_t, g) = generation(&data, &emb);
+        let report = verify(&g, &VerifyConfig::default());
+        assert!(!report.passed);
+        assert_eq!(report.self_unreachable + report.self_outranked, 2, "{report:?}");
+        assert!(report.self_miss_ids.contains(&"item-5".to_string()));
+        assert!(report.reason.unwrap().contains("do not find themselves"));
+        // A recall threshold above 1 can never be met.
+        let (_t, g) = generation(&data, &data);
+        let cfg = VerifyConfig { min_recall: 1.01, ..Default::default() };
+        let report = verify(&g, &cfg);
+        assert!(!report.passed && report.reason.unwrap().contains("recall@10"));
+    }
+}

@@ -109,6 +109,10 @@ pub trait AnnIndex: Send + Sync {
     fn answer(&self) -> Answer;
     /// The `k` rows most similar to the unit-norm `query`, best first, restricted to rows
     /// `filter` accepts. `ef` is the HNSW search breadth (ignored by exact search).
+    ///
+    /// With a filter, [`HnswIndex`] uses `hnsw_rs`'s filtered search, which is correct but
+    /// explores most of the graph (slower than a scan, see `benches/index.rs`); the query
+    /// planner post-filters an unfiltered search instead ([`query::approx_candidates`]).
     fn search(&self, query: &[f32], k: usize, ef: usize, filter: Option<RowFilter<'_>>) -> Vec<crate::index::Hit>;
     /// True when there are no rows.
     fn is_empty(&self) -> bool {

@@ -84,6 +84,10 @@ struct IndexArgs {
     /// HNSW search breadth used by verification and by `serve` unless a query asks otherwise.
     #[arg(long, default_value_t = 64)]
     ef_search: usize,
+    /// Verification may double `--ef-search` up to this to reach `--min-recall` (the breadth that
+    /// reached it is served); equal to `--ef-search` turns that off.
+    #[arg(long, default_value_t = 512)]
+    max_ef_search: usize,
     /// Generations to keep on disk (the live one is never deleted).
     #[arg(long, default_value_t = 3)]
     keep: usize,
@@ -165,9 +169,10 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     cfg.verify.min_recall = args.min_recall;
     cfg.verify.recall_sample = args.recall_sample;
     cfg.verify.max_self_misses = args.max_self_misses;
+    cfg.verify.max_ef = args.max_ef_search;
     let out = index::build::run(&cfg, encoder.as_ref())?;
     println!(
-        "{} is live in {}: {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4}",
+        "{} is live in {}: {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4} at ef {}",
         out.generation,
         args.out.display(),
         out.count,
@@ -175,7 +180,8 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         out.stats.reused,
         out.stats.skipped,
         out.report.recall_k,
-        out.report.recall
+        out.report.recall,
+        out.report.ef_search
     );
     Ok(())
 }

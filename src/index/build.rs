@@ -285,6 +285,15 @@ pub fn verify_dir(dir: &Path, cfg: &VerifyConfig) -> Result<VerifyReport> {
     let g = Generation::load(dir)
         .map_err(|e| Error::IndexVerification { generation: name.clone(), reason: format!("does not load: {e}") })?;
     let report = verify::verify(&g, cfg);
+    if report.passed && report.ef_search != g.meta.ef_search {
+        // Serve at the breadth that reached the recall threshold.
+        tracing::info!(
+            from = g.meta.ef_search,
+            to = report.ef_search,
+            "raised ef_search to reach the recall threshold"
+        );
+        store::write_meta(dir, &store::GenerationMeta { ef_search: report.ef_search, ..g.meta.clone() })?;
+    }
     let text = serde_json::to_string_pretty(&report).expect("report serialises");
     store::write_atomic(&dir.join(store::VERIFICATION), (text + "\n").as_bytes())?;
     match &report.reason {

@@ -26,9 +26,10 @@
 //!    the live generation (or the newest complete one); decode, preprocess and embed the rest in
 //!    batches. Removed items simply are not in the new generation;
 //! 3. build the HNSW graph; write `gen-<n>` (files, fsync, `generation.json`, fsync the dir);
-//! 4. load `gen-<n>` back from disk and verify it ([`verify`]): every item finds itself first
-//!    (exact duplicates may tie with each other), and recall@10 of HNSW against the exact scan
-//!    on a sample is at least the threshold;
+//! 4. load `gen-<n>` back from disk and verify it ([`verify`]): recall@10 of HNSW against the
+//!    exact scan on a sample is at least the threshold (widening `ef_search` up to a cap if
+//!    needed; the `ef` that passed is written back and served), and every item finds itself
+//!    first (exact duplicates may tie with each other);
 //! 5. only then replace `CURRENT` (temporary file, fsync, rename, fsync the directory) and
 //!    delete all but the `--keep` newest generations, never the live one.
 //!

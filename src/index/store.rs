@@ -195,9 +195,14 @@ pub fn write_generation(
     meta.count = items.len();
     meta.dim = embeddings.ncols();
     sync_dir(dir)?;
-    let text = serde_json::to_string_pretty(&meta).expect("GenerationMeta serialises");
-    write_atomic(&dir.join(META), (text + "\n").as_bytes())?;
+    write_meta(dir, &meta)?;
     Ok(meta)
+}
+
+/// Writes `generation.json` of `dir` atomically (the commit marker of a generation).
+pub fn write_meta(dir: &Path, meta: &GenerationMeta) -> Result<()> {
+    let text = serde_json::to_string_pretty(meta).expect("GenerationMeta serialises");
+    write_atomic(&dir.join(META), (text + "\n").as_bytes())
 }
 
 /// Reads `generation.json` of `dir` (no file checks).

@@ -14,14 +14,24 @@
 //! filtered afterwards ([`approx_candidates`]); an answer that comes back short is replaced by
 //! the exact one.
 //!
-//! Why these numbers (`benches/index.rs`, 20 000 clustered 128-d vectors, `bench/results/`):
-//! an exact scan costs ~0.15 µs per allowed row; HNSW at ef 64 ~0.6 ms and at ef 200 ~1.8 ms.
-//! `hnsw_rs`'s own filtered search (`search_filter`) does not stop early once a filter is given
-//! and explores most of the graph: 12–70 ms per query at 20 000 rows, far worse than either, so
-//! we do not use it. Post-filtering needs `2k / f` candidates, which grows as the filter gets
-//! more selective: at `f` = 10% it fetches 200 rows (~1.8 ms, recall@10 0.98), below that its
-//! cost and short answers grow while an exact scan of `f · n` rows stays cheap — for 1M rows at
-//! `f` < 10% at most 100 000 dot products, a few milliseconds, and exact.
+//! Why these numbers (`benches/index.rs` on clustered 128-d vectors, one thread, a shared 2-core
+//! machine; `bench/results/index-20000.json`, `index-1000000.json`):
+//!
+//! | rows | exact, all rows | exact, 10% of rows | HNSW ef 64 (recall@10) | HNSW ef 256 |
+//! |---|---|---|---|---|
+//! | 20 000 | 0.23 ms | 0.30 ms | 0.53 ms (1.00) | 1.8 ms |
+//! | 1 000 000 | 20 ms | 16 ms | 0.72 ms (0.85) | 1.6 ms (0.98) |
+//!
+//! A contiguous scan runs at memory bandwidth (~0.02 µs a row); a scan of scattered allowed rows
+//! is latency-bound (~0.16 µs a row). Up to a few tens of thousands of rows a scan beats HNSW
+//! outright, hence `exact_below_rows`. `hnsw_rs`'s own filtered search (`search_filter`) does not
+//! stop early once a filter is given and explores most of the graph — 43–65 ms at 20 000 rows,
+//! 134 ms (10% allowed) to 900 ms (1%) at 1M — so we never use it. Post-filtering an unfiltered
+//! search needs `2k / f` candidates: at 1M it takes 1.8 ms at `f` = 10% (and keeps the recall of
+//! its `ef`), 2.5 ms at 5%, 10 ms at 1% with short answers starting to appear, while the exact
+//! scan of the allowed rows costs 16 ms, 9 ms and 2 ms. Below 10% we take the scan: it is exact,
+//! it never comes back short, and its worst case at 1M (16 ms) is bounded; at 10% and above the
+//! post-filtered HNSW search is 5–50× cheaper than the scan.
 //!
 //! # Grouping
 //!

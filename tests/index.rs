@@ -395,18 +395,22 @@ fn index_cmd(c: &Catalogue) -> Command {
 #[test]
 fn the_binary_reports_distinct_exit_codes() {
     let c = Catalogue::new(2);
-    let code = |cmd: &mut Command| cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().unwrap().code();
-    assert_eq!(code(&mut index_cmd(&c)), Some(0));
-    assert_eq!(code(index_cmd(&c).args(["--min-recall", "1.01"])), Some(3));
+    // Runs the command and checks its exit code, showing its log when it differs.
+    let expect = |cmd: &mut Command, want: i32| {
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(want), "{cmd:?}\n{}", String::from_utf8_lossy(&out.stderr));
+    };
+    expect(&mut index_cmd(&c), 0);
+    expect(index_cmd(&c).args(["--min-recall", "1.01"]), 3);
     let root = IndexDir::new(c.index_dir());
     let lock = root.lock().unwrap();
-    assert_eq!(code(&mut index_cmd(&c)), Some(4));
+    expect(&mut index_cmd(&c), 4);
     drop(lock);
-    assert_eq!(code(index_cmd(&c).args(["--m", "1000"])), Some(2));
+    expect(index_cmd(&c).args(["--m", "1000"]), 2);
     let mut missing = hiercon();
     missing.args(["index", "--test-encoder", "8", "--manifest", "/nonexistent/m.jsonl", "--out"]).arg(c.index_dir());
-    assert_eq!(code(&mut missing), Some(2));
-    assert_eq!(code(hiercon().args(["index", "--bogus"])), Some(2));
+    expect(&mut missing, 2);
+    expect(hiercon().args(["index", "--bogus"]), 2);
     assert_eq!(root.load_current().unwrap().name(), "gen-1");
 }
 

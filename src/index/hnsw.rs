@@ -65,6 +65,8 @@ impl HnswParams {
 
 /// Layers `hnsw_rs` may use (its maximum).
 const MAX_LAYER: usize = 16;
+/// Rows inserted serially before parallel insertion starts (see [`HnswIndex::build`]).
+const SERIAL_PREFIX: usize = 64;
 /// Rows per insertion chunk (progress granularity; large enough to keep rayon busy).
 const INSERT_CHUNK: usize = 8192;
 
@@ -101,7 +103,15 @@ impl HnswIndex {
             let mut g = Graph::new(params.m, len.max(1), MAX_LAYER, params.ef_construction, CosineDistance);
             let rows: Vec<(&[f32], usize)> =
                 data.outer_iter().enumerate().map(|(i, r)| (r.to_slice().expect("standard layout"), i)).collect();
-            for chunk in rows.chunks(INSERT_CHUNK) {
+            // The first rows go in one at a time: hnsw_rs sets the entry point without a lock
+            // held across the check, so two threads inserting into an empty graph can each
+            // take it and one of their points is left without links, unreachable.
+            let serial = rows.len().min(SERIAL_PREFIX);
+            for &row in &rows[..serial] {
+                g.insert_slice(row);
+            }
+            progress.inc(serial as u64);
+            for chunk in rows[serial..].chunks(INSERT_CHUNK) {
                 g.parallel_insert_slice(&chunk.to_vec());
                 progress.inc(chunk.len() as u64);
             }

@@ -492,3 +492,25 @@ fn killing_a_run_at_any_moment_leaves_a_loadable_current() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn unreadable_images_are_skipped_and_counted() {
+    let mut c = Catalogue::new(2);
+    std::fs::write(c.image_path("p1-v0-w0"), b"\x89PNG but not really").unwrap();
+    std::fs::remove_file(c.image_path("p2-v1-w1")).unwrap();
+    let out = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(out.stats.skipped, 2);
+    assert_eq!(out.count, c.items.len() - 2);
+    assert_eq!(out.stats.embedded + out.stats.reused + out.stats.skipped, c.items.len());
+    let s = service(&c);
+    assert!(s.item("p1-v0-w0").is_none() && s.item("p2-v1-w1").is_none());
+    // A catalogue with no readable image at all is bad input (exit code 2), not an empty index.
+    for it in &c.items {
+        let _ = std::fs::remove_file(c.dir.path().join(&it.image));
+    }
+    c.items.truncate(3);
+    c.write_manifest();
+    let err = build::run(&c.config(), encoder().as_ref()).unwrap_err();
+    assert_eq!(index::exit_code(&err), index::exit::BAD_INPUT, "{err}");
+    assert_eq!(IndexDir::new(c.index_dir()).load_current().unwrap().name(), "gen-1");
+}

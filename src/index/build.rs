@@ -237,6 +237,11 @@ pub fn embed_items(
                 return Err(Error::WrongVectorDimension { expected: dim, received: emb.ncols() });
             }
             for ((h, _), row) in batch.iter().zip(emb.rows()) {
+                // A NaN or all-zero embedding would corrupt the graph's distances: leave it out.
+                if row.iter().any(|v| !v.is_finite()) || row.iter().all(|v| *v == 0.0) {
+                    failed.insert(h.to_string(), "the model's embedding is not finite or is zero".into());
+                    continue;
+                }
                 fresh_rows.insert(h.to_string(), fresh.len() / dim);
                 fresh.extend(row.iter());
                 stats.embedded += 1;

@@ -41,6 +41,17 @@ pub enum Error {
     // --- catalogue ------------------------------------------------------------------------------
 
     // --- image ----------------------------------------------------------------------------------
+    #[error("unsupported image format {format}: PNG, JPEG and WebP are accepted")]
+    UnsupportedImageFormat { format: String },
+
+    #[error("image could not be decoded: {reason}")]
+    ImageDecode { reason: String },
+
+    #[error("image is {bytes} bytes, over the limit of {limit} bytes")]
+    ImageTooLarge { bytes: u64, limit: u64 },
+
+    #[error("image is {width}x{height}, over the limit of {limit}")]
+    ImageTooManyPixels { width: u32, height: u32, limit: crate::image::PixelLimit },
 
     // --- graph ----------------------------------------------------------------------------------
 

@@ -39,6 +39,27 @@ pub enum Error {
     Ort { context: String, message: String },
 
     // --- catalogue ------------------------------------------------------------------------------
+    /// A manifest (JSON Lines) with problems; every problem names its line and field.
+    #[error("manifest {path}: {}", crate::catalogue::manifest::describe_issues(.issues))]
+    Manifest { path: PathBuf, issues: Vec<crate::catalogue::manifest::LineIssue> },
+
+    /// A source CSV (`hiercon data folder`) with bad rows; every problem names its line and column.
+    #[error("CSV {path}: {}", crate::catalogue::manifest::describe_issues(.issues))]
+    CsvRows { path: PathBuf, issues: Vec<crate::catalogue::manifest::LineIssue> },
+
+    /// An IDX file (Fashion-MNIST) that is not what it should be.
+    #[error("{path}: not a valid IDX file: {problem}")]
+    Idx { path: PathBuf, problem: String },
+
+    #[error("{images} holds {n_images} images but {labels} holds {n_labels} labels")]
+    IdxMismatch { images: PathBuf, n_images: usize, labels: PathBuf, n_labels: usize },
+
+    /// A source's metadata file that cannot be used (bad JSON, missing package, no images).
+    #[error("{path}: {problem}")]
+    SourceFormat { path: PathBuf, problem: String },
+
+    #[error("could not write image {path}: {reason}")]
+    ImageWrite { path: PathBuf, reason: String },
 
     // --- image ----------------------------------------------------------------------------------
     #[error("unsupported image format {format}: PNG, JPEG and WebP are accepted")]

@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use hiercon::catalogue::Split;
+use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
+use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
 use hiercon::encoder::{Encoder, OrtEncoder, TestEncoder};
 use hiercon::index::{self, IndexConfig};
 use hiercon::runtime::{self, Device, RuntimeOptions};
@@ -56,7 +57,76 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
-struct DataArgs {}
+struct DataArgs {
+    #[command(subcommand)]
+    source: DataSource,
+}
+
+#[derive(Subcommand, Debug)]
+enum DataSource {
+    /// Emoji from the emoji-datasource packages (`make fetch-emoji`): category / subcategory /
+    /// emoji / skin tone; Twitter's drawings are the queries, Google's the gallery.
+    Emoji {
+        /// Folder holding the unpacked emoji-datasource, -google and -twitter packages.
+        #[arg(long, default_value = ".cache/npm")]
+        packages: PathBuf,
+        /// Output catalogue folder (images/, manifest.jsonl, ATTRIBUTION.md).
+        #[arg(long, default_value = "data/emoji")]
+        out: PathBuf,
+        #[command(flatten)]
+        split: SplitArgs,
+    },
+    /// Fashion-MNIST from its IDX files: group / class; every image is its own product.
+    FashionMnist {
+        /// Folder with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-*.
+        #[arg(long)]
+        source: PathBuf,
+        /// Output catalogue folder.
+        #[arg(long, default_value = "data/fashion-mnist")]
+        out: PathBuf,
+        /// `official`: the dataset's 60,000 / 10,000 train/test split; `hashed`: the hashed
+        /// per-class split drawn by --seed / --unseen-fraction / --unseen-by.
+        #[arg(long, default_value = "official", value_parser = ["official", "hashed"])]
+        split: String,
+        #[command(flatten)]
+        split_args: SplitArgs,
+    },
+    /// Any images plus a CSV with the header image,category,product,variation[,view,role]
+    /// (image paths relative to the CSV).
+    Folder {
+        #[arg(long)]
+        csv: PathBuf,
+        /// Output catalogue folder (the images are copied under images/).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        split: SplitArgs,
+    },
+}
+
+/// The seen/unseen split.
+#[derive(Args, Debug, Clone)]
+struct SplitArgs {
+    /// Seed of the stable hash that picks the unseen products.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Share of products (or of leaf categories) held out as unseen (`test`).
+    #[arg(long, default_value_t = 0.25)]
+    unseen_fraction: f64,
+    /// What is held out: `product` (a share of every leaf category's products) or `category`
+    /// (whole leaf categories).
+    #[arg(long, default_value = "product")]
+    unseen_by: UnseenBy,
+}
+
+impl From<SplitArgs> for SplitOptions {
+    fn from(a: SplitArgs) -> Self {
+        SplitOptions { seed: a.seed, unseen_fraction: a.unseen_fraction, unseen_by: a.unseen_by }
+    }
+}
+
+/// The demo catalogue `hiercon demo` summarises.
+const DEMO_MANIFEST: &str = "data/emoji/manifest.jsonl";
 
 #[derive(Args, Debug)]
 struct IndexArgs {
@@ -144,12 +214,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("device {}: available", rt_opts.device);
             Ok(())
         }
-        Command::Data(_) => anyhow::bail!("`hiercon data` is being built (issue 2)"),
+        Command::Data(args) => data(args.source),
         Command::Train | Command::ExportLoss => anyhow::bail!("not built yet: see issue 4"),
         Command::Index(args) => run_index(args, &rt_opts),
         Command::Serve => anyhow::bail!("not built yet: see issue 6"),
         Command::Eval => anyhow::bail!("not built yet: see issue 7"),
-        Command::Demo => anyhow::bail!("not built yet: see issue 6"),
+        Command::Demo => demo(),
     }
 }
 
@@ -183,5 +253,36 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         out.report.recall,
         out.report.ef_search
     );
+    Ok(())
+}
+
+/// `hiercon data ...`: import a source and print its summary.
+fn data(source: DataSource) -> Result<()> {
+    let manifest = match source {
+        DataSource::Emoji { packages, out, split } => emoji::import(&packages, &out, &split.into())
+            .with_context(|| format!("importing emoji from {} (run `make fetch-emoji`)", packages.display()))?,
+        DataSource::FashionMnist { source, out, split, split_args } => {
+            let split = match split.as_str() {
+                "hashed" => fashion_mnist::FashionSplit::Hashed(split_args.into()),
+                _ => fashion_mnist::FashionSplit::Official,
+            };
+            fashion_mnist::import(&source, &out, &split)
+                .with_context(|| format!("importing Fashion-MNIST from {}", source.display()))?
+        }
+        DataSource::Folder { csv, out, split } => folder::import(&csv, &out, &split.into())
+            .with_context(|| format!("importing images listed in {}", csv.display()))?,
+    };
+    println!("{}\n{}", manifest.dir.join(hiercon::catalogue::MANIFEST_FILE).display(), manifest.summary());
+    Ok(())
+}
+
+/// `hiercon demo` (until issue 6 builds it): summarise the demo catalogue.
+fn demo() -> Result<()> {
+    let path = PathBuf::from(DEMO_MANIFEST);
+    if !path.is_file() {
+        anyhow::bail!("{DEMO_MANIFEST} not found: run `make data` (or `make demo`) in the repository first");
+    }
+    let manifest = Manifest::read(&path)?;
+    println!("{DEMO_MANIFEST}\n{}", manifest.summary());
     Ok(())
 }

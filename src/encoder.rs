@@ -22,7 +22,7 @@ use rand::SeedableRng;
 use rand_distr_free::standard_normal;
 use serde::{Deserialize, Serialize};
 
-use crate::index::shim::Preprocess;
+use crate::image::Preprocess;
 use crate::runtime::{self, RuntimeOptions};
 use crate::{Error, Result};
 

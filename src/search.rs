@@ -16,7 +16,7 @@ use crate::encoder::Encoder;
 pub use crate::index::Answer;
 pub use crate::index::filter::{Filter, GroupBy};
 use crate::index::query::QueryConfig;
-use crate::index::shim::{self, Limits};
+use crate::image::{self as img, Limits};
 use crate::index::store::{Generation, IndexDir, ItemRecord};
 use crate::{Error, Result};
 
@@ -193,8 +193,8 @@ impl Service {
     /// Decodes, preprocesses and embeds one image.
     #[instrument(skip(self, image), fields(bytes = image.len()))]
     pub fn embed_image(&self, image: &[u8]) -> Result<Vec<f32>> {
-        let img = shim::decode(image, &self.config.limits)?;
-        let t = shim::to_tensor(&img, self.encoder.preprocess());
+        let decoded = img::decode(image, &self.config.limits)?;
+        let t = img::to_tensor(&decoded, self.encoder.preprocess());
         let batch = t.insert_axis(ndarray::Axis(0));
         let emb = self.encoder.embed(batch.view())?;
         Ok(emb.row(0).to_vec())

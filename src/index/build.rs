@@ -9,11 +9,11 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::hnsw::{HnswIndex, HnswParams};
-use super::shim::{self, Limits};
 use super::store::{self, EmbedStats, Generation, GenerationMeta, IndexDir, ItemRecord, ModelInfo};
 use super::verify::{self, VerifyConfig, VerifyReport};
-use crate::catalogue::{Item, Split};
+use crate::catalogue::{Item, Manifest, ReadOptions, Split};
 use crate::encoder::Encoder;
+use crate::image::{self as img, Limits};
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -148,7 +148,9 @@ impl EmbeddingCache {
 
 /// Reads and filters the manifest; duplicate ids are bad input.
 fn read_items(cfg: &IndexConfig) -> Result<Vec<Item>> {
-    let items = shim::read_manifest(&cfg.manifest)?;
+    // Missing images are skipped and counted while embedding, so a nightly run is not stopped
+    // by one deleted file; malformed lines still fail the run.
+    let items = Manifest::read_with(&cfg.manifest, &ReadOptions { check_images: false })?.items;
     let items: Vec<Item> = items.into_iter().filter(|it| cfg.split.is_none_or(|s| it.split == s)).collect();
     let mut seen = HashSet::new();
     for it in &items {
@@ -217,7 +219,7 @@ pub fn embed_items(
         let decoded: Vec<(&str, std::result::Result<ndarray::Array3<f32>, String>)> = pending
             .par_iter()
             .map(|(h, bytes)| {
-                let t = shim::decode(bytes, limits).map(|img| shim::to_tensor(&img, encoder.preprocess()));
+                let t = img::decode(bytes, limits).map(|decoded| img::to_tensor(&decoded, encoder.preprocess()));
                 (*h, t.map_err(|e| e.to_string()))
             })
             .collect();
@@ -232,7 +234,7 @@ pub fn embed_items(
         }
         for batch in ok.chunks(batch_size) {
             let tensors: Vec<ndarray::Array3<f32>> = batch.iter().map(|(_, t)| t.clone()).collect();
-            let emb = encoder.embed(shim::stack(&tensors).view())?;
+            let emb = encoder.embed(img::stack(&tensors).view())?;
             if emb.shape() != [batch.len(), dim] {
                 return Err(Error::WrongVectorDimension { expected: dim, received: emb.ncols() });
             }

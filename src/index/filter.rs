@@ -199,6 +199,21 @@ mod tests {
     }
 
     #[test]
+    fn category_filter_agrees_with_the_taxonomy_definition() {
+        let cats = ["a", "a/b", "a/b/c", "a/bc", "a/bc/d", "b", "b/a", "ab/c"];
+        let items: Vec<_> =
+            cats.iter().enumerate().map(|(i, c)| rec(&i.to_string(), c, "p", "v", Split::Train)).collect();
+        let l = Labels::new(&items);
+        for filter in cats.iter().chain(&["a/", "c", "a/b/c/d"]) {
+            let want: Vec<u32> = (0..cats.len() as u32)
+                .filter(|&r| crate::catalogue::path_matches(&normalize_category(filter), cats[r as usize]))
+                .collect();
+            let f = Filter { category: Some(filter.to_string()), ..Default::default() };
+            assert_eq!(rows(l.allowed(&f)), want, "{filter}");
+        }
+    }
+
+    #[test]
     fn filter_json_rejects_unknown_fields() {
         let f: Filter = serde_json::from_str(r#"{"category":"a/b","split":"test"}"#).unwrap();
         assert_eq!(f.split, Some(Split::Test));

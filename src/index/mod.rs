@@ -54,7 +54,6 @@ pub mod exact;
 pub mod filter;
 pub mod hnsw;
 pub mod query;
-pub mod shim;
 pub mod store;
 pub mod verify;
 
@@ -136,7 +135,8 @@ pub fn exit_code(err: &Error) -> u8 {
         Error::InvalidArgument { .. }
         | Error::ModelMeta { .. }
         | Error::WrongVectorDimension { .. }
-        | Error::EmptyIndex { .. } => exit::BAD_INPUT,
+        | Error::EmptyIndex { .. }
+        | Error::Manifest { .. } => exit::BAD_INPUT,
         Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => exit::BAD_INPUT,
         Error::IndexVerification { .. } => exit::VERIFICATION_FAILED,
         Error::IndexLocked { .. } => exit::LOCKED,

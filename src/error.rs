@@ -115,6 +115,32 @@ pub enum Error {
 
 
     // --- index / search -------------------------------------------------------------------------
+    #[error("{path}: model description: {reason}")]
+    ModelMeta { path: PathBuf, reason: String },
+
+    #[error("wrong vector dimension: expected {expected}, got {received}")]
+    WrongVectorDimension { expected: usize, received: usize },
+
+    #[error(
+        "generation {generation} was built with model digest {generation_digest}, but the encoder has \
+         {encoder_digest}; serve it with the model it was built with"
+    )]
+    ModelMismatch { generation: String, generation_digest: String, encoder_digest: String },
+
+    #[error("index {path}: {reason}")]
+    IndexCorrupt { path: PathBuf, reason: String },
+
+    #[error("index {path} has no live generation (no CURRENT): run `hiercon index` first")]
+    NoLiveGeneration { path: PathBuf },
+
+    #[error("another `hiercon index` run holds {path}; try again when it has finished")]
+    IndexLocked { path: PathBuf },
+
+    #[error("generation {generation} failed verification, CURRENT left unchanged: {reason}")]
+    IndexVerification { generation: String, reason: String },
+
+    #[error("nothing to index: {reason}")]
+    EmptyIndex { reason: String },
 
     // --- eval / http ----------------------------------------------------------------------------
 }

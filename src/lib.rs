@@ -7,6 +7,7 @@
 //! by [`graph`]) and for serving. `ARCHITECTURE.md` walks the data flow module by module.
 
 pub mod catalogue;
+pub mod encoder;
 pub mod error;
 pub mod eval;
 pub mod graph;
@@ -17,6 +18,7 @@ pub mod loss;
 pub mod model;
 pub mod progress;
 pub mod runtime;
+pub mod search;
 pub mod train;
 
 pub use error::{Error, Result};

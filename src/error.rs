@@ -95,7 +95,6 @@ pub enum Error {
     #[error("graph: input `{name}`: {reason}")]
     GraphFeed { name: String, reason: String },
 
-
     // --- model / loss / train -------------------------------------------------------------------
     /// A loss input does not have the length its shape implies.
     #[error("loss input `{what}` has {found} values, expected {expected}")]
@@ -112,7 +111,6 @@ pub enum Error {
     /// A saved sampler state does not belong to the labels or the sampler it is resumed with.
     #[error("batch sampler state cannot be resumed: {reason}")]
     SamplerState { reason: String },
-
 
     // --- index / search -------------------------------------------------------------------------
     #[error("{path}: model description: {reason}")]
@@ -141,7 +139,6 @@ pub enum Error {
 
     #[error("nothing to index: {reason}")]
     EmptyIndex { reason: String },
-
     // --- eval / http ----------------------------------------------------------------------------
 }
 

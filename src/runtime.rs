@@ -132,7 +132,8 @@ fn library_version(path: &Path) -> Result<String> {
     let lib = unsafe { libloading::Library::new(path) }.map_err(|e| fail(e.to_string()))?;
     // SAFETY: `OrtGetApiBase` has this signature in every ONNX Runtime release.
     let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const ort::sys::OrtApiBase> =
-        unsafe { lib.get(b"OrtGetApiBase") }.map_err(|_| fail("does not export OrtGetApiBase: not an ONNX Runtime library".into()))?;
+        unsafe { lib.get(b"OrtGetApiBase") }
+            .map_err(|_| fail("does not export OrtGetApiBase: not an ONNX Runtime library".into()))?;
     // SAFETY: the API base is a static struct inside the library; the version string is a static C string.
     let version = unsafe {
         let base = get_base();
@@ -197,9 +198,10 @@ fn register_cuda(mut b: SessionBuilder) -> Result<SessionBuilder> {
 fn register_cuda(_b: SessionBuilder) -> Result<SessionBuilder> {
     Err(Error::ProviderUnavailable {
         provider: "cuda",
-        reason: "this hiercon was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` \
+        reason:
+            "this hiercon was built without the `cuda` feature; rebuild with `cargo build --release --features cuda` \
                  and fetch the GPU library with `make ort-gpu`"
-            .into(),
+                .into(),
     })
 }
 

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
 use crate::encoder::Encoder;
+use crate::image::{self as img, Limits};
 pub use crate::index::Answer;
 pub use crate::index::filter::{Filter, GroupBy};
 use crate::index::query::QueryConfig;
-use crate::image::{self as img, Limits};
 use crate::index::store::{Generation, IndexDir, ItemRecord};
 use crate::{Error, Result};
 

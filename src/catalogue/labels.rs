@@ -165,19 +165,9 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     use super::*;
-    use crate::catalogue::Split;
 
     fn item(id: &str, category: &str, product: &str, variation: &str) -> Item {
-        Item {
-            id: id.into(),
-            image: format!("{id}.png"),
-            category: category.into(),
-            product: product.into(),
-            variation: variation.into(),
-            view: String::new(),
-            split: Split::Train,
-            role: None,
-        }
+        Item::new(id, category, product, variation)
     }
 
     fn catalogue() -> Vec<Item> {

@@ -72,6 +72,23 @@ pub struct Item {
     pub role: Option<Role>,
 }
 
+impl Item {
+    /// An item at `category/product/variation` whose image is `<id>.png`, in the train split,
+    /// with no view and no role (set the other fields with struct update syntax).
+    pub fn new(id: &str, category: &str, product: &str, variation: &str) -> Item {
+        Item {
+            id: id.into(),
+            image: format!("{id}.png"),
+            category: category.into(),
+            product: product.into(),
+            variation: variation.into(),
+            view: String::new(),
+            split: Split::Train,
+            role: None,
+        }
+    }
+}
+
 /// What is wrong with one field of one manifest line (or CSV row).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Problem {

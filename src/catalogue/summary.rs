@@ -130,14 +130,10 @@ mod tests {
 
     fn item(id: &str, category: &str, product: &str, variation: &str, view: &str, split: Split) -> Item {
         Item {
-            id: id.into(),
-            image: format!("{id}.png"),
-            category: category.into(),
-            product: product.into(),
-            variation: variation.into(),
             view: view.into(),
             split,
             role: if view == "q" { Some(Role::Query) } else { None },
+            ..Item::new(id, category, product, variation)
         }
     }
 

@@ -46,10 +46,13 @@ pub fn from_f64(dtype: DType, shape: &[usize], v: Vec<f64>) -> Tensor {
     }
 }
 
-/// The venv Python named by `HIERCON_PYTHON` (set by `make test`).
+/// The venv Python named by `HIERCON_PYTHON` (set by `make test`), else the one `make pyenv`
+/// leaves in this source tree's `.cache/venv`.
 pub fn python() -> PathBuf {
+    let vendored = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python");
     match std::env::var_os("HIERCON_PYTHON").filter(|p| !p.is_empty()) {
         Some(p) => PathBuf::from(p),
+        None if vendored.is_file() => vendored,
         None => panic!(
             "HIERCON_PYTHON is not set: run `make pyenv` and then the tests through `make test` (or set \
              HIERCON_PYTHON=.cache/venv/bin/python)"

@@ -195,17 +195,11 @@ fn luma(t: &Array3<f32>) -> ndarray::Array2<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ::image::Rgb;
+    use crate::image::test_images::noise;
     use rand::SeedableRng;
 
     use crate::image::to_tensor;
 
-    fn noise(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| {
-            let v = (x * 73 + y * 151 + x * y * 7) % 256;
-            Rgb([v as u8, ((v * 5 + 17) % 256) as u8, ((v * 11 + 101) % 256) as u8])
-        })
-    }
 
     fn rng(seed: u64) -> ChaCha8Rng {
         ChaCha8Rng::seed_from_u64(seed)

@@ -17,3 +17,17 @@ pub use preprocess::{
     FILTER, IMAGENET_MEAN, IMAGENET_STD, Preprocess, batch_from_bytes, batch_from_files, stack, tensor_from_bytes,
     to_tensor,
 };
+
+#[cfg(test)]
+mod test_images {
+    //! Fixtures shared by the image tests.
+    use ::image::{Rgb, RgbImage};
+
+    /// Deterministic pseudo-random RGB values (no RNG needed).
+    pub fn noise(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let v = (x * 73 + y * 151 + x * y * 7) % 256;
+            Rgb([v as u8, ((v * 5 + 17) % 256) as u8, ((v * 11 + 101) % 256) as u8])
+        })
+    }
+}

@@ -155,15 +155,9 @@ pub fn stack(tensors: &[Array3<f32>]) -> Array4<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::test_images::noise;
     use ::image::{DynamicImage, ImageFormat, Rgb};
 
-    /// Deterministic pseudo-random RGB values (no RNG needed).
-    fn noise(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| {
-            let v = (x * 73 + y * 151 + x * y * 7) % 256;
-            Rgb([v as u8, ((v * 5 + 17) % 256) as u8, ((v * 11 + 101) % 256) as u8])
-        })
-    }
 
     /// f64 reference: crop at (left, top), x/255, (x - mean)/std, CHW.
     fn reference(img: &RgbImage, left: u32, top: u32, size: u32, p: &Preprocess) -> Vec<f64> {

@@ -151,16 +151,7 @@ mod tests {
 
     pub(crate) fn rec(id: &str, category: &str, product: &str, variation: &str, split: Split) -> ItemRecord {
         ItemRecord {
-            item: Item {
-                id: id.into(),
-                image: format!("{id}.png"),
-                category: category.into(),
-                product: product.into(),
-                variation: variation.into(),
-                view: String::new(),
-                split,
-                role: None,
-            },
+            item: Item { split, ..Item::new(id, category, product, variation) },
             sha256: String::new(),
         }
     }

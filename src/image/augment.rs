@@ -200,7 +200,6 @@ mod tests {
 
     use crate::image::to_tensor;
 
-
     fn rng(seed: u64) -> ChaCha8Rng {
         ChaCha8Rng::seed_from_u64(seed)
     }

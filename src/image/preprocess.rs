@@ -158,7 +158,6 @@ mod tests {
     use crate::image::test_images::noise;
     use ::image::{DynamicImage, ImageFormat, Rgb};
 
-
     /// f64 reference: crop at (left, top), x/255, (x - mean)/std, CHW.
     fn reference(img: &RgbImage, left: u32, top: u32, size: u32, p: &Preprocess) -> Vec<f64> {
         let mut out = Vec::new();

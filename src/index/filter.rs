@@ -150,10 +150,7 @@ mod tests {
     use crate::catalogue::Item;
 
     pub(crate) fn rec(id: &str, category: &str, product: &str, variation: &str, split: Split) -> ItemRecord {
-        ItemRecord {
-            item: Item { split, ..Item::new(id, category, product, variation) },
-            sha256: String::new(),
-        }
+        ItemRecord { item: Item { split, ..Item::new(id, category, product, variation) }, sha256: String::new() }
     }
 
     fn rows(a: Allowed) -> Vec<u32> {

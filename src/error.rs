@@ -26,6 +26,10 @@ pub enum Error {
     )]
     OrtNotFound { searched: String, expected: &'static str },
 
+    /// A later call after loading failed once: `reason` is the first failure's message.
+    #[error("{reason}")]
+    OrtUnavailable { reason: String },
+
     #[error("ONNX Runtime library at {path} could not be loaded: {reason}")]
     OrtLoad { path: PathBuf, reason: String },
 

@@ -99,7 +99,8 @@ pub fn locate_library() -> Result<PathBuf> {
 /// Loads the library (once per process) and returns it. Later calls return the same runtime.
 pub fn init() -> Result<&'static Runtime> {
     let loaded = RUNTIME.get_or_init(|| load().map_err(|e| e.to_string()));
-    loaded.as_ref().map_err(|msg| Error::OrtLoad { path: PathBuf::from("(see message)"), reason: msg.clone() })
+    // The first failure is kept as text (`Error` is not `Clone`) and repeated word for word.
+    loaded.as_ref().map_err(|msg| Error::OrtUnavailable { reason: msg.clone() })
 }
 
 fn load() -> Result<Runtime> {

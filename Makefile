@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv bench clean-data help
+        pyenv bench bench-torch clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -28,6 +28,7 @@ help:
 	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
 	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
 	@echo "make bench  - criterion benchmarks; results in bench/results"
+	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
 ort: $(ORT_LIB)
@@ -114,3 +115,16 @@ bench: ort pyenv
 	$(MAKE) --no-print-directory data PROFILE=release
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) bench --locked
+
+# PyTorch eager twin of the resnet-mini step (bench/torch_step.py), in its own venv (torch from
+# PyPI, a large download): benches/train_step.rs reads bench/results/torch_step.json for torch_ratio.
+TORCH_VENV := bench/venv
+$(TORCH_VENV)/.ok:
+	python3 -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install --quiet torch numpy
+	touch $@
+
+bench-torch: $(TORCH_VENV)/.ok
+	mkdir -p bench/results
+	$(TORCH_VENV)/bin/python bench/torch_step.py --images 64 --size 64 > bench/results/torch_step.json
+	cat bench/results/torch_step.json

@@ -27,14 +27,17 @@ const RUN_MODEL: &str = r#"
 import json, sys
 import numpy as np, onnx, onnxruntime as ort
 model, inputs = sys.argv[1], json.load(open(sys.argv[2]))
-onnx.checker.check_model(onnx.load(model), full_check=True)
+proto = onnx.load(model)
+onnx.checker.check_model(proto, full_check=True)
 sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 feeds = {"features": np.array(inputs["features"], dtype=np.float32).reshape(inputs["features_shape"]),
          "labels": np.array(inputs["labels"], dtype=np.int64).reshape(inputs["labels_shape"])}
 loss, grad = sess.run(["loss", "features_grad"], feeds)
 print(json.dumps({"loss": float(loss), "loss_shape": list(loss.shape), "grad_shape": list(grad.shape),
                   "features_grad": grad.ravel().astype(float).tolist(),
-                  "inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()]}))
+                  "inputs": [i.name for i in sess.get_inputs()], "outputs": [o.name for o in sess.get_outputs()],
+                  "overridable": [i.name for i in sess.get_overridable_initializers()],
+                  "graph_inputs": [i.name for i in proto.graph.input]}))
 "#;
 
 fn export(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
@@ -128,6 +131,7 @@ fn exported_losses_run_in_python_onnxruntime_and_match_the_reference() {
         let out = run_python(dir.path(), &model, &f, &labels, n, k, d);
         assert_eq!(out["inputs"], serde_json::json!(["features", "labels"]), "{file}");
         assert_eq!(out["outputs"], serde_json::json!(["loss", "features_grad"]), "{file}");
+        assert_eq!(out["graph_inputs"], serde_json::json!(["features", "labels"]), "{file}");
         assert_eq!(out["loss_shape"], serde_json::json!([]), "{file}");
         assert_eq!(out["grad_shape"], serde_json::json!([2 * n, d]), "{file}");
         let expect = loss_and_grad(&f, &labels, n, d, k, &opts).unwrap();
@@ -140,7 +144,10 @@ fn exported_losses_run_in_python_onnxruntime_and_match_the_reference() {
     let ce_labels: Vec<i64> = (0..n * k).map(|i| ((i * 7) % c) as i64).collect();
     let model = export(dir.path(), "ce.onnx", &[&shape[..], &["--loss", "ce", "--classes", "3"]].concat());
     let out = run_python(dir.path(), &model, &f, &ce_labels, n, k, d);
-    assert_eq!(out["inputs"], serde_json::json!(["features", "labels", "loss.ce.weight", "loss.ce.bias"]));
+    // onnxruntime lists inputs that have an initializer as overridable initializers.
+    assert_eq!(out["inputs"], serde_json::json!(["features", "labels"]));
+    assert_eq!(out["overridable"], serde_json::json!(["loss.ce.weight", "loss.ce.bias"]));
+    assert_eq!(out["graph_inputs"], serde_json::json!(["features", "labels", "loss.ce.weight", "loss.ce.bias"]));
     let (w, b) = hiercon::loss::graph::ce_init(d, c);
     let w_cd: Vec<f64> = (0..c * d).map(|i| w[(i % d) * c + i / d] as f64).collect();
     let b: Vec<f64> = b.iter().map(|&x| x as f64).collect();

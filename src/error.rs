@@ -108,6 +108,24 @@ pub enum Error {
     #[error("loss `{loss}`: {reason}")]
     LossConfig { loss: &'static str, reason: String },
 
+    /// A loss graph needs at least one sample, one feature dimension and one label column.
+    #[error(
+        "loss `{loss}`: the batch is empty (N = {n} samples, D = {d} feature dimensions, K = {k} label columns); all must be >= 1"
+    )]
+    LossEmptyBatch { loss: &'static str, n: usize, d: usize, k: usize },
+
+    /// A hierarchical loss compares label prefixes level by level: it needs K >= 2 columns.
+    #[error("loss `{loss}` needs K >= 2 label columns (levels compare the first K-1, K-2, .. columns), got K = {k}")]
+    LossTooFewColumns { loss: &'static str, k: usize },
+
+    /// The `ce` baseline was asked for without its number of classes.
+    #[error("loss `ce` needs the number of classes C >= 1 (`--classes C`)")]
+    LossMissingClasses,
+
+    /// A value given to the loss graph builder has the wrong type or shape.
+    #[error("loss graph input `{what}`: expected {expected}, found {found}")]
+    LossGraphInput { what: &'static str, expected: String, found: String },
+
     /// The sampler cannot be built from these labels or this configuration.
     #[error("batch sampler: {reason}")]
     SamplerConfig { reason: String },

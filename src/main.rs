@@ -10,6 +10,7 @@ use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
 use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
 use hiercon::encoder::{Encoder, OrtEncoder, TestEncoder};
 use hiercon::index::{self, IndexConfig};
+use hiercon::loss::{self, LossOptions, LossShape};
 use hiercon::runtime::{self, Device, RuntimeOptions};
 use tracing_subscriber::EnvFilter;
 
@@ -39,8 +40,9 @@ enum Command {
     Data(DataArgs),
     /// Train an encoder with a hierarchical loss (issue 4: not built yet).
     Train,
-    /// Write a loss alone as an ONNX graph (issue 4: not built yet).
-    ExportLoss,
+    /// Write a loss alone as an ONNX model: inputs `features` f32 [2N, D] and `labels` i64
+    /// [N, K]; outputs `loss` (f32 scalar) and `features_grad` (f32 [2N, D]).
+    ExportLoss(ExportLossArgs),
     /// Embed a catalogue into a new index generation, verify it and make it live.
     ///
     /// Exit codes: 0 new generation live; 1 unexpected failure; 2 usage or bad input;
@@ -54,6 +56,27 @@ enum Command {
     Demo,
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
     Runtime,
+}
+
+#[derive(Args, Debug)]
+struct ExportLossArgs {
+    /// Samples per batch N (the features have 2N rows: two views per sample).
+    #[arg(long)]
+    batch: usize,
+    /// Label columns K (coarse -> fine, the last one the image id).
+    #[arg(long)]
+    columns: usize,
+    /// Feature dimension D.
+    #[arg(long)]
+    dim: usize,
+    /// Classes C of the `ce` baseline (required for `--loss ce`).
+    #[arg(long)]
+    classes: Option<usize>,
+    #[command(flatten)]
+    loss: LossOptions,
+    /// Output model file.
+    #[arg(short = 'o', long = "out")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -215,12 +238,21 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data(args) => data(args.source),
-        Command::Train | Command::ExportLoss => anyhow::bail!("not built yet: see issue 4"),
+        Command::Train => anyhow::bail!("not built yet: see issue 4"),
+        Command::ExportLoss(args) => export_loss(args),
         Command::Index(args) => run_index(args, &rt_opts),
         Command::Serve => anyhow::bail!("not built yet: see issue 6"),
         Command::Eval => anyhow::bail!("not built yet: see issue 7"),
         Command::Demo => demo(),
     }
+}
+
+fn export_loss(args: ExportLossArgs) -> Result<()> {
+    let shape = LossShape { batch: args.batch, columns: args.columns, dim: args.dim, classes: args.classes };
+    let bytes = loss::export_loss(&args.loss, shape)?;
+    std::fs::write(&args.out, bytes).with_context(|| format!("writing {}", args.out.display()))?;
+    tracing::info!(path = %args.out.display(), loss = args.loss.kind.name(), "wrote the loss model");
+    Ok(())
 }
 
 fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {

@@ -17,7 +17,7 @@ pub const OPSET: i64 = 18;
 /// The ONNX IR version that goes with [`OPSET`].
 pub const IR_VERSION: i64 = 8;
 
-fn tensor_proto(name: Option<String>, t: &Tensor) -> TensorProto {
+pub(crate) fn tensor_proto(name: Option<String>, t: &Tensor) -> TensorProto {
     let raw: Vec<u8> = match t {
         Tensor::F32(a) => a.iter().flat_map(|x| x.to_le_bytes()).collect(),
         Tensor::F64(a) => a.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -30,7 +30,7 @@ pub const CE_WEIGHT: &str = "loss.ce.weight";
 /// Name of the CE baseline's classifier bias, `[C]`.
 pub const CE_BIAS: &str = "loss.ce.bias";
 /// Seed of [`ce_init`].
-pub const CE_INIT_SEED: u64 = 0x6869_6572_636f_6e;
+pub const CE_INIT_SEED: u64 = 0x0068_6965_7263_6f6e; // "hiercon" in ASCII
 
 /// The loss values of a graph built by [`loss_graph`], all rank-0 and of the features' type.
 #[derive(Debug, Clone, PartialEq)]

@@ -170,9 +170,9 @@ pub(crate) mod tests {
     use crate::graph::{Runner, Sgd};
     use crate::model::Arch;
 
-    /// A tiny resnet-mini: 8x8 images, 4 samples (8 images), 8-d embedding.
+    /// A tiny resnet-mini: 16x16 images, 4 samples (8 images), 8-d embedding.
     pub(crate) fn tiny() -> ModelConfig {
-        ModelConfig { arch: Arch::ResnetMini, image_size: 8, embed_dim: 8, seed: 3 }
+        ModelConfig { arch: Arch::ResnetMini, image_size: 16, embed_dim: 8, seed: 3 }
     }
 
     /// A smooth test loss with a parameter of its own: `l0 = sum(e ⊙ R)`, `l1 = sum(e · loss.w)
@@ -207,7 +207,7 @@ pub(crate) mod tests {
         let opt = Optimizer::AdamW(Default::default());
         let sg = step_graph(&cfg, 4, 3, &opt, &GradOptions::default(), test_loss).unwrap();
         let g = &sg.graph;
-        assert_eq!(g.shape(g.find("images").unwrap()), [8, 3, 8, 8]);
+        assert_eq!(g.shape(g.find("images").unwrap()), [8, 3, 16, 16]);
         assert_eq!(g.dtype(g.find("labels").unwrap()), DType::I64);
         let outs: Vec<&str> = g.outputs().iter().map(|&v| g.name(v)).collect();
         for want in
@@ -252,9 +252,11 @@ pub(crate) mod tests {
         // The whole step graph (train-mode BN, residual blocks, head, L2 norm, the loss's own
         // parameter), f32 in ONNX Runtime. The autodiff gradient (the graph's own gradient
         // values) is compared with the central difference of the `loss` output along a random
-        // direction in one parameter tensor: ε = 1e-2 relative to that tensor's RMS, and
-        // |ad − fd| <= 2e-2 · max(|ad|, |fd|) + 1e-3 (f32 rounding of the loss ~1e-7 / ε plus
-        // the curvature and ReLU kinks within ε).
+        // direction in one parameter tensor: ε = 1e-3 relative to that tensor's RMS (at least
+        // 0.1), and |ad − fd| <= 3e-2 · max(|ad|, |fd|) + 1e-3. ORT's Conv is f32 only, so the
+        // difference carries f32 rounding of the loss (~1e-6 / ε) plus curvature: at 8x8 images
+        // BN over 8 values made fd drift from ad by 20% at ε = 1e-2 and converge as ε shrank;
+        // at 16x16 the worst measured gap was 1.5%.
         let cfg = tiny();
         let (n, k) = (4, 2);
         let opt = Optimizer::Sgd(Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false });
@@ -282,7 +284,7 @@ pub(crate) mod tests {
         ] {
             let p0 = state[name].to_f64_vec();
             let rms = (p0.iter().map(|x| x * x).sum::<f64>() / p0.len() as f64).sqrt().max(0.1);
-            let eps = 1e-2 * rms;
+            let eps = 1e-3 * rms;
             let v: Vec<f64> = (0..p0.len()).map(|_| r.random_range(-1.0..1.0)).collect();
             let grad = out.get(&format!("grad.{name}")).unwrap().to_f64_vec();
             let ad: f64 = grad.iter().zip(&v).map(|(a, b)| a * b).sum();
@@ -295,7 +297,7 @@ pub(crate) mod tests {
             };
             let fd = (at(1.0) - at(-1.0)) / (2.0 * eps);
             assert!(
-                (ad - fd).abs() <= 2e-2 * ad.abs().max(fd.abs()) + 1e-3,
+                (ad - fd).abs() <= 3e-2 * ad.abs().max(fd.abs()) + 1e-3,
                 "{name}: autodiff {ad} vs finite difference {fd}"
             );
         }

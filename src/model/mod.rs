@@ -21,6 +21,9 @@ mod resnet;
 mod step;
 
 pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, state_digest};
+/// Tiny configurations, a test loss and batches for other modules' tests.
+#[cfg(test)]
+pub(crate) use step::tests as testing;
 pub use step::{LOSS_PREFIX, LossParts, StepGraph, inference_graph, step_graph};
 
 use serde::{Deserialize, Serialize};

@@ -2,6 +2,8 @@
 
 pub mod checkpoint;
 pub mod sampler;
+pub mod session;
 
 pub use checkpoint::{CHECKPOINT_FORMAT, Checkpoint};
 pub use sampler::{Batch, Sampler, SamplerConfig, SamplerKind, SamplerState, SamplerStats, SlotRole};
+pub use session::{StepOut, TrainSession};

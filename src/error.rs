@@ -100,6 +100,14 @@ pub enum Error {
     GraphFeed { name: String, reason: String },
 
     // --- model / loss / train -------------------------------------------------------------------
+    /// A model's parameter or buffer is missing or does not fit (export, checkpoint restore).
+    #[error("model state `{name}`: {reason}")]
+    ModelState { name: String, reason: String },
+
+    /// A training checkpoint that cannot be read or does not fit the step graph.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
     /// A loss input does not have the length its shape implies.
     #[error("loss input `{what}` has {found} values, expected {expected}")]
     LossShape { what: &'static str, expected: usize, found: usize },

@@ -594,6 +594,27 @@ impl Graph {
         Ok(out)
     }
 
+    /// Replaces the initial value of the parameter, buffer or state input called `name` (same
+    /// type and shape), e.g. to load trained values before exporting.
+    pub fn set_init(&mut self, name: &str, t: Tensor) -> Result<()> {
+        let v = self.find(name).ok_or_else(|| Error::GraphInvalid { reason: format!("no input called `{name}`") })?;
+        let Source::Input(i) = self.info(v).source else {
+            return Err(Error::GraphInvalid { reason: format!("`{name}` is not a graph input") });
+        };
+        let info = &self.values[v.index()];
+        if self.inputs[i].kind == InputKind::Data {
+            return Err(Error::GraphInvalid { reason: format!("`{name}` is a data input; it has no initial value") });
+        }
+        if t.dtype() != info.dtype || t.shape() != info.shape.as_slice() {
+            return Err(Error::GraphShape {
+                op: format!("input `{name}`"),
+                detail: format!("declared {}{:?}, new value is {}{:?}", info.dtype, info.shape, t.dtype(), t.shape()),
+            });
+        }
+        self.inputs[i].init = Some(t);
+        Ok(())
+    }
+
     /// Declares that `next` is the new value of the stateful input `input` (a parameter,
     /// buffer or optimizer state): it becomes the output `"{input name}.next"`, and the pair is
     /// listed in [`Graph::feedback`].

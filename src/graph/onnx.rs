@@ -1,9 +1,10 @@
 //! ONNX writer: `Graph` -> `ModelProto` (opset 18, IR version 8), encoded with prost. Only the
-//! nodes and constants that some output needs are written; every declared input is kept.
+//! nodes and constants that some output needs are written; every declared input is kept, unless
+//! [`WriteOptions::freeze_state`] turns stateful inputs into initializers.
 
 use prost::Message;
 
-use super::ir::{Attr, DType, Graph, Source, Tensor, Value};
+use super::ir::{Attr, DType, Graph, InputKind, Source, Tensor, Value};
 use super::proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
     ValueInfoProto, attribute_proto::AttributeType, tensor_shape_proto::Dimension, tensor_shape_proto::dimension,
@@ -33,9 +34,40 @@ pub(crate) fn tensor_proto(name: Option<String>, t: &Tensor) -> TensorProto {
     }
 }
 
+/// How [`to_model_with`] writes a graph.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Give every intermediate value a `value_info` with its type and shape (ignored with
+    /// `dynamic_batch`, whose intermediate shapes are not static).
+    pub annotate: bool,
+    /// Write dimension 0 of every data input and every output as the symbolic dimension
+    /// [`BATCH_DIM`], so the model runs on any batch size. Only valid for graphs whose nodes do
+    /// not bake the batch size into a constant (no Reshape / Expand / ConstantOfShape to a shape
+    /// that contains it): Conv, BatchNormalization, pooling, Flatten, Gemm and row-wise
+    /// reductions qualify.
+    pub dynamic_batch: bool,
+    /// Write parameters, buffers and optimizer state that the outputs use as initializers named
+    /// after the input (their initial values), instead of graph inputs; unused ones are dropped.
+    /// Data inputs stay inputs. This is how an inference model is exported.
+    pub freeze_state: bool,
+}
+
+/// The name of the symbolic batch dimension written by [`WriteOptions::dynamic_batch`].
+pub const BATCH_DIM: &str = "batch";
+
 fn value_info(name: &str, dtype: DType, shape: &[usize]) -> ValueInfoProto {
-    let dims =
-        shape.iter().map(|&d| Dimension { value: Some(dimension::Value::DimValue(d as i64)), ..Default::default() });
+    value_info_dims(name, dtype, shape, false)
+}
+
+fn value_info_dims(name: &str, dtype: DType, shape: &[usize], symbolic_batch: bool) -> ValueInfoProto {
+    let dims = shape.iter().enumerate().map(|(i, &d)| {
+        let value = if i == 0 && symbolic_batch {
+            dimension::Value::DimParam(BATCH_DIM.to_string())
+        } else {
+            dimension::Value::DimValue(d as i64)
+        };
+        Dimension { value: Some(value), ..Default::default() }
+    });
     ValueInfoProto {
         name: Some(name.to_string()),
         r#type: Some(TypeProto {
@@ -81,10 +113,11 @@ fn attribute(name: &str, a: &Attr) -> AttributeProto {
     p
 }
 
-/// Which nodes and constants the outputs need (`(nodes, constants)` as keep-flags).
-fn live(g: &Graph) -> (Vec<bool>, Vec<bool>) {
+/// Which nodes, constants and inputs the outputs need (`(nodes, constants, inputs)` as keep-flags).
+fn live(g: &Graph) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
     let mut node_live = vec![false; g.nodes.len()];
     let mut const_live = vec![false; g.constants.len()];
+    let mut input_live = vec![false; g.inputs.len()];
     let mut stack: Vec<Value> = g.outputs.clone();
     let mut seen = vec![false; g.values.len()];
     while let Some(v) = stack.pop() {
@@ -92,7 +125,7 @@ fn live(g: &Graph) -> (Vec<bool>, Vec<bool>) {
             continue;
         }
         match g.info(v).source {
-            Source::Input(_) => {}
+            Source::Input(i) => input_live[i] = true,
             Source::Const(i) => const_live[i] = true,
             Source::Node { node, .. } => {
                 if !node_live[node] {
@@ -102,17 +135,22 @@ fn live(g: &Graph) -> (Vec<bool>, Vec<bool>) {
             }
         }
     }
-    (node_live, const_live)
+    (node_live, const_live, input_live)
 }
 
 /// Builds the `ModelProto` for `g`. With `annotate`, every intermediate value gets a
 /// `value_info` with its inferred type and shape (for Netron, and so the ONNX checker can compare
 /// our shape inference with its own).
 pub fn to_model(g: &Graph, graph_name: &str, annotate: bool) -> Result<ModelProto> {
+    to_model_with(g, graph_name, WriteOptions { annotate, ..Default::default() })
+}
+
+/// Builds the `ModelProto` for `g` as `o` asks (see [`WriteOptions`]).
+pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<ModelProto> {
     if g.outputs.is_empty() {
         return Err(Error::GraphInvalid { reason: "the graph has no outputs".into() });
     }
-    let (node_live, const_live) = live(g);
+    let (node_live, const_live, input_live) = live(g);
     let name = |v: &Value| g.name(*v).to_string();
     let nodes = g
         .nodes
@@ -129,18 +167,31 @@ pub fn to_model(g: &Graph, graph_name: &str, annotate: bool) -> Result<ModelProt
             ..Default::default()
         })
         .collect();
-    let initializer = g
+    let frozen = |inp: &super::ir::Input| o.freeze_state && inp.kind != InputKind::Data;
+    let mut initializer: Vec<TensorProto> = g
         .constants
         .iter()
         .enumerate()
         .filter(|(i, _)| const_live[*i])
         .map(|(_, (v, t))| tensor_proto(Some(g.name(*v).to_string()), t))
         .collect();
+    for (i, inp) in g.inputs.iter().enumerate() {
+        if frozen(inp) && input_live[i] {
+            let t = inp.init.as_ref().ok_or_else(|| Error::GraphInvalid {
+                reason: format!("input `{}` has no value to freeze into an initializer", g.name(inp.value)),
+            })?;
+            initializer.push(tensor_proto(Some(g.name(inp.value).to_string()), t));
+        }
+    }
     let io = |v: &Value| {
         let i = g.info(*v);
-        value_info(&i.name, i.dtype, &i.shape)
+        value_info_dims(&i.name, i.dtype, &i.shape, o.dynamic_batch)
     };
-    let value_infos = if annotate {
+    let value_infos = if o.annotate && !o.dynamic_batch {
+        let io = |v: &Value| {
+            let i = g.info(*v);
+            value_info(&i.name, i.dtype, &i.shape)
+        };
         g.nodes.iter().enumerate().filter(|(i, _)| node_live[*i]).flat_map(|(_, n)| n.outputs.iter().map(io)).collect()
     } else {
         Vec::new()
@@ -150,7 +201,16 @@ pub fn to_model(g: &Graph, graph_name: &str, annotate: bool) -> Result<ModelProt
         value_info: value_infos,
         name: Some(graph_name.to_string()),
         initializer,
-        input: g.inputs.iter().map(|i| io(&i.value)).collect(),
+        input: g
+            .inputs
+            .iter()
+            .filter(|i| !frozen(i))
+            .map(|i| {
+                let info = g.info(i.value);
+                let batch = o.dynamic_batch && i.kind == InputKind::Data;
+                value_info_dims(&info.name, info.dtype, &info.shape, batch)
+            })
+            .collect(),
         output: g.outputs.iter().map(io).collect(),
         ..Default::default()
     };
@@ -172,7 +232,12 @@ impl Graph {
 
     /// Writes the graph as an `.onnx` file, every value annotated with its type and shape.
     pub fn write_onnx(&self, path: &std::path::Path, graph_name: &str) -> Result<()> {
-        let bytes = to_model(self, graph_name, true)?.encode_to_vec();
+        self.write_onnx_with(path, graph_name, WriteOptions { annotate: true, ..Default::default() })
+    }
+
+    /// Writes the graph as an `.onnx` file as `o` asks.
+    pub fn write_onnx_with(&self, path: &std::path::Path, graph_name: &str, o: WriteOptions) -> Result<()> {
+        let bytes = to_model_with(self, graph_name, o)?.encode_to_vec();
         std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
     }
 }

@@ -66,12 +66,17 @@ pub fn onnx_check(g: &Graph) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
     g.write_onnx(&path, "check").unwrap();
+    onnx_check_file(&path);
+}
+
+/// Runs `onnx.checker.check_model(full_check=True)` on an `.onnx` file.
+pub fn onnx_check_file(path: &std::path::Path) {
     let out = Command::new(python())
         .args([
             "-c",
             "import onnx, sys; onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True); print('ok')",
         ])
-        .arg(&path)
+        .arg(path)
         .output()
         .expect("the Python in HIERCON_PYTHON should run");
     assert!(

@@ -1,0 +1,161 @@
+//! Layer builders shared by the backbones and the head: parameters with seeded initial values,
+//! Conv, BatchNorm (training or inference form), Linear.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::Result;
+use crate::graph::{BatchNorm, Conv2d, DType, Graph, InputKind, Tensor, Value};
+
+/// BatchNorm form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Batch statistics; running statistics updated (momentum 0.1) and fed back.
+    Train,
+    /// Running statistics (one `BatchNormalization` node).
+    Infer,
+}
+
+/// Builds layers into a graph; every parameter is a [`InputKind::Param`] input and every running
+/// statistic a [`InputKind::Buffer`] input, both with their initial values.
+pub(crate) struct Net<'g> {
+    pub g: &'g mut Graph,
+    pub mode: Mode,
+    seed: u64,
+}
+
+/// FNV-1a, so each parameter's random stream depends only on the seed and its name.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl<'g> Net<'g> {
+    pub fn new(g: &'g mut Graph, mode: Mode, seed: u64) -> Net<'g> {
+        Net { g, mode, seed }
+    }
+
+    fn rng(&self, name: &str) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.seed ^ name_hash(name))
+    }
+
+    /// Normal(0, std²) values.
+    fn normal(&self, name: &str, n: usize, std: f64) -> Vec<f32> {
+        let mut r = self.rng(name);
+        (0..n).map(|_| (standard_normal(&mut r) * std) as f32).collect()
+    }
+
+    /// Uniform(-bound, bound) values.
+    fn uniform(&self, name: &str, n: usize, bound: f64) -> Vec<f32> {
+        let mut r = self.rng(name);
+        (0..n).map(|_| r.random_range(-bound..bound) as f32).collect()
+    }
+
+    fn state(&mut self, name: &str, kind: InputKind, shape: &[usize], init: Vec<f32>) -> Result<Value> {
+        let t = Tensor::f32(shape, init)?;
+        self.g.input_of(name, kind, DType::F32, shape, Some(t))
+    }
+
+    /// Conv without bias, weight `{name}.weight` `[cout, cin, k, k]`, Kaiming-normal
+    /// (fan_out, ReLU gain: std = sqrt(2 / (cout·k·k))), as torchvision's ResNet.
+    pub fn conv(&mut self, x: Value, name: &str, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Value> {
+        let cin = self.g.shape(x)[1];
+        let wname = format!("{name}.weight");
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        let init = self.normal(&wname, cout * cin * k * k, std);
+        let w = self.state(&wname, InputKind::Param, &[cout, cin, k, k], init)?;
+        self.g.conv(x, w, None, Conv2d { stride, pad, ..Default::default() })
+    }
+
+    /// BatchNorm over channels: `{name}.weight` = 1, `{name}.bias` = 0, running mean 0 / var 1,
+    /// eps 1e-5, momentum 0.1 (PyTorch's defaults).
+    pub fn bn(&mut self, x: Value, name: &str) -> Result<Value> {
+        let c = self.g.shape(x)[1];
+        let gamma = self.state(&format!("{name}.weight"), InputKind::Param, &[c], vec![1.0; c])?;
+        let beta = self.state(&format!("{name}.bias"), InputKind::Param, &[c], vec![0.0; c])?;
+        let rm = self.state(&format!("{name}.running_mean"), InputKind::Buffer, &[c], vec![0.0; c])?;
+        let rv = self.state(&format!("{name}.running_var"), InputKind::Buffer, &[c], vec![1.0; c])?;
+        let o = BatchNorm::default();
+        match self.mode {
+            Mode::Train => {
+                let out = self.g.batch_norm_train(x, gamma, beta, rm, rv, o)?;
+                self.g.feed_back(rm, out.running_mean)?;
+                self.g.feed_back(rv, out.running_var)?;
+                Ok(out.y)
+            }
+            Mode::Infer => self.g.batch_norm_infer(x, gamma, beta, rm, rv, o.eps as f32),
+        }
+    }
+
+    /// `relu(bn(conv(x)))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_bn_relu(
+        &mut self,
+        x: Value,
+        conv: &str,
+        bn: &str,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value> {
+        let y = self.conv(x, conv, cout, k, stride, pad)?;
+        let y = self.bn(y, bn)?;
+        self.g.relu(y)
+    }
+
+    /// Linear with bias, PyTorch's default init: weight and bias Uniform(±1/sqrt(fan_in))
+    /// (`kaiming_uniform_(a=sqrt(5))` reduces to that bound).
+    pub fn linear(&mut self, x: Value, name: &str, out: usize) -> Result<Value> {
+        let fan_in = self.g.shape(x)[1];
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
+        let wi = self.uniform(&wn, out * fan_in, bound);
+        let bi = self.uniform(&bn, out, bound);
+        let w = self.state(&wn, InputKind::Param, &[out, fan_in], wi)?;
+        let b = self.state(&bn, InputKind::Param, &[out], bi)?;
+        self.g.linear(x, w, Some(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inits_are_seeded_per_name_with_the_right_spread() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[1, 64, 4, 4]).unwrap();
+        let mut net = Net::new(&mut g, Mode::Train, 7);
+        net.conv(x, "c", 128, 3, 1, 1).unwrap();
+        let f = net.g.flatten(x, 1).unwrap();
+        net.linear(f, "fc", 10).unwrap();
+        let init = |g: &Graph, n: &str| g.input_info(g.find(n).unwrap()).unwrap().init.clone().unwrap().to_f64_vec();
+        // Kaiming normal, fan_out: std = sqrt(2 / (128·9)); 73,728 draws, so the sample std is
+        // within 2% and the mean within 3 standard errors.
+        let w = init(&g, "c.weight");
+        let mean = w.iter().sum::<f64>() / w.len() as f64;
+        let std = (w.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        let want = (2.0 / (128.0 * 9.0f64)).sqrt();
+        assert!((std / want - 1.0).abs() < 0.02, "std {std} vs {want}");
+        assert!(mean.abs() < 3.0 * want / (w.len() as f64).sqrt(), "mean {mean}");
+        // Linear: uniform within ±1/sqrt(fan_in), and reaching near the bound.
+        let bound = 1.0 / (1024.0f64).sqrt();
+        let lw = init(&g, "fc.weight");
+        assert!(lw.iter().all(|v| v.abs() <= bound) && lw.iter().any(|v| v.abs() > 0.95 * bound));
+        // Same seed and name, same values; another seed, other values.
+        let mut g2 = Graph::new();
+        let x2 = g2.input("x", DType::F32, &[1, 64, 4, 4]).unwrap();
+        Net::new(&mut g2, Mode::Infer, 7).conv(x2, "c", 128, 3, 1, 1).unwrap();
+        assert_eq!(init(&g2, "c.weight"), w);
+        let mut g3 = Graph::new();
+        let x3 = g3.input("x", DType::F32, &[1, 64, 4, 4]).unwrap();
+        Net::new(&mut g3, Mode::Infer, 8).conv(x3, "c", 128, 3, 1, 1).unwrap();
+        assert_ne!(init(&g3, "c.weight"), w);
+    }
+}

@@ -1,6 +1,6 @@
 //! Seeded k-means (k-means++ seeding, Lloyd iterations) and normalised mutual information.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use ndarray::ArrayView2;
 use rand::{Rng, SeedableRng};
@@ -140,9 +140,10 @@ fn entropy(counts: impl Iterator<Item = usize>, n: f64) -> f64 {
 pub fn nmi(a: &[usize], b: &[usize]) -> f64 {
     assert_eq!(a.len(), b.len(), "labelings of different lengths");
     let n = a.len() as f64;
-    let mut ca: HashMap<usize, usize> = HashMap::new();
-    let mut cb: HashMap<usize, usize> = HashMap::new();
-    let mut joint: HashMap<(usize, usize), usize> = HashMap::new();
+    // Ordered maps: the sums below run in a fixed order, so equal inputs give bit-equal results.
+    let mut ca: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut cb: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut joint: BTreeMap<(usize, usize), usize> = BTreeMap::new();
     for (&x, &y) in a.iter().zip(b) {
         *ca.entry(x).or_default() += 1;
         *cb.entry(y).or_default() += 1;

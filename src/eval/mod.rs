@@ -341,3 +341,104 @@ pub fn evaluate(
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Items on the unit circle at `deg` degrees (2-d embeddings), all in split `test`.
+    fn data(spec: &[(&str, &str, &str, Option<Role>, f32)]) -> EvalData {
+        let items: Vec<Item> = spec
+            .iter()
+            .map(|&(id, cat, product, role, _)| Item { role, split: Split::Test, ..Item::new(id, cat, product, "v") })
+            .collect();
+        let emb: Vec<f32> = spec.iter().flat_map(|s| [s.4.to_radians().cos(), s.4.to_radians().sin()]).collect();
+        EvalData {
+            embeddings: Arc::new(Array2::from_shape_vec((items.len(), 2), emb).unwrap()),
+            items,
+            skipped: 0,
+            embed_seconds: 0.0,
+            manifest: None,
+            index: None,
+        }
+    }
+
+    fn close(a: Option<f64>, b: f64) -> bool {
+        a.is_some_and(|a| (a - b).abs() < 1e-12)
+    }
+
+    #[test]
+    fn query_gallery_evaluation_by_hand() {
+        let (q, g) = (Some(Role::Query), Some(Role::Gallery));
+        // Gallery at 0°, 90°, 180°; queries at 10°, 40°, 100°.
+        let d = data(&[
+            ("g0", "a/x", "p1", g, 0.0),
+            ("g1", "a/y", "p2", g, 90.0),
+            ("g2", "b/z", "p3", g, 180.0),
+            ("q0", "a/x", "p1", q, 10.0),  // ranks g0, g1, g2
+            ("q1", "a/y", "p2", q, 40.0),  // ranks g0, g1, g2
+            ("q2", "b/z", "p3", q, 100.0), // ranks g1, g2, g0
+            ("other", "a/x", "p1", None, 10.0), // no role: not a query, not in the gallery
+        ]);
+        let r = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Split::Test), EvaluatedModel::default()).unwrap();
+        assert_eq!((r.protocol, r.queries, r.gallery, r.items), (ProtocolKind::QueryGallery, 3, 3, 7));
+        let names: Vec<&str> = r.levels.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["level1", "level2", "product", "variation"]);
+        let (l1, l2, p) = (&r.levels[0], &r.levels[1], &r.levels[2]);
+        // First-match ranks — level1 (a, a, b): 1, 1, 2; level2 and product: 1, 2, 2.
+        assert!(close(l1.at(&r.ks, 1), 2.0 / 3.0) && close(l1.at(&r.ks, 5), 1.0));
+        assert!(close(l2.at(&r.ks, 1), 1.0 / 3.0) && close(l2.at(&r.ks, 5), 1.0));
+        assert!(close(p.at(&r.ks, 1), 1.0 / 3.0) && close(p.at(&r.ks, 40), 1.0));
+        assert_eq!(r.levels[3].top_k, p.top_k);
+        // mAP: one relevant item each, at ranks 1, 2, 2.
+        assert!(close(r.map_product, (1.0 + 0.5 + 0.5) / 3.0));
+        assert_eq!(r.map_queries, 3);
+        // kNN over all three gallery items. Product: one vote each, the most similar wins:
+        // q0 -> p1 (right), q1 -> p1 (wrong), q2 -> p2 (wrong). Level1: q0 a, q1 a (right),
+        // q2: a, b, a -> a (wrong).
+        assert!(close(p.knn, 1.0 / 3.0));
+        assert!(close(l1.knn, 2.0 / 3.0));
+        // Classes are counted over all evaluated items; every level gets an NMI in [0, 1].
+        assert_eq!((l1.classes, l2.classes, p.classes), (2, 3, 3));
+        assert!(r.levels.iter().all(|l| l.nmi.is_some_and(|v| (0.0..=1.0 + 1e-12).contains(&v))));
+        assert!(r.served.is_none());
+    }
+
+    #[test]
+    fn leave_one_out_excludes_the_query_itself() {
+        // Two products of two images each; each image's nearest other image is its twin,
+        // except "b2", whose nearest is "a1" (identical vectors would tie; these do not).
+        let d = data(&[
+            ("a1", "c", "A", None, 0.0),
+            ("a2", "c", "A", None, 20.0),
+            ("b1", "c", "B", None, 90.0),
+            ("b2", "c", "B", None, -30.0),
+            ("solo", "d", "S", None, 200.0),
+        ]);
+        let mut cfg = EvalConfig::new(Split::Test);
+        cfg.nmi_max_classes = 2; // product has 3 classes: no NMI there
+        let r = evaluate(&d, Retrieval::Exact, &cfg, EvaluatedModel::default()).unwrap();
+        assert_eq!((r.protocol, r.queries, r.gallery), (ProtocolKind::LeaveOneOut, 5, 5));
+        let p = r.level("product").unwrap();
+        // (With itself ranked, every query would match at rank 1.) "solo" has no other S: 4 answerable. a1 -> a2 (rank 1), a2 -> a1 (1),
+        // b1: a2 (70°), a1 (90°), solo (110°), b2 (120°) -> rank 4;
+        // b2: a1 (30°), a2 (50°), b1 (120°), solo (130°) -> rank 3.
+        assert_eq!(p.queries, 4);
+        assert!(close(p.at(&r.ks, 1), 0.5) && close(p.at(&r.ks, 5), 1.0));
+        assert!(close(r.map_product, (1.0 + 1.0 + 1.0 / 4.0 + 1.0 / 3.0) / 4.0));
+        assert!(p.nmi.is_none() && p.nmi_note.as_deref().is_some_and(|n| n.contains("3 classes")));
+        // A sample of queries keeps the gallery whole.
+        cfg.max_queries = Some(2);
+        let r = evaluate(&d, Retrieval::Exact, &cfg, EvaluatedModel::default()).unwrap();
+        assert_eq!((r.queries, r.gallery), (2, 5));
+    }
+
+    #[test]
+    fn mismatched_or_empty_input_is_refused() {
+        let mut d = data(&[("a", "c", "A", None, 0.0), ("b", "c", "A", None, 1.0)]);
+        d.embeddings = Arc::new(Array2::zeros((1, 2)));
+        let err = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Split::Test), EvaluatedModel::default());
+        assert!(matches!(err, Err(Error::EvalInput { .. })));
+        assert!(matches!(in_split(vec![Item::new("a", "c", "p", "v")], Split::Test), Err(Error::EvalInput { .. })));
+    }
+}

@@ -170,6 +170,13 @@ pub enum Error {
     #[error("nothing to index: {reason}")]
     EmptyIndex { reason: String },
     // --- eval / http ----------------------------------------------------------------------------
+    /// What `eval` was given cannot be evaluated (too few items, no queries, an empty split).
+    #[error("eval: {reason}")]
+    EvalInput { reason: String },
+
+    /// A run directory or evaluation file `eval --compare` cannot use.
+    #[error("{path}: {reason}")]
+    EvalRun { path: PathBuf, reason: String },
 }
 
 /// The library's result type.

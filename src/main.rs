@@ -8,10 +8,13 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
 use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
-use hiercon::encoder::{Encoder, OrtEncoder, TestEncoder};
+use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder, TestEncoder};
+use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
+use hiercon::image::Limits;
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
 use hiercon::runtime::{self, Device, RuntimeOptions};
+use hiercon::search::{SearchConfig, Service};
 use tracing_subscriber::EnvFilter;
 
 /// Hierarchical multi-label contrastive image search.
@@ -50,8 +53,9 @@ enum Command {
     Index(IndexArgs),
     /// Serve the HTTP API and the web page (issue 6: not built yet).
     Serve,
-    /// Retrieval accuracy per hierarchy level (issue 7: not built yet).
-    Eval,
+    /// Retrieval accuracy per hierarchy level on a split (train = seen products, test = unseen),
+    /// mAP, kNN accuracy, NMI; or, with --compare, one table across training runs.
+    Eval(EvalArgs),
     /// Run the shipped default end to end (issue 6: for now, summarise the demo catalogue).
     Demo,
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
@@ -199,6 +203,45 @@ struct IndexArgs {
     test_encoder: Option<usize>,
 }
 
+#[derive(Args, Debug)]
+struct EvalArgs {
+    /// Compare run directories instead (each `runs/NAME/` with model.json and eval-train.json /
+    /// eval-test.json): one table, rows = runs, columns = metrics on seen and unseen products.
+    #[arg(long, num_args = 1.., conflicts_with_all = ["model", "manifest", "index", "split", "test_encoder"])]
+    compare: Vec<PathBuf>,
+    /// Exported model `X.onnx` (its description `X.json` beside it).
+    #[arg(long, required_unless_present_any = ["test_encoder", "compare"])]
+    model: Option<PathBuf>,
+    /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index).
+    #[arg(long, required_unless_present_any = ["index", "compare"])]
+    manifest: Option<PathBuf>,
+    /// `train` evaluates the seen products (shown in training), `test` the unseen ones.
+    #[arg(long, value_parser = parse_split, required_unless_present = "compare")]
+    split: Option<Split>,
+    /// Evaluate what is served: rank through `index/<name>`'s live generation (built with the
+    /// same model) via the search service, and report recall@10 of HNSW against exact search.
+    #[arg(long)]
+    index: Option<PathBuf>,
+    /// Write PATH.md, PATH.json and PATH-acc.png (with --compare: PATH.md and PATH.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Images per encoder call.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Evaluate a seeded random sample of at most this many queries (the gallery stays whole).
+    #[arg(long)]
+    max_queries: Option<usize>,
+    /// Seed of the query sample and of k-means.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Levels with more classes than this get no NMI (k-means cost grows with classes).
+    #[arg(long, default_value_t = 2000)]
+    nmi_max_classes: usize,
+    /// Use the deterministic test encoder of this width instead of a model (tests only).
+    #[arg(long, hide = true)]
+    test_encoder: Option<usize>,
+}
+
 fn parse_split(s: &str) -> Result<Split, String> {
     match s {
         "train" => Ok(Split::Train),
@@ -242,7 +285,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExportLoss(args) => export_loss(args),
         Command::Index(args) => run_index(args, &rt_opts),
         Command::Serve => anyhow::bail!("not built yet: see issue 6"),
-        Command::Eval => anyhow::bail!("not built yet: see issue 7"),
+        Command::Eval(args) => run_eval(args, &rt_opts),
         Command::Demo => demo(),
     }
 }
@@ -285,6 +328,69 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         out.report.recall,
         out.report.ef_search
     );
+    Ok(())
+}
+
+/// `hiercon eval`: one evaluation, or a comparison of run directories.
+fn run_eval(args: EvalArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    if !args.compare.is_empty() {
+        let cmp = eval::compare::compare(&args.compare)?;
+        println!("{}", cmp.to_markdown());
+        if let Some(prefix) = &args.report {
+            for f in cmp.write(prefix)? {
+                eprintln!("wrote {}", f.display());
+            }
+        }
+        return Ok(());
+    }
+    let split = args.split.context("--split is required")?;
+    let encoder: Arc<dyn Encoder> = match (&args.test_encoder, &args.model) {
+        (Some(dim), _) => Arc::new(TestEncoder::new(*dim, 0)),
+        (None, Some(model)) => Arc::new(OrtEncoder::load(model, rt_opts)?),
+        (None, None) => unreachable!("clap requires --model without --test-encoder"),
+    };
+    let mut model = EvaluatedModel {
+        path: args.model.clone(),
+        digest: encoder.digest().to_string(),
+        dim: encoder.dim(),
+        ..Default::default()
+    };
+    if let Some(path) = &args.model {
+        let meta = ModelMeta::read(&ModelMeta::path_for(path))?;
+        model.arch = Some(meta.arch);
+        model.loss = meta.extra.get("loss").and_then(|v| v.as_str()).map(String::from);
+    }
+    let mut cfg = EvalConfig::new(split);
+    cfg.max_queries = args.max_queries;
+    cfg.seed = args.seed;
+    cfg.nmi_max_classes = args.nmi_max_classes;
+    let report = match &args.index {
+        Some(index_dir) => {
+            let service = Service::open(index_dir.clone(), encoder.clone(), SearchConfig::default())?;
+            let g = service.generation();
+            if let Some(m) = &args.manifest
+                && std::path::absolute(m).ok().as_ref() != Some(&g.meta.manifest)
+            {
+                tracing::warn!(
+                    given = %m.display(), indexed = %g.meta.manifest.display(),
+                    "--manifest differs from the manifest the index was built from; evaluating the index's items"
+                );
+            }
+            let data = eval::data_from_generation(&g, split)?;
+            eval::evaluate(&data, Retrieval::Served(&service), &cfg, model)?
+        }
+        None => {
+            let manifest = args.manifest.as_ref().context("--manifest is required without --index")?;
+            let data = eval::embed_manifest(manifest, split, encoder.as_ref(), args.batch_size, &Limits::default())?;
+            eval::evaluate(&data, Retrieval::Exact, &cfg, model)?
+        }
+    };
+    println!("{}", report.to_markdown());
+    if let Some(prefix) = &args.report {
+        for f in report.write(prefix)? {
+            eprintln!("wrote {}", f.display());
+        }
+    }
     Ok(())
 }
 

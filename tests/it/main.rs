@@ -2,5 +2,6 @@
 //! through the public library API and, where it matters, the real `hiercon` binary.
 
 mod catalogue;
+mod eval;
 mod index;
 mod loss;

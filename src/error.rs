@@ -108,6 +108,28 @@ pub enum Error {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 
+    /// Training options that cannot work together or with the data.
+    #[error("train: {reason}")]
+    TrainConfig { reason: String },
+
+    /// A run cannot be resumed with these options or from these files.
+    #[error("train: cannot resume: {reason}")]
+    TrainResume { reason: String },
+
+    /// The loss or the parameters became NaN or infinite; nothing after the last checkpoint was saved.
+    #[error(
+        "train: {what} is not finite at step {step}; stopped. {}",
+        match checkpoint {
+            Some(p) => format!("The last good checkpoint is {} (resume with --resume and a lower --lr).", p.display()),
+            None => "No checkpoint was written yet; lower --lr and start again.".to_string(),
+        }
+    )]
+    TrainDiverged { step: usize, what: String, checkpoint: Option<PathBuf> },
+
+    /// The run was stopped on purpose after a step (testing aid), as if killed.
+    #[error("train: halted after step {step} as asked (no checkpoint written for it)")]
+    TrainHalted { step: usize },
+
     /// A loss input does not have the length its shape implies.
     #[error("loss input `{what}` has {found} values, expected {expected}")]
     LossShape { what: &'static str, expected: usize, found: usize },

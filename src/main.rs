@@ -10,7 +10,9 @@ use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
 use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
 use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder, TestEncoder};
 use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
-use hiercon::image::Limits;
+use hiercon::image::{Augment, Limits};
+use hiercon::model::Arch;
+use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
 use hiercon::runtime::{self, Device, RuntimeOptions};
@@ -41,8 +43,9 @@ struct GlobalArgs {
 enum Command {
     /// Turn a source (emoji packages, Fashion-MNIST, a folder + CSV) into a catalogue manifest.
     Data(DataArgs),
-    /// Train an encoder with a hierarchical loss (issue 4: not built yet).
-    Train,
+    /// Train encoder + projection head with a hierarchical loss (or a baseline); checkpoints,
+    /// resume, and export of `OUT/model.onnx` + `model.json`.
+    Train(TrainArgs),
     /// Write a loss alone as an ONNX model: inputs `features` f32 [2N, D] and `labels` i64
     /// [N, K]; outputs `loss` (f32 scalar) and `features_grad` (f32 [2N, D]).
     ExportLoss(ExportLossArgs),
@@ -60,6 +63,64 @@ enum Command {
     Demo,
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
     Runtime,
+}
+
+#[derive(Args, Debug)]
+struct TrainArgs {
+    /// Catalogue manifest (JSON Lines).
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Which split to train on.
+    #[arg(long, default_value = "train", value_parser = parse_split)]
+    split: Split,
+    #[command(flatten)]
+    loss: LossOptions,
+    /// Backbone.
+    #[arg(long, value_enum, default_value_t = Arch::ResnetMini)]
+    arch: Arch,
+    /// Side of the square training images, in pixels.
+    #[arg(long, default_value_t = 64)]
+    image_size: usize,
+    /// Samples per batch (each gives two augmented views).
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Train until this many times the split's item count has been drawn:
+    /// steps = ceil(epochs x items / batch size).
+    #[arg(long, conflicts_with = "steps")]
+    epochs: Option<f64>,
+    /// Train for this many optimizer steps (default: 10 epochs).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    optimizer: OptimizerKind,
+    /// Peak learning rate (default: 0.1 for sgd, 1e-3 for adamw).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Weight decay (default: 1e-4 for sgd, 0.05 for adamw).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Linear warm-up steps before the cosine decay (default: 5% of the steps).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Batch sampler.
+    #[arg(long, value_enum, default_value_t = SamplerKind::Hierarchical)]
+    sampler: SamplerKind,
+    /// Seed of the initial parameters, the sampler and the augmentations.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Save a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Run directory (config.json, metrics.jsonl, loss.png, checkpoint, model.onnx).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Testing aid: stop abruptly after this step, as if killed (no checkpoint, no export).
+    #[arg(long, hide = true)]
+    halt_after: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -281,13 +342,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data(args) => data(args.source),
-        Command::Train => anyhow::bail!("not built yet: see issue 4"),
+        Command::Train(args) => train(args, &rt_opts),
         Command::ExportLoss(args) => export_loss(args),
         Command::Index(args) => run_index(args, &rt_opts),
         Command::Serve => anyhow::bail!("not built yet: see issue 6"),
         Command::Eval(args) => run_eval(args, &rt_opts),
         Command::Demo => demo(),
     }
+}
+
+fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    let items = if args.steps.is_none() {
+        let m = Manifest::read(&args.manifest)?;
+        m.items.iter().filter(|i| i.split == args.split).count()
+    } else {
+        0
+    };
+    let steps = match (args.steps, args.epochs) {
+        (Some(s), _) => s,
+        (None, e) => (e.unwrap_or(10.0) * items as f64 / args.batch_size.max(1) as f64).ceil() as usize,
+    };
+    let cfg = TrainConfig {
+        manifest: args.manifest,
+        split: args.split,
+        loss: args.loss,
+        arch: args.arch,
+        image_size: args.image_size,
+        batch_size: args.batch_size,
+        steps,
+        optimizer: args.optimizer,
+        lr: args.lr.unwrap_or(TrainConfig::default_lr(args.optimizer)),
+        weight_decay: args.weight_decay.unwrap_or(TrainConfig::default_weight_decay(args.optimizer)),
+        warmup: args.warmup.unwrap_or(steps / 20),
+        sampler: args.sampler,
+        augment: Augment::default(),
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+    };
+    let hooks = TrainHooks { halt_after: args.halt_after };
+    let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &hooks)?;
+    println!(
+        "trained {} steps in {:.1} s, final loss {:.4}; model: {}",
+        out.steps,
+        out.seconds,
+        out.final_loss,
+        out.model.display()
+    );
+    Ok(())
 }
 
 fn export_loss(args: ExportLossArgs) -> Result<()> {

@@ -5,3 +5,4 @@ mod catalogue;
 mod eval;
 mod index;
 mod loss;
+mod train;

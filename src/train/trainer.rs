@@ -1,0 +1,501 @@
+//! The training loop behind `hiercon train`: batches from the sampler, two augmented views per
+//! sample, one compiled step graph per step, metrics, checkpoints, resume and export.
+//!
+//! A run directory `runs/NAME/` holds:
+//! - `config.json`: the [`TrainConfig`] the run was started with;
+//! - `metrics.jsonl`: one line per step, `{"step", "loss", "level_losses", "lr", "images_per_s"}`;
+//! - `checkpoint.safetensors`: the last checkpoint (parameters, buffers, optimizer state; its
+//!   metadata holds the step and the sampler state), replaced atomically;
+//! - `loss.png`: the loss curve (total and per level);
+//! - `model.onnx` + `model.json`: the exported encoder, written at the end.
+//!
+//! Determinism: the sampler is seeded and resumable, and each view's augmentation draws from a
+//! generator seeded by `(seed, step, slot)`, so a resumed run sees exactly the batches and views
+//! an uninterrupted one would.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{Array2, Array4, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::checkpoint::Checkpoint;
+use super::sampler::{Sampler, SamplerConfig, SamplerKind, SamplerState};
+use super::schedule::Schedule;
+use super::session::TrainSession;
+use crate::catalogue::{Labels, Manifest, Split};
+use crate::graph::{AdamW, GradOptions, Optimizer, Sgd, Tensor};
+use crate::image::{Augment, Limits, Preprocess, augment, decode_file};
+use crate::loss::LossOptions;
+use crate::model::{self, Arch, ModelConfig};
+use crate::plot::{LineChart, Series};
+use crate::progress::Progress;
+use crate::runtime::RuntimeOptions;
+use crate::{Error, Result};
+
+/// Which optimizer fragment the step graph gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD with momentum 0.9 and weight decay (the paper's).
+    #[default]
+    Sgd,
+    /// AdamW (betas 0.9 / 0.999, eps 1e-8, decoupled weight decay).
+    Adamw,
+}
+
+/// Everything that decides a training run. Saved as `config.json`; a resumed run must match it
+/// (only `steps` may grow, to extend a finished run).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub manifest: PathBuf,
+    pub split: Split,
+    pub loss: LossOptions,
+    pub arch: Arch,
+    pub image_size: usize,
+    /// Samples per batch; each gives two views, so a step sees `2 * batch_size` images.
+    pub batch_size: usize,
+    /// Total optimizer steps.
+    pub steps: usize,
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate.
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup: usize,
+    pub sampler: SamplerKind,
+    pub augment: Augment,
+    pub seed: u64,
+    /// Save a checkpoint every this many steps (and always at the end).
+    pub checkpoint_every: usize,
+}
+
+impl TrainConfig {
+    /// The default learning rate of an optimizer: 0.1 for SGD, 1e-3 for AdamW.
+    pub fn default_lr(o: OptimizerKind) -> f64 {
+        match o {
+            OptimizerKind::Sgd => 0.1,
+            OptimizerKind::Adamw => 1e-3,
+        }
+    }
+
+    /// The default weight decay: 1e-4 for SGD (the paper's), 0.05 for AdamW.
+    pub fn default_weight_decay(o: OptimizerKind) -> f64 {
+        match o {
+            OptimizerKind::Sgd => 1e-4,
+            OptimizerKind::Adamw => 0.05,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |reason: String| Err(Error::TrainConfig { reason });
+        if self.batch_size < 2 {
+            return bad(format!("batch size must be at least 2, got {}", self.batch_size));
+        }
+        if self.steps == 0 {
+            return bad("the run has no steps: give --steps or --epochs above zero".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("learning rate must be finite and positive, got {}", self.lr));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("weight decay must be finite and >= 0, got {}", self.weight_decay));
+        }
+        if self.checkpoint_every == 0 {
+            return bad("--checkpoint-every must be at least 1".into());
+        }
+        if self.image_size < 16 {
+            return bad(format!("image size {} is too small (at least 16)", self.image_size));
+        }
+        self.loss.validate()?;
+        self.augment.validate()
+    }
+
+    fn optimizer(&self) -> Optimizer {
+        match self.optimizer {
+            OptimizerKind::Sgd => {
+                Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: self.weight_decay, nesterov: false })
+            }
+            OptimizerKind::Adamw => Optimizer::AdamW(AdamW { weight_decay: self.weight_decay, ..AdamW::default() }),
+        }
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule { base: self.lr, warmup: self.warmup.min(self.steps.saturating_sub(1)), total: self.steps }
+    }
+
+    fn model(&self) -> ModelConfig {
+        ModelConfig::new(self.arch, self.image_size, self.seed)
+    }
+
+    /// Everything but `steps` must match for a run to be resumed with this configuration.
+    fn resumable_from(&self, saved: &TrainConfig) -> Result<()> {
+        let mut a = self.clone();
+        a.steps = saved.steps;
+        if a != *saved {
+            let ours = serde_json::to_value(&a).unwrap_or_default();
+            let theirs = serde_json::to_value(saved).unwrap_or_default();
+            let differing: Vec<String> = match (ours, theirs) {
+                (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                    x.iter().filter(|(k, v)| y.get(*k) != Some(v)).map(|(k, _)| k.clone()).collect()
+                }
+                _ => vec![],
+            };
+            return Err(Error::TrainResume {
+                reason: format!("the options differ from the saved run's config.json in: {}", differing.join(", ")),
+            });
+        }
+        if self.steps < saved.steps {
+            return Err(Error::TrainResume {
+                reason: format!("--steps {} is below the saved run's {}", self.steps, saved.steps),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// 1-based: the number of optimizer steps taken so far.
+    pub step: usize,
+    pub loss: f64,
+    /// Per-level losses, finest level first (one value for the baselines).
+    pub level_losses: Vec<f64>,
+    pub lr: f64,
+    pub images_per_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub steps: usize,
+    pub final_loss: f64,
+    pub seconds: f64,
+    pub model: PathBuf,
+}
+
+/// Checkpoint metadata beside the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointMeta {
+    step: usize,
+    sampler: SamplerState,
+    /// Wall seconds spent training before this checkpoint (summed over resumes).
+    seconds: f64,
+}
+
+/// The run directory's files.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn loss_plot(&self) -> PathBuf {
+        self.dir.join("loss.png")
+    }
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.onnx")
+    }
+}
+
+/// Hooks for tests and tooling: stop after a step as if killed (no checkpoint, no export).
+#[derive(Debug, Clone, Default)]
+pub struct TrainHooks {
+    pub halt_after: Option<usize>,
+}
+
+/// Trains (or resumes) the run in `out` and exports its model.
+pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, hooks: &TrainHooks) -> Result<TrainOutcome> {
+    cfg.check()?;
+    let run = RunDir { dir: out.to_path_buf() };
+    let manifest = Manifest::read(&cfg.manifest)?;
+    let items: Vec<_> = manifest.items.iter().filter(|it| it.split == cfg.split).collect();
+    if items.len() < cfg.batch_size {
+        return Err(Error::TrainConfig {
+            reason: format!(
+                "{} has {} {} items, fewer than one batch of {}",
+                cfg.manifest.display(),
+                items.len(),
+                cfg.split.as_str(),
+                cfg.batch_size
+            ),
+        });
+    }
+    let labels = Labels::encode(items.iter().copied());
+    let k = labels.n_columns();
+    let ce_classes = match cfg.loss.kind {
+        crate::loss::LossKind::Ce => Some(labels.classes(cfg.loss.ce_columns(k)? - 1)),
+        _ => None,
+    };
+
+    // Resume or start.
+    let (start, state, sampler, spent) = if resume {
+        let saved: TrainConfig = read_json(&run.config())?;
+        cfg.resumable_from(&saved)?;
+        let ckpt = Checkpoint::load(&run.checkpoint())?;
+        let meta: CheckpointMeta = serde_json::from_value(ckpt.meta.clone()).map_err(|e| Error::TrainResume {
+            reason: format!("{}: checkpoint metadata: {e}", run.checkpoint().display()),
+        })?;
+        let sampler = Sampler::from_state(labels.rows.as_slice().expect("standard layout"), k, &meta.sampler)?;
+        truncate_metrics(&run.metrics(), meta.step)?;
+        tracing::info!(step = meta.step, "resuming {}", run.dir.display());
+        (meta.step, Some(ckpt.state), sampler, meta.seconds)
+    } else {
+        if run.checkpoint().exists() {
+            return Err(Error::TrainConfig {
+                reason: format!(
+                    "{} already holds a run (checkpoint.safetensors): pass --resume to continue it, or choose another --out",
+                    run.dir.display()
+                ),
+            });
+        }
+        std::fs::create_dir_all(&run.dir).map_err(|e| Error::io(&run.dir, e))?;
+        let _ = std::fs::remove_file(run.metrics());
+        let sampler = Sampler::new(
+            labels.rows.as_slice().expect("standard layout"),
+            k,
+            SamplerConfig::new(cfg.sampler, cfg.batch_size, cfg.seed),
+        )?;
+        (0, None, sampler, 0.0)
+    };
+    write_json(&run.config(), cfg)?;
+    let mut sampler = sampler;
+    if start >= cfg.steps {
+        tracing::info!("the run already has {start} steps; exporting");
+    }
+
+    let images = load_images(&manifest, &items)?;
+    let model_cfg = cfg.model();
+    let loss_opts = cfg.loss.clone();
+    let step_graph = model::step_graph(&model_cfg, cfg.batch_size, k, &cfg.optimizer(), &GradOptions::default(), |g, emb, lab| {
+        let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
+        Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
+    })?;
+    let mut session = TrainSession::new(&step_graph, rt, state)?;
+    session.set_steps_done(start as u64);
+    let pre = Preprocess { size: cfg.image_size as u32, mean: model::IMAGENET_MEAN, std: model::IMAGENET_STD };
+    let schedule = cfg.schedule();
+
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run.metrics())
+        .map_err(|e| Error::io(run.metrics(), e))?;
+    let progress = Progress::new(format!("train {}", cfg.loss.kind.name()), cfg.steps as u64, "steps");
+    progress.inc(start as u64);
+    let started = Instant::now();
+    let mut last = None;
+    for step in start..cfg.steps {
+        let t0 = Instant::now();
+        let batch = sampler.next_batch();
+        let x = views(&images, &batch, &cfg.augment, &pre, cfg.seed, step);
+        let y = batch_labels(&labels.rows, &batch);
+        let lr = schedule.lr(step);
+        let out = session.run(&Tensor::F32(x.into_dyn()), &Tensor::I64(y.into_dyn()), lr)?;
+        if !out.loss.is_finite() || out.level_losses.iter().any(|l| !l.is_finite()) {
+            progress.finish();
+            return Err(Error::TrainDiverged {
+                step: step + 1,
+                what: format!("the loss ({}, levels {:?})", out.loss, out.level_losses),
+                checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
+            });
+        }
+        let m = StepMetrics {
+            step: step + 1,
+            loss: out.loss,
+            level_losses: out.level_losses.clone(),
+            lr,
+            images_per_s: (2 * cfg.batch_size) as f64 / t0.elapsed().as_secs_f64(),
+        };
+        let line = serde_json::to_string(&m).expect("metrics serialise");
+        writeln!(metrics, "{line}").map_err(|e| Error::io(run.metrics(), e))?;
+        progress.set_message(format!(
+            "loss {:.4} levels [{}] {:.0} img/s",
+            m.loss,
+            m.level_losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" "),
+            m.images_per_s
+        ));
+        progress.inc(1);
+        last = Some(m.loss);
+        if hooks.halt_after == Some(step + 1) {
+            metrics.flush().map_err(|e| Error::io(run.metrics(), e))?;
+            return Err(Error::TrainHalted { step: step + 1 });
+        }
+        if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
+            let seconds = spent + started.elapsed().as_secs_f64();
+            save_checkpoint(&run, &session, step + 1, &sampler, seconds)?;
+        }
+    }
+    progress.finish();
+    let seconds = spent + started.elapsed().as_secs_f64();
+
+    let history = read_metrics(&run.metrics())?;
+    plot_losses(&history, &run.loss_plot(), &format!("{} / {}", cfg.loss.kind.name(), cfg.arch.name()))?;
+    let final_loss = last.or_else(|| history.last().map(|m| m.loss)).unwrap_or(f64::NAN);
+    let state = session.state()?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "training".into(),
+        serde_json::json!({
+            "loss": cfg.loss.kind.name(),
+            "loss_options": cfg.loss,
+            "config": cfg,
+            "manifest_digest": file_digest(&cfg.manifest)?,
+            "items": items.len(),
+            "steps": cfg.steps,
+            "seconds": seconds,
+            "final_loss": final_loss,
+            "final_level_losses": history.last().map(|m| m.level_losses.clone()),
+        }),
+    );
+    extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));
+    model::export(&model_cfg, &state, &run.model(), extra)?;
+    Ok(TrainOutcome { steps: cfg.steps, final_loss, seconds, model: run.model() })
+}
+
+/// Saves the session's state, unless a value in it is NaN or infinite (an update can blow up the
+/// parameters while the loss it was computed with is still finite): then the run stops, and the
+/// previous checkpoint stays the last good one.
+fn save_checkpoint(run: &RunDir, session: &TrainSession, step: usize, sampler: &Sampler, seconds: f64) -> Result<()> {
+    let state = session.state()?;
+    if let Some(name) = state.iter().find(|(_, t)| t.to_f64_vec().iter().any(|x| !x.is_finite())).map(|(n, _)| n) {
+        return Err(Error::TrainDiverged {
+            step,
+            what: format!("state `{name}`"),
+            checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
+        });
+    }
+    let meta = CheckpointMeta { step, sampler: sampler.state(), seconds };
+    let ckpt = Checkpoint { state, meta: serde_json::to_value(meta).expect("meta serialises") };
+    ckpt.save(&run.checkpoint())
+}
+
+/// Decodes every training image once (in parallel, with progress); they are small.
+fn load_images(manifest: &Manifest, items: &[&crate::catalogue::Item]) -> Result<Vec<::image::RgbImage>> {
+    let progress = Progress::new("decode", items.len() as u64, "images");
+    let limits = Limits::default();
+    let out: Result<Vec<_>> = items
+        .par_iter()
+        .map(|it| {
+            let img = decode_file(&manifest.image_path(it), &limits);
+            progress.inc(1);
+            img
+        })
+        .collect();
+    progress.finish();
+    out
+}
+
+/// `[2N, 3, S, S]`: row `i` is the first view of sample `i`, row `i + N` its second.
+fn views(images: &[::image::RgbImage], batch: &[usize], a: &Augment, p: &Preprocess, seed: u64, step: usize) -> Array4<f32> {
+    let n = batch.len();
+    let s = p.size as usize;
+    let tensors: Vec<_> = (0..2 * n)
+        .into_par_iter()
+        .map(|slot| {
+            let mut rng = ChaCha8Rng::seed_from_u64(view_seed(seed, step, slot));
+            augment(&images[batch[slot % n]], a, p, &mut rng)
+        })
+        .collect();
+    let mut x = Array4::<f32>::zeros((2 * n, 3, s, s));
+    for (mut row, t) in x.axis_iter_mut(Axis(0)).zip(&tensors) {
+        row.assign(t);
+    }
+    x
+}
+
+/// A generator seed for one view: a hash of (run seed, step, slot).
+fn view_seed(seed: u64, step: usize, slot: usize) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update((step as u64).to_le_bytes());
+    h.update((slot as u64).to_le_bytes());
+    u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
+}
+
+fn batch_labels(rows: &Array2<i64>, batch: &[usize]) -> Array2<i64> {
+    rows.select(Axis(0), batch)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::TrainResume { reason: format!("{}: {e}", path.display()) })
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).expect("config serialises");
+    std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+}
+
+/// The sha256 of a file, hex.
+fn file_digest(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+/// Reads `metrics.jsonl`.
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| Error::TrainResume {
+            reason: format!("{} line {}: {e}", path.display(), i + 1),
+        })?);
+    }
+    Ok(out)
+}
+
+/// Drops metric lines after `step` (steps a killed run took after its last checkpoint; the
+/// resumed run takes them again).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let kept: Vec<StepMetrics> = read_metrics(path)?.into_iter().filter(|m| m.step <= step).collect();
+    let mut text = String::new();
+    for m in &kept {
+        text.push_str(&serde_json::to_string(m).expect("metrics serialise"));
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// The loss curve: total and each level against the step.
+fn plot_losses(history: &[StepMetrics], path: &Path, title: &str) -> Result<()> {
+    let mut series = vec![Series::new("total", history.iter().map(|m| (m.step as f64, m.loss)).collect())];
+    let levels = history.first().map_or(0, |m| m.level_losses.len());
+    if levels > 1 {
+        for l in 0..levels {
+            series.push(Series::new(
+                format!("level {}", l + 1),
+                history.iter().filter_map(|m| m.level_losses.get(l).map(|&v| (m.step as f64, v))).collect(),
+            ));
+        }
+    }
+    let mut chart = LineChart::new(format!("training loss: {title}"), "step", "loss");
+    chart.series = series;
+    chart.write_png(path)
+}
+
+/// Model state by name, as the session returns it.
+pub type State = BTreeMap<String, Tensor>;

@@ -1,0 +1,169 @@
+//! Integration tests of `hiercon train`: a short run on a generated catalogue whose loss falls,
+//! resume after an abrupt stop continuing to the same losses, the NaN guard, and the binary's
+//! outputs (metrics, loss plot, checkpoint, exported model that the ORT encoder loads).
+
+use std::path::Path;
+use std::process::Command;
+
+use hiercon::Error;
+use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder};
+use hiercon::image::{Augment, Limits};
+use hiercon::loss::{LossKind, LossOptions};
+use hiercon::model::Arch;
+use hiercon::runtime::RuntimeOptions;
+use hiercon::train::{self, Checkpoint, OptimizerKind, SamplerKind, TrainConfig, TrainHooks, read_metrics};
+
+use crate::index::Catalogue;
+
+fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
+    TrainConfig {
+        manifest: c.manifest(),
+        split: hiercon::catalogue::Split::Train,
+        loss: LossOptions { kind: loss, ..LossOptions::default() },
+        arch: Arch::ResnetMini,
+        image_size: 24,
+        batch_size: 12,
+        steps,
+        optimizer: OptimizerKind::Sgd,
+        lr: 0.05,
+        weight_decay: 1e-4,
+        warmup: 2,
+        sampler: SamplerKind::Hierarchical,
+        augment: Augment::default(),
+        seed: 7,
+        checkpoint_every: 3,
+    }
+}
+
+fn rt() -> RuntimeOptions {
+    hiercon::runtime::init().expect("ONNX Runtime (make ort)");
+    RuntimeOptions { threads: 1, ..RuntimeOptions::default() }
+}
+
+/// The encoder's embedding of one catalogue image.
+fn embed(enc: &OrtEncoder, path: &Path) -> ndarray::Array2<f32> {
+    let t = hiercon::image::batch_from_files(&[path.to_path_buf()], &enc.meta().preprocess(), &Limits::default());
+    let t: Vec<_> = t.into_iter().map(|r| r.unwrap()).collect();
+    enc.embed(hiercon::image::stack(&t).view()).unwrap()
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    read_metrics(&dir.join("metrics.jsonl")).unwrap().iter().map(|m| m.loss).collect()
+}
+
+#[test]
+fn a_short_run_lowers_the_loss_and_exports_a_model_the_encoder_loads() {
+    let c = Catalogue::new(4);
+    let out = c.dir.path().join("runs/short");
+    let cfg = config(&c, LossKind::Hmce, 40);
+    let done = train::train(&cfg, &out, false, &rt(), &TrainHooks::default()).unwrap();
+    assert_eq!(done.steps, 40);
+    let l = losses(&out);
+    assert_eq!(l.len(), 40);
+    let head: f64 = l[..8].iter().sum::<f64>() / 8.0;
+    let tail: f64 = l[32..].iter().sum::<f64>() / 8.0;
+    assert!(tail < head * 0.95, "loss did not fall: first 8 steps {head:.4}, last 8 {tail:.4}");
+
+    let meta = ModelMeta::read(&out.join("model.json")).unwrap();
+    assert_eq!(meta.arch, "resnet-mini");
+    assert_eq!(meta.extra["loss"], "hmce");
+    assert!(meta.extra["training"]["manifest_digest"].as_str().is_some_and(|d| d.len() == 64));
+    let enc = OrtEncoder::load(&out.join("model.onnx"), &rt()).unwrap();
+    let e = embed(&enc, &c.image_path(&c.items[0].id));
+    let norm: f32 = e.row(0).iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "embeddings are unit rows, got norm {norm}");
+    let png = image::open(out.join("loss.png")).expect("loss plot is a PNG");
+    assert!(png.width() > 100 && png.height() > 100);
+}
+
+#[test]
+fn a_run_stopped_abruptly_and_resumed_matches_an_uninterrupted_one() {
+    let c = Catalogue::new(2);
+    let whole = c.dir.path().join("runs/whole");
+    let cut = c.dir.path().join("runs/cut");
+    let cfg = config(&c, LossKind::Hmce, 7);
+    train::train(&cfg, &whole, false, &rt(), &TrainHooks::default()).unwrap();
+    // Halted after step 5: the last checkpoint is step 3, steps 4 and 5 are taken again.
+    let err = train::train(&cfg, &cut, false, &rt(), &TrainHooks { halt_after: Some(5) }).unwrap_err();
+    assert!(matches!(err, Error::TrainHalted { step: 5 }), "{err}");
+    assert!(!cut.join("model.onnx").exists());
+    let fresh = train::train(&cfg, &cut, false, &rt(), &TrainHooks::default()).unwrap_err();
+    assert!(fresh.to_string().contains("--resume"), "refuses to overwrite a run: {fresh}");
+    train::train(&cfg, &cut, true, &rt(), &TrainHooks::default()).unwrap();
+    let (a, b) = (losses(&whole), losses(&cut));
+    assert_eq!(a.len(), 7);
+    assert_eq!(b.len(), 7, "metrics of the lost steps are replaced, not repeated");
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {}: {x} vs {y}", step + 1);
+    }
+    let (ma, mb) = (ModelMeta::read(&whole.join("model.json")).unwrap(), ModelMeta::read(&cut.join("model.json")).unwrap());
+    let (ea, eb) = (
+        OrtEncoder::load(&whole.join("model.onnx"), &rt()).unwrap(),
+        OrtEncoder::load(&cut.join("model.onnx"), &rt()).unwrap(),
+    );
+    let path = c.image_path(&c.items[0].id);
+    let (za, zb) = (embed(&ea, &path), embed(&eb, &path));
+    let diff = za.iter().zip(zb.iter()).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "models differ by {diff} (digests {} / {})", ma.digest, mb.digest);
+
+    let mut changed = cfg.clone();
+    changed.lr = 0.5;
+    let err = train::train(&changed, &cut, true, &rt(), &TrainHooks::default()).unwrap_err();
+    assert!(err.to_string().contains("lr"), "a resume with other options names them: {err}");
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint() {
+    let c = Catalogue::new(2);
+    let out = c.dir.path().join("runs/nan");
+    let mut cfg = config(&c, LossKind::Supcon, 30);
+    cfg.lr = 1e12;
+    cfg.warmup = 0;
+    cfg.checkpoint_every = 1;
+    let err = train::train(&cfg, &out, false, &rt(), &TrainHooks::default()).unwrap_err();
+    let Error::TrainDiverged { step, .. } = err else { panic!("expected TrainDiverged, got {err}") };
+    assert!(err.to_string().contains("not finite"), "{err}");
+    let ckpt = Checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
+    let saved = ckpt.meta["step"].as_u64().unwrap() as usize;
+    assert!(saved < step, "the checkpoint (step {saved}) precedes the divergence (step {step})");
+    for (name, t) in &ckpt.state {
+        assert!(t.to_f64_vec().iter().all(|x| x.is_finite()), "{name} holds non-finite values");
+    }
+    assert!(!out.join("model.onnx").exists());
+}
+
+#[test]
+fn the_binary_trains_resumes_and_reports() {
+    let c = Catalogue::new(2);
+    let out = c.dir.path().join("runs/cli");
+    let run = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hiercon"));
+        cmd.args(["--threads", "1", "train", "--loss", "hmc", "--image-size", "24", "--batch-size", "10"])
+            .args(["--steps", "4", "--checkpoint-every", "2", "--lr", "0.05"])
+            .arg("--manifest")
+            .arg(c.manifest())
+            .arg("--out")
+            .arg(&out)
+            .args(extra);
+        cmd.output().unwrap()
+    };
+    let halted = run(&["--halt-after", "3"]);
+    assert!(!halted.status.success());
+    let resumed = run(&["--resume"]);
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(stdout.contains("trained 4 steps"), "{stdout}");
+    let m = read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.iter().map(|m| m.step).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    assert!(m.iter().all(|m| m.level_losses.len() == 5 && m.lr > 0.0 && m.images_per_s > 0.0));
+    for f in ["config.json", "loss.png", "checkpoint.safetensors", "model.onnx", "model.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let bad = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+        .args(["train", "--manifest", "/nonexistent/manifest.jsonl", "--out"])
+        .arg(c.dir.path().join("runs/bad"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/manifest.jsonl"));
+}

@@ -380,4 +380,38 @@ mod tests {
         g.input("x", DType::F32, &[3]).unwrap();
         assert!(matches!(g.to_onnx("t"), Err(Error::GraphInvalid { .. })));
     }
+
+    #[test]
+    fn frozen_state_becomes_initializers_and_the_batch_symbolic() {
+        let mut g = Graph::new();
+        let x = g.input("x", DType::F32, &[2, 3]).unwrap();
+        let w = g.param("w", &[4, 3], vec![0.5; 12]).unwrap();
+        g.param("unused", &[2], vec![1.0; 2]).unwrap();
+        let y = g.linear(x, w, None).unwrap();
+        g.output("y", y).unwrap();
+        let o = WriteOptions { annotate: true, dynamic_batch: true, freeze_state: true };
+        let gp = to_model_with(&g, "t", o).unwrap().graph.unwrap();
+        let names = |v: &[ValueInfoProto]| v.iter().map(|i| i.name.clone().unwrap()).collect::<Vec<_>>();
+        assert_eq!(names(&gp.input), ["x"]);
+        let inits: Vec<_> = gp.initializer.iter().map(|t| t.name.clone().unwrap()).collect();
+        assert_eq!(inits, ["w"]);
+        assert!(gp.value_info.is_empty());
+        let dims = |v: &ValueInfoProto| match &v.r#type.as_ref().unwrap().value {
+            Some(type_proto::Value::TensorType(t)) => t.shape.as_ref().unwrap().dim.clone(),
+            _ => panic!("not a tensor"),
+        };
+        for v in [&gp.input[0], &gp.output[0]] {
+            let d = dims(v);
+            assert_eq!(d[0].value, Some(dimension::Value::DimParam(BATCH_DIM.into())));
+            assert!(matches!(d[1].value, Some(dimension::Value::DimValue(_))));
+        }
+        // Runs at another batch size.
+        let bytes = to_model_with(&g, "t", o).unwrap().encode_to_vec();
+        let mut sess = crate::runtime::init().unwrap().session_from_bytes(&Default::default(), &bytes).unwrap();
+        let xs = ndarray::Array2::<f32>::ones((5, 3));
+        let out = sess.run(ort::inputs!["x" => ort::value::TensorRef::from_array_view(&xs).unwrap()]).unwrap();
+        let y = out["y"].try_extract_array::<f32>().unwrap();
+        assert_eq!(y.shape(), [5, 4]);
+        assert!(y.iter().all(|&v| (v - 1.5).abs() < 1e-6));
+    }
 }

@@ -90,3 +90,20 @@ impl ModelConfig {
         ModelConfig { arch, image_size, embed_dim: 128, seed }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    #[test]
+    fn arch_names_agree_in_cli_json_and_display() {
+        for a in [Arch::ResnetMini, Arch::Resnet18, Arch::Resnet50] {
+            assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{}\"", a.name()));
+            assert_eq!(Arch::from_str(a.name(), false).unwrap(), a);
+            assert_eq!(a.to_string(), a.name());
+        }
+        assert_eq!(Arch::ResnetMini.name(), "resnet-mini");
+    }
+}

@@ -17,7 +17,7 @@ pub(super) struct DeviceState {
     sets: [Vec<DynTensor>; 2],
     current: usize,
     binding: IoBinding,
-    host_out: MemoryInfo,
+    host_out: MemoryInfo<'static>,
 }
 
 fn ort_err(ctx: &str) -> impl Fn(ort::Error) -> Error + '_ {

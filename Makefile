@@ -51,12 +51,12 @@ ort-gpu:
 	echo gpu > .ort/flavour
 	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) -> .ort/lib"
 
-# --- Python tools used by tests (onnx checker, onnxruntime for cross-checks) ------------------
+# --- Python tools used by tests (onnx checker, onnxruntime and scikit-learn for cross-checks) ----
 pyenv: $(VENV)/.ok
 
 $(VENV)/.ok:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet onnx numpy onnxruntime==$(ORT_VERSION)
+	$(VENV)/bin/pip install --quiet onnx numpy scikit-learn onnxruntime==$(ORT_VERSION)
 	touch $@
 
 # --- data --------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ impl Protocol {
             let all: Vec<u32> = (0..items.len() as u32).collect();
             Protocol { kind: ProtocolKind::LeaveOneOut, queries: all.clone(), gallery: all }
         };
-        if p.queries.is_empty() || p.gallery.len() < 2 && p.kind == ProtocolKind::LeaveOneOut {
+        if p.queries.is_empty() || (p.kind == ProtocolKind::LeaveOneOut && p.gallery.len() < 2) {
             return Err(Error::EvalInput { reason: format!("{} items: too few to evaluate retrieval", items.len()) });
         }
         Ok(p)

@@ -91,15 +91,26 @@ pub struct Frame {
 impl Frame {
     /// The pixel of a data point (`None` for a point that is skipped), possibly outside the area.
     pub fn to_px(&self, x: f64, y: f64) -> Option<(i64, i64)> {
-        let y = if self.log_y { if y > 0.0 { y.log10() } else { return None } } else { y };
-        if !x.is_finite() || !y.is_finite() {
+        let y = if self.log_y && y > 0.0 {
+            y.log10()
+        } else if self.log_y {
             return None;
-        }
+        } else {
+            y
+        };
+        (x.is_finite() && y.is_finite()).then(|| (self.x_px(x), self.y_px(y)))
+    }
+
+    /// The pixel column of `x` (data units).
+    fn x_px(&self, x: f64) -> i64 {
         let fx = (x - self.x_range.0) / (self.x_range.1 - self.x_range.0);
+        (self.left as f64 + fx * (self.right - self.left) as f64).round() as i64
+    }
+
+    /// The pixel row of `y` in axis units (log10 of the value when `log_y`).
+    fn y_px(&self, y: f64) -> i64 {
         let fy = (y - self.y_range.0) / (self.y_range.1 - self.y_range.0);
-        let px = self.left as f64 + fx * (self.right - self.left) as f64;
-        let py = self.bottom as f64 - fy * (self.bottom - self.top) as f64;
-        Some((px.round() as i64, py.round() as i64))
+        (self.bottom as f64 - fy * (self.bottom - self.top) as f64).round() as i64
     }
 
     fn contains(&self, x: i64, y: i64) -> bool {
@@ -170,17 +181,14 @@ impl LineChart {
         let text_h = (font::HEIGHT * TEXT_SCALE) as i64;
         // Grid, ticks and their labels.
         for (v, label) in ticks(f.x_range, false) {
-            let Some((x, _)) = f.to_px(v, if f.log_y { 10f64.powf(f.y_range.0) } else { f.y_range.0 }) else {
-                continue;
-            };
+            let x = f.x_px(v);
             line(&mut img, (x, f.top), (x, f.bottom), GRID, 1, None);
             line(&mut img, (x, f.bottom), (x, f.bottom + 5), BLACK, 1, None);
             let w = (font::text_width(&label) * TEXT_SCALE) as i64;
             text(&mut img, x - w / 2, f.bottom + 10, &label, TEXT_SCALE, BLACK);
         }
         for (v, label) in ticks(f.y_range, f.log_y) {
-            let y = f.bottom as f64 - (v - f.y_range.0) / (f.y_range.1 - f.y_range.0) * (f.bottom - f.top) as f64;
-            let y = y.round() as i64;
+            let y = f.y_px(v);
             line(&mut img, (f.left, y), (f.right, y), GRID, 1, None);
             line(&mut img, (f.left - 5, y), (f.left, y), BLACK, 1, None);
             let w = (font::text_width(&label) * TEXT_SCALE) as i64;

@@ -36,7 +36,8 @@ fn catalogue(dir: &Path) -> PathBuf {
                         let t = x as f32 / 15.0;
                         image::Rgb(std::array::from_fn(|c| {
                             let shift = if c == v as usize { 0.12 } else { 0.0 };
-                            let val = 255.0 * (a[c] * (1.0 - t) + b[c] * t + shift + tint[c]) + noise.random_range(-20.0..20.0);
+                            let val = 255.0 * (a[c] * (1.0 - t) + b[c] * t + shift + tint[c])
+                                + noise.random_range(-20.0..20.0);
                             val.clamp(0.0, 255.0) as u8
                         }))
                     });
@@ -173,6 +174,7 @@ fn served_evaluation_matches_the_exact_scan() {
     assert!(stdout.contains("## Served index") && stdout.contains("ranked by the serving path"), "{stdout}");
     assert!(EvalReport::read(&prefix.with_extension("json")).unwrap().served.is_some());
     // An index built with another model is refused.
-    let out = hiercon().args(["eval", "--test-encoder", "8", "--split", "test", "--index"]).arg(&index).output().unwrap();
+    let out =
+        hiercon().args(["eval", "--test-encoder", "8", "--split", "test", "--index"]).arg(&index).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("digest"));
 }

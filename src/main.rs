@@ -121,6 +121,9 @@ struct TrainArgs {
     /// Testing aid: stop abruptly after this step, as if killed (no checkpoint, no export).
     #[arg(long, hide = true)]
     halt_after: Option<usize>,
+    /// Only redraw OUT/loss.png from OUT/metrics.jsonl.
+    #[arg(long, hide = true)]
+    replot: bool,
 }
 
 #[derive(Args, Debug)]
@@ -352,6 +355,9 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    if args.replot {
+        return Ok(hiercon::train::replot(&args.out)?);
+    }
     let items = if args.steps.is_none() {
         let m = Manifest::read(&args.manifest)?;
         m.items.iter().filter(|i| i.split == args.split).count()

@@ -480,21 +480,45 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-/// The loss curve: total and each level against the step.
-fn plot_losses(history: &[StepMetrics], path: &Path, title: &str) -> Result<()> {
-    let mut series = vec![Series::new("total", history.iter().map(|m| (m.step as f64, m.loss)).collect())];
+/// The loss curve: total and each level against the step, each as a moving mean over a window
+/// of 1% of the run (at least one step) so the trend shows through the batch-to-batch noise.
+pub fn plot_losses(history: &[StepMetrics], path: &Path, title: &str) -> Result<()> {
+    let window = (history.len() / 100).max(1);
+    let smooth = |values: Vec<(f64, f64)>| -> Vec<(f64, f64)> {
+        let mut sum = 0.0;
+        let mut out = Vec::with_capacity(values.len());
+        for (i, &(x, y)) in values.iter().enumerate() {
+            sum += y;
+            if i >= window {
+                sum -= values[i - window].1;
+            }
+            out.push((x, sum / (i + 1).min(window) as f64));
+        }
+        out
+    };
+    let mut series = Vec::new();
     let levels = history.first().map_or(0, |m| m.level_losses.len());
     if levels > 1 {
         for l in 0..levels {
             series.push(Series::new(
                 format!("level {}", l + 1),
-                history.iter().filter_map(|m| m.level_losses.get(l).map(|&v| (m.step as f64, v))).collect(),
+                smooth(history.iter().filter_map(|m| m.level_losses.get(l).map(|&v| (m.step as f64, v))).collect()),
             ));
         }
     }
-    let mut chart = LineChart::new(format!("training loss: {title}"), "step", "loss");
+    series.push(Series::new("total", smooth(history.iter().map(|m| (m.step as f64, m.loss)).collect())));
+    let what = if window > 1 { format!(" (mean of {window} steps)") } else { String::new() };
+    let mut chart = LineChart::new(format!("training loss: {title}{what}"), "step", "loss");
     chart.series = series;
     chart.write_png(path)
+}
+
+/// Redraws `loss.png` of a run directory from its `metrics.jsonl`.
+pub fn replot(out: &Path) -> Result<()> {
+    let run = RunDir { dir: out.to_path_buf() };
+    let cfg: TrainConfig = read_json(&run.config())?;
+    let history = read_metrics(&run.metrics())?;
+    plot_losses(&history, &run.loss_plot(), &format!("{} / {}", cfg.loss.kind.name(), cfg.arch.name()))
 }
 
 /// Model state by name, as the session returns it.

@@ -144,6 +144,15 @@ pub enum Error {
     #[error("nothing to index: {reason}")]
     EmptyIndex { reason: String },
     // --- eval / http ----------------------------------------------------------------------------
+    #[error("cannot listen on {addr}: {source}")]
+    HttpBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("HTTP server: {reason}")]
+    HttpServe { reason: String },
 }
 
 /// The library's result type.

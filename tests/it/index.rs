@@ -18,14 +18,14 @@ use hiercon::search::{Filter, GroupBy, SearchConfig, SearchRequest, Service};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const DIM: usize = 32;
+pub(crate) const DIM: usize = 32;
 const LEAVES: [&str; 5] =
     ["clothing/tops/shirts", "clothing/tops/tees", "clothing/shoes", "garden/tools", "garden/pots"];
 
 /// A generated catalogue: PNGs and a manifest in a temporary folder.
-struct Catalogue {
-    dir: tempfile::TempDir,
-    items: Vec<Item>,
+pub(crate) struct Catalogue {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) items: Vec<Item>,
 }
 
 fn colour(rng: &mut ChaCha8Rng) -> [f32; 3] {
@@ -34,7 +34,7 @@ fn colour(rng: &mut ChaCha8Rng) -> [f32; 3] {
 
 /// A 24×24 image: a horizontal gradient between two product colours, shifted by the variation,
 /// plus small per-view noise.
-fn draw(product_seed: u64, variation: usize, view_seed: u64) -> image::RgbImage {
+pub(crate) fn draw(product_seed: u64, variation: usize, view_seed: u64) -> image::RgbImage {
     let mut rng = ChaCha8Rng::seed_from_u64(product_seed);
     let (a, b) = (colour(&mut rng), colour(&mut rng));
     let mut noise = ChaCha8Rng::seed_from_u64(view_seed);
@@ -53,7 +53,7 @@ fn draw(product_seed: u64, variation: usize, view_seed: u64) -> image::RgbImage 
 impl Catalogue {
     /// `per_leaf` products in each leaf, 2 variations × 2 views each, plus one exact duplicate
     /// image (`dup`, a copy of the first item's file).
-    fn new(per_leaf: usize) -> Self {
+    pub(crate) fn new(per_leaf: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("img")).unwrap();
         let mut c = Catalogue { dir, items: Vec::new() };
@@ -76,7 +76,15 @@ impl Catalogue {
         c
     }
 
-    fn add(&mut self, id: &str, category: &str, product: &str, variation: &str, img: image::RgbImage, view: u64) {
+    pub(crate) fn add(
+        &mut self,
+        id: &str,
+        category: &str,
+        product: &str,
+        variation: &str,
+        img: image::RgbImage,
+        view: u64,
+    ) {
         let rel = format!("img/{id}.png");
         img.save(self.dir.path().join(&rel)).unwrap();
         self.items.push(Item {
@@ -91,25 +99,25 @@ impl Catalogue {
         });
     }
 
-    fn image_path(&self, id: &str) -> PathBuf {
+    pub(crate) fn image_path(&self, id: &str) -> PathBuf {
         let it = self.items.iter().find(|i| i.id == id).unwrap();
         self.dir.path().join(&it.image)
     }
 
-    fn manifest(&self) -> PathBuf {
+    pub(crate) fn manifest(&self) -> PathBuf {
         self.dir.path().join("manifest.jsonl")
     }
 
-    fn write_manifest(&self) {
+    pub(crate) fn write_manifest(&self) {
         let text: String = self.items.iter().map(|i| serde_json::to_string(i).unwrap() + "\n").collect();
         std::fs::write(self.manifest(), text).unwrap();
     }
 
-    fn index_dir(&self) -> PathBuf {
+    pub(crate) fn index_dir(&self) -> PathBuf {
         self.dir.path().join("index/test")
     }
 
-    fn config(&self) -> IndexConfig {
+    pub(crate) fn config(&self) -> IndexConfig {
         let mut cfg = IndexConfig::new(self.manifest(), self.index_dir());
         cfg.batch_size = 16;
         cfg.keep = 2;
@@ -121,7 +129,7 @@ impl Catalogue {
     }
 }
 
-fn encoder() -> Arc<dyn Encoder> {
+pub(crate) fn encoder() -> Arc<dyn Encoder> {
     Arc::new(TestEncoder::new(DIM, 0))
 }
 

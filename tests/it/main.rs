@@ -2,4 +2,5 @@
 //! through the public library API and, where it matters, the real `hiercon` binary.
 
 mod catalogue;
+mod http;
 mod index;

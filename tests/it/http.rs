@@ -733,7 +733,8 @@ fn the_binary_serves_polls_reloads_on_sighup_and_stops_gracefully() {
 fn browser_upload_finds_the_item_first() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tests = root.join("web/tests");
-    assert!(Path::new("/usr/bin/chromium").exists(), "/usr/bin/chromium missing: apt-get install chromium");
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "{chromium} missing: apt-get install chromium");
     assert!(tests.join("node_modules/playwright-core").is_dir(), "playwright-core missing: make browser-deps");
     let c = Catalogue::new(3);
     build::run(&c.config(), encoder().as_ref()).unwrap();
@@ -743,6 +744,7 @@ fn browser_upload_finds_the_item_first() {
     std::fs::create_dir_all(&shots).unwrap();
     let out = Command::new("node")
         .arg(tests.join("upload.mjs"))
+        .env("CHROMIUM", &chromium)
         .env("HIERCON_URL", format!("http://{}/", server.addr))
         .env("HIERCON_IMAGE", c.image_path(id))
         .env("HIERCON_EXPECT_ID", id)

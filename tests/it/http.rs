@@ -756,3 +756,135 @@ fn browser_upload_finds_the_item_first() {
     assert!(out.status.success(), "browser test failed:\n{log}");
     assert!(log.contains("first result is the item"), "{log}");
 }
+
+// --- the real ONNX Runtime encoder ------------------------------------------------------------
+
+/// An ONNX model with a dynamic batch: images [n,3,16,16] -> AveragePool 4x4 (stride 4) ->
+/// Flatten (48 features) -> MatMul (48 x dim): a pooled random projection, like the test encoder.
+fn write_pooled_model(dir: &Path, dim: usize) -> std::path::PathBuf {
+    use hiercon::encoder::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
+    use hiercon::graph::proto::attribute_proto::AttributeType;
+    use hiercon::graph::proto::{
+        AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto,
+        TypeProto, ValueInfoProto, tensor_shape_proto, type_proto,
+    };
+    use prost::Message;
+    let value_info = |name: &str, dims: &[Option<i64>]| ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| tensor_shape_proto::Dimension {
+                            value: Some(match d {
+                                Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
+                                None => tensor_shape_proto::dimension::Value::DimParam("batch".into()),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let ints = |name: &str, v: &[i64]| AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>| NodeProto {
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        name: Some(format!("{op}_{output}")),
+        attribute,
+        ..Default::default()
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let w: Vec<f32> = (0..48 * dim).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let graph = GraphProto {
+        name: Some("pooled".into()),
+        node: vec![
+            node("AveragePool", &["images"], "pooled", vec![ints("kernel_shape", &[4, 4]), ints("strides", &[4, 4])]),
+            node("Flatten", &["pooled"], "flat", vec![]),
+            node("MatMul", &["flat", "w"], "embeddings", vec![]),
+        ],
+        initializer: vec![TensorProto {
+            name: Some("w".into()),
+            dims: vec![48, dim as i64],
+            data_type: Some(1),
+            float_data: w,
+            ..Default::default()
+        }],
+        input: vec![value_info("images", &[None, Some(3), Some(16), Some(16)])],
+        output: vec![value_info("embeddings", &[None, Some(dim as i64)])],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let path = dir.join("pooled.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let meta = ModelMeta {
+        format: MODEL_FORMAT.into(),
+        arch: "pooled-projection".into(),
+        input: InputMeta { name: "images".into(), size: 16, mean: [0.5; 3], std: [0.25; 3] },
+        output: OutputMeta { name: "embeddings".into(), dim },
+        digest: "pooled-test-model".into(),
+        extra: Default::default(),
+    };
+    meta.write(&ModelMeta::path_for(&path)).unwrap();
+    path
+}
+
+/// `hiercon index --model` records the model; `hiercon serve` without `--model` loads it from the
+/// generation and answers through ONNX Runtime.
+#[test]
+fn the_binary_serves_with_the_onnx_model_the_index_records() {
+    hiercon::runtime::init().expect("ONNX Runtime (make ort)");
+    let c = Catalogue::new(2);
+    let model = write_pooled_model(c.dir.path(), 24);
+    let out = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+        .args(["index", "--batch-size", "8", "--manifest"])
+        .arg(c.manifest())
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(c.index_dir())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+        .args(["serve", "--port", "0", "--poll-secs", "0", "--index"])
+        .arg(c.index_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let server = Server {
+        addr: line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap(),
+        child,
+    };
+    let ready: Value =
+        serde_json::from_slice(&load::request(server.addr, "GET", "/readyz", &[], b"").unwrap().body).unwrap();
+    assert_eq!(ready["model_digest"], "pooled-test-model");
+    for id in ["p1-v0-w1", "p6-v1-w0"] {
+        let r = load::request(server.addr, "POST", "/v1/search?k=3", &[("Content-Type", "image/png")], &png(&c, id))
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(hit_ids(&j)[0], id);
+        assert!((j["hits"][0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-4);
+    }
+}

@@ -218,6 +218,10 @@ struct ServeArgs {
     /// Largest `k` a query may ask for.
     #[arg(long, default_value_t = 100, env = "HIERCON_MAX_K")]
     max_k: usize,
+    /// ONNX Runtime sessions of the model: concurrent queries run on different sessions
+    /// (`--threads` is per session; e.g. 4 sessions x 4 threads on 16 cores).
+    #[arg(long, default_value_t = 1, env = "HIERCON_SESSIONS")]
+    sessions: usize,
     /// Use the deterministic test encoder of this width instead of a model (tests only).
     #[arg(long, hide = true)]
     test_encoder: Option<usize>,
@@ -241,6 +245,7 @@ impl ServeArgs {
         cfg.search.limits.max_pixels = self.max_pixels;
         cfg.decode_timeout = std::time::Duration::from_millis(self.decode_timeout_ms);
         cfg.max_k = self.max_k;
+        cfg.sessions = self.sessions;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -278,6 +283,9 @@ struct BenchLoadArgs {
     /// Report file.
     #[arg(long, default_value = "bench/results/load.json")]
     out: PathBuf,
+    /// More flags for the server it starts, space-separated (e.g. "--sessions 4 --threads 4").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    server_args: String,
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -405,6 +413,7 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
             if let Some(d) = args.test_encoder {
                 cmd.args(["--test-encoder", &d.to_string()]);
             }
+            cmd.args(args.server_args.split_whitespace());
             cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
             let mut c = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting hiercon serve")?;
             let mut line = String::new();
@@ -452,6 +461,7 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
         "manifest": args.manifest, "queries": plan.bodies.len(),
         "mean_query_bytes": plan.bodies.iter().map(Vec::len).sum::<usize>() / plan.bodies.len(),
         "content_type": content_type, "request": plan.path, "seconds_per_level": args.seconds,
+        "server_args": args.server_args,
         "levels": levels,
     });
     if let Some(dir) = args.out.parent() {

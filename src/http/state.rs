@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     pub encoder: EncoderSource,
     pub runtime: RuntimeOptions,
+    /// ONNX Runtime sessions of the model (concurrent queries run on different sessions).
+    pub sessions: usize,
     /// Guards `/v1/admin/*`; without it those routes answer 403.
     pub api_key: Option<String>,
     /// How often `CURRENT` is checked for a new generation (`None`: only on reload / SIGHUP).
@@ -66,6 +68,7 @@ impl ServeConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             encoder: EncoderSource::FromIndex,
             runtime: RuntimeOptions::default(),
+            sessions: 1,
             api_key: None,
             poll: Some(Duration::from_secs(30)),
             max_body_bytes: 20 * 1024 * 1024,
@@ -84,6 +87,9 @@ impl ServeConfig {
         }
         if self.vote_k == 0 || self.vote_k > self.search.max_k {
             return bad("vote_k", "must be in 1..=the search service's max_k");
+        }
+        if self.sessions == 0 {
+            return bad("sessions", "must be at least 1");
         }
         if self.max_body_bytes == 0 {
             return bad("max_body_bytes", "must be positive");
@@ -163,7 +169,7 @@ impl std::ops::Deref for AppState {
 fn open_service(cfg: &ServeConfig) -> Result<Service> {
     let encoder: Arc<dyn Encoder> = match &cfg.encoder {
         EncoderSource::Test { dim } => Arc::new(TestEncoder::new(*dim, 0)),
-        EncoderSource::Model(path) => Arc::new(OrtEncoder::load(path, &cfg.runtime)?),
+        EncoderSource::Model(path) => Arc::new(OrtEncoder::load_pool(path, &cfg.runtime, cfg.sessions)?),
         EncoderSource::FromIndex => {
             let root = IndexDir::new(&cfg.index);
             let name = root.current()?.ok_or_else(|| Error::NoLiveGeneration { path: cfg.index.clone() })?;
@@ -172,7 +178,7 @@ fn open_service(cfg: &ServeConfig) -> Result<Service> {
                 name: "model",
                 reason: format!("{name} records no model path (built with a test encoder?): pass --model"),
             })?;
-            Arc::new(OrtEncoder::load(&path, &cfg.runtime)?)
+            Arc::new(OrtEncoder::load_pool(&path, &cfg.runtime, cfg.sessions)?)
         }
     };
     Service::open(cfg.index.clone(), encoder, cfg.search.clone())

@@ -218,6 +218,10 @@ struct ServeArgs {
     /// Largest `k` a query may ask for.
     #[arg(long, default_value_t = 100, env = "HIERCON_MAX_K")]
     max_k: usize,
+    /// Images decoded and embedded at once; more wait up to the decode timeout, then get 503
+    /// (default: 4 x cores).
+    #[arg(long, env = "HIERCON_MAX_INFLIGHT")]
+    max_inflight: Option<usize>,
     /// ONNX Runtime sessions of the model: concurrent queries run on different sessions
     /// (`--threads` is per session; e.g. 4 sessions x 4 threads on 16 cores).
     #[arg(long, default_value_t = 1, env = "HIERCON_SESSIONS")]
@@ -246,6 +250,9 @@ impl ServeArgs {
         cfg.decode_timeout = std::time::Duration::from_millis(self.decode_timeout_ms);
         cfg.max_k = self.max_k;
         cfg.sessions = self.sessions;
+        if let Some(n) = self.max_inflight {
+            cfg.max_inflight = n;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

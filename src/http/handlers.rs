@@ -128,6 +128,13 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let limit = state.config.decode_timeout;
+    let Ok(Ok(_permit)) = tokio::time::timeout(limit, state.inflight.acquire()).await else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("{} images are being searched already; try again", state.config.max_inflight),
+        ));
+    };
     match tokio::time::timeout(limit, tokio::task::spawn_blocking(f)).await {
         Ok(Ok(r)) => r,
         Ok(Err(join)) => Err(ApiError::internal(format!("the search task failed: {join}"))),
@@ -234,7 +241,7 @@ async fn image_from_request(req: Request, limit: usize) -> ApiResult<Bytes> {
         (status = 413, description = "Body, image or pixel count over the limit", body = dto::ErrorBody),
         (status = 415, description = "Not an accepted content type or image format", body = dto::ErrorBody),
         (status = 422, description = "The image could not be decoded (or not in time)", body = dto::ErrorBody),
-        (status = 503, description = "No index loaded yet", body = dto::ErrorBody),
+        (status = 503, description = "No index loaded yet, or too many images in flight", body = dto::ErrorBody),
     )
 )]
 pub async fn search(

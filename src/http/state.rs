@@ -51,6 +51,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// Longest time decoding, embedding and searching one image may take.
     pub decode_timeout: Duration,
+    /// Images decoded and embedded at once; more requests wait (up to `decode_timeout`, then
+    /// 503 `overloaded`), so memory stays bounded however many clients send 20 MB images.
+    pub max_inflight: usize,
     /// Largest `k` a request may ask for.
     pub max_k: usize,
     /// Neighbours in the predicted-category vote.
@@ -73,6 +76,7 @@ impl ServeConfig {
             poll: Some(Duration::from_secs(30)),
             max_body_bytes: 20 * 1024 * 1024,
             decode_timeout: Duration::from_secs(5),
+            max_inflight: 4 * std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_k: 100,
             vote_k: 10,
             search: SearchConfig::default(),
@@ -87,6 +91,9 @@ impl ServeConfig {
         }
         if self.vote_k == 0 || self.vote_k > self.search.max_k {
             return bad("vote_k", "must be in 1..=the search service's max_k");
+        }
+        if self.max_inflight == 0 {
+            return bad("max_inflight", "must be at least 1");
         }
         if self.sessions == 0 {
             return bad("sessions", "must be at least 1");
@@ -151,6 +158,8 @@ pub struct AppState(pub Arc<Shared>);
 pub struct Shared {
     pub config: ServeConfig,
     pub metrics: Metrics,
+    /// Permits for image work (see [`ServeConfig::max_inflight`]).
+    pub inflight: tokio::sync::Semaphore,
     live: RwLock<Option<Arc<Service>>>,
     info: Mutex<Option<Arc<GenInfo>>>,
     reloading: Mutex<()>,
@@ -188,6 +197,7 @@ impl AppState {
     /// State without a loaded index (call [`AppState::reload`] to load one).
     pub fn new(config: ServeConfig) -> Self {
         AppState(Arc::new(Shared {
+            inflight: tokio::sync::Semaphore::new(config.max_inflight),
             config,
             metrics: Metrics::default(),
             live: RwLock::new(None),

@@ -888,3 +888,36 @@ fn the_binary_serves_with_the_onnx_model_the_index_records() {
         assert!((j["hits"][0]["score"].as_f64().unwrap() - 1.0).abs() < 1e-4);
     }
 }
+
+/// With every image permit taken the search waits up to the decode timeout, then answers 503
+/// `overloaded`; work that outlasts the timeout is a 422 `decode_timeout`.
+#[tokio::test]
+async fn overload_and_decode_timeout_have_their_own_answers() {
+    let c = Catalogue::new(1);
+    build::run(&c.config(), encoder().as_ref()).unwrap();
+    let mut cfg = config(&c);
+    cfg.max_inflight = 1;
+    cfg.decode_timeout = Duration::from_millis(200);
+    let service = Service::open(c.index_dir(), encoder(), cfg.search.clone()).unwrap();
+    let state = AppState::with_service(cfg.clone(), service);
+    let app = router(state.clone());
+    let q = png(&c, "p0-v0-w0");
+    let held = state.inflight.acquire().await.unwrap();
+    let t = Instant::now();
+    let a = post(&app, "/v1/search", "image/png", q.clone()).await;
+    assert_eq!((a.status, a.error_code().as_str()), (StatusCode::SERVICE_UNAVAILABLE, "overloaded"));
+    assert!(t.elapsed() >= Duration::from_millis(190), "it waited for the timeout");
+    drop(held);
+    assert_eq!(post(&app, "/v1/search", "image/png", q).await.status, StatusCode::OK);
+
+    // A timeout far below what decoding a 300x300 PNG takes.
+    cfg.decode_timeout = Duration::from_nanos(1);
+    let service = Service::open(c.index_dir(), encoder(), cfg.search.clone()).unwrap();
+    let app = router(AppState::with_service(cfg, service));
+    let img = image::RgbImage::from_fn(300, 300, |x, y| image::Rgb([x as u8, y as u8, 128]));
+    let mut bytes = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    assert!(bytes.len() < MAX_BODY);
+    let a = post(&app, "/v1/search", "image/png", bytes).await;
+    assert_eq!((a.status, a.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "decode_timeout"));
+}

@@ -35,8 +35,10 @@ ldd "$ORT_DYLIB_PATH" | sed 's/^/   /'
 ! ldd "$ORT_DYLIB_PATH" | grep -q "not found"
 "$ROOT/usr/local/bin/hiercon" runtime
 
-echo "-- the re-index job, once (test encoder: no trained model is needed for this check)"
-HIERCON_BIN=$ROOT/usr/local/bin/hiercon HIERCON_MANIFEST=$MANIFEST HIERCON_INDEX_ARGS="--test-encoder 64" \
+# The test encoder, as no trained model exists yet; its near-duplicate vectors of 64-px emoji leave
+# an item or two unreachable in HNSW, hence --max-self-misses.
+echo "-- the re-index job, once (test encoder)"
+HIERCON_BIN=$ROOT/usr/local/bin/hiercon HIERCON_MANIFEST=$MANIFEST HIERCON_INDEX_ARGS="--test-encoder 64 --max-self-misses 10" \
     REINDEX_ONCE=1 "$ROOT/usr/local/bin/hiercon-reindex"
 
 echo "-- the server"

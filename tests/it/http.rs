@@ -910,14 +910,15 @@ async fn overload_and_decode_timeout_have_their_own_answers() {
     drop(held);
     assert_eq!(post(&app, "/v1/search", "image/png", q).await.status, StatusCode::OK);
 
-    // A timeout far below what decoding a 300x300 PNG takes.
-    cfg.decode_timeout = Duration::from_nanos(1);
+    // A timeout far below what decoding a 3000x3000 PNG takes (tens of ms).
+    cfg.decode_timeout = Duration::from_millis(1);
+    cfg.max_body_bytes = 20 << 20;
+    cfg.search.limits = hiercon::image::Limits::default();
     let service = Service::open(c.index_dir(), encoder(), cfg.search.clone()).unwrap();
     let app = router(AppState::with_service(cfg, service));
-    let img = image::RgbImage::from_fn(300, 300, |x, y| image::Rgb([x as u8, y as u8, 128]));
+    let img = image::RgbImage::from_fn(3000, 3000, |x, y| image::Rgb([(x / 12) as u8, (y / 12) as u8, 128]));
     let mut bytes = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
-    assert!(bytes.len() < MAX_BODY);
     let a = post(&app, "/v1/search", "image/png", bytes).await;
     assert_eq!((a.status, a.error_code().as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "decode_timeout"));
 }

@@ -120,9 +120,9 @@ $(BROWSER_DIR)/node_modules/.ok: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/pack
 	touch $@
 
 # Starts the real server on a loopback port over a test-encoder index, uploads a catalogue image
-# through the page and checks the item comes first (tests/it/http.rs, ignored by plain cargo test).
+# through the page and checks the item comes first (tests/it/serve.rs, ignored by plain cargo test).
 browser-test: browser-deps
-	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact http::browser_upload_finds_the_item_first
+	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact serve::browser_upload_finds_the_item_first
 
 demo: ort
 	$(MAKE) --no-print-directory data PROFILE=release

@@ -4,3 +4,4 @@
 mod catalogue;
 mod http;
 mod index;
+mod serve;

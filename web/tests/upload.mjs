@@ -1,7 +1,7 @@
 // Drives hiercon's page in headless Chromium (Debian's /usr/bin/chromium, no downloaded browser):
 // upload a catalogue image through the file picker and check that the item itself is the first
 // result and that the predicted category is shown; narrow to a category; click a result to search
-// by it. Started by the Rust test `http::browser_upload_finds_the_item_first` with:
+// by it. Started by the Rust test `serve::browser_upload_finds_the_item_first` with:
 //   HIERCON_URL, HIERCON_IMAGE, HIERCON_EXPECT_ID, HIERCON_EXPECT_CATEGORY, HIERCON_SCREENSHOT.
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";

@@ -251,6 +251,8 @@ impl AppState {
                 if let Some(s) = self.service() {
                     let g = s.generation();
                     self.metrics.set_generation(g.meta.generation, g.items.len());
+                    // Build the lookup tables here, off the async threads, not in the first query.
+                    self.info(&g);
                 }
                 if r.changed {
                     tracing::info!(previous = ?r.previous, current = %r.current, "serving a new generation");

@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv bench bench-torch clean-data help
+        pyenv bench bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -27,7 +27,8 @@ help:
 	@echo "make data   - fetch and import the emoji and Fashion-MNIST catalogues"
 	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
 	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
-	@echo "make bench  - criterion benchmarks; results in bench/results"
+	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
+	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
@@ -102,10 +103,27 @@ clean-data:
 build: ort
 	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
 
-test: ort pyenv
+test: ort pyenv browser-deps
 	$(MAKE) --no-print-directory data PROFILE=debug
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) test --locked
+	$(MAKE) --no-print-directory browser-test
+
+# --- the page in a real browser: Debian's Chromium driven by playwright-core (no browser download)
+CHROMIUM    ?= /usr/bin/chromium
+BROWSER_DIR := web/tests
+
+browser-deps: $(BROWSER_DIR)/node_modules/.ok
+
+$(BROWSER_DIR)/node_modules/.ok: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/package-lock.json
+	@test -x $(CHROMIUM) || { echo "$(CHROMIUM) not found: apt-get install chromium (.ci/run does)"; exit 1; }
+	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --silent
+	touch $@
+
+# Starts the real server on a loopback port over a test-encoder index, uploads a catalogue image
+# through the page and checks the item comes first (tests/it/serve.rs, ignored by plain cargo test).
+browser-test: browser-deps
+	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact serve::browser_upload_finds_the_item_first
 
 demo: ort
 	$(MAKE) --no-print-directory data PROFILE=release
@@ -115,6 +133,31 @@ bench: ort pyenv
 	$(MAKE) --no-print-directory data PROFILE=release
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) bench --locked
+	$(MAKE) --no-print-directory bench-load
+
+# HTTP load test: `hiercon serve` as a second process on a loopback port, image queries from
+# LOAD_MANIFEST at concurrency 1, 8 and 32 -> bench/results/load.json. LOAD_MODEL empty: the model
+# the index records. LOAD_ARGS adds flags (e.g. --seconds 5, --query "k=10&group_by=product").
+LOAD_INDEX    ?= index/emoji
+LOAD_MODEL    ?=
+LOAD_MANIFEST ?= data/emoji/manifest.jsonl
+LOAD_ARGS     ?=
+
+bench-load: ort
+	$(CARGO) build --locked --release
+	@test -f $(LOAD_INDEX)/CURRENT || { echo "bench-load: $(LOAD_INDEX) has no live generation (make demo builds index/emoji)"; exit 1; }
+	target/release/hiercon bench-load --index $(LOAD_INDEX) --manifest $(LOAD_MANIFEST) \
+	    $(if $(LOAD_MODEL),--model $(LOAD_MODEL),) --out bench/results/load.json $(LOAD_ARGS)
+
+# Serve an index built by `hiercon index` (HIERCON_API_KEY in the environment enables /v1/admin/*).
+INDEX ?= index/emoji
+MODEL ?=
+HOST  ?= 127.0.0.1
+PORT  ?= 8080
+
+serve: ort
+	$(CARGO) build --locked --release
+	target/release/hiercon serve --index $(INDEX) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
 # PyTorch eager twin of the resnet-mini step (bench/torch_step.py), in its own venv (torch from
 # PyPI, a large download): benches/train_step.rs reads bench/results/torch_step.json for torch_ratio.

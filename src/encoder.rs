@@ -13,7 +13,8 @@
 //! are allowed and kept in [`ModelMeta::extra`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, TryLockError};
 
 use ndarray::{Array2, ArrayView4, Axis};
 use ort::session::Session;
@@ -148,10 +149,14 @@ fn check_batch(batch: &ArrayView4<f32>, p: &Preprocess) -> Result<()> {
     Ok(())
 }
 
-/// An exported model run by ONNX Runtime. Runs are serialised on one session (the `ort` session
-/// needs `&mut` to run); ONNX Runtime's intra-op threads parallelise each batch.
+/// An exported model run by ONNX Runtime, on a small pool of sessions: an `ort` session needs
+/// `&mut` to run, so each is behind its own mutex and concurrent [`Encoder::embed`] calls take
+/// whichever is free (one session, the default, serialises them; ONNX Runtime's intra-op threads
+/// still parallelise each batch). A server answering many small queries at once is faster with a
+/// few sessions of a few threads each than with one session of all cores.
 pub struct OrtEncoder {
-    session: Mutex<Session>,
+    sessions: Vec<Mutex<Session>>,
+    next: AtomicUsize,
     meta: ModelMeta,
     preprocess: Preprocess,
     path: PathBuf,
@@ -167,17 +172,51 @@ impl OrtEncoder {
     /// Loads `model_path` and the `.json` beside it, and checks that the session's input and
     /// output names, element types and static dimensions agree with the description.
     pub fn load(model_path: &Path, opts: &RuntimeOptions) -> Result<Self> {
+        Self::load_pool(model_path, opts, 1)
+    }
+
+    /// As [`OrtEncoder::load`] with `sessions` (at least 1) sessions of the model, each created
+    /// with `opts` (so `opts.threads` is per session).
+    pub fn load_pool(model_path: &Path, opts: &RuntimeOptions, sessions: usize) -> Result<Self> {
+        if sessions == 0 {
+            return Err(Error::InvalidArgument { name: "sessions", reason: "must be at least 1".into() });
+        }
         let meta_path = ModelMeta::path_for(model_path);
         let meta = ModelMeta::read(&meta_path)?;
-        let session = runtime::init()?.session_from_file(opts, model_path)?;
-        check_outlets(&session, &meta).map_err(|reason| Error::ModelMeta { path: meta_path, reason })?;
-        tracing::info!(model = %model_path.display(), arch = %meta.arch, dim = meta.output.dim, digest = %meta.digest, "loaded encoder");
+        let rt = runtime::init()?;
+        let mut pool = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            let session = rt.session_from_file(opts, model_path)?;
+            check_outlets(&session, &meta).map_err(|reason| Error::ModelMeta { path: meta_path.clone(), reason })?;
+            pool.push(Mutex::new(session));
+        }
+        tracing::info!(model = %model_path.display(), arch = %meta.arch, dim = meta.output.dim, digest = %meta.digest, sessions, "loaded encoder");
         Ok(OrtEncoder {
             preprocess: meta.preprocess(),
-            session: Mutex::new(session),
+            sessions: pool,
+            next: AtomicUsize::new(0),
             meta,
             path: model_path.to_path_buf(),
         })
+    }
+
+    /// Sessions in the pool.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A free session if there is one (trying from a rotating start), else waits for one.
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            match self.sessions[(start + i) % n].try_lock() {
+                Ok(s) => return s,
+                Err(TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+        self.sessions[start].lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The model's description.
@@ -248,7 +287,7 @@ impl Encoder for OrtEncoder {
         }
         let contiguous = batch.as_standard_layout();
         let input = TensorRef::from_array_view(&contiguous).map_err(|e| Error::ort("wrapping the input batch", e))?;
-        let mut session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let mut session = self.session();
         let outputs = session
             .run(ort::inputs![self.meta.input.name.as_str() => input])
             .map_err(|e| Error::ort(format!("running {}", self.path.display()), e))?;
@@ -480,6 +519,34 @@ mod tests {
         // Empty batches and wrong shapes.
         assert_eq!(enc.embed(Array4::zeros((0, 3, size, size)).view()).unwrap().shape(), [0, dim]);
         assert!(enc.embed(Array4::zeros((1, 3, size + 1, size)).view()).is_err());
+    }
+
+    #[test]
+    fn a_session_pool_gives_the_same_embeddings_under_concurrent_calls() {
+        let (size, dim) = (8usize, 4usize);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let w = Array2::from_shape_fn((3, dim), |_| rng.random_range(-1.0f32..1.0));
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_model(dir.path(), size as u32, &w, &meta(size as u32, dim));
+        let one = OrtEncoder::load(&path, &RuntimeOptions::default()).unwrap();
+        let pool = OrtEncoder::load_pool(&path, &RuntimeOptions { threads: 1, ..Default::default() }, 3).unwrap();
+        assert_eq!((one.sessions(), pool.sessions()), (1, 3));
+        assert!(OrtEncoder::load_pool(&path, &RuntimeOptions::default(), 0).is_err());
+        let batches: Vec<Array4<f32>> = (0..8).map(|i| random_batch(2, size, 100 + i)).collect();
+        let want: Vec<Array2<f32>> = batches.iter().map(|b| one.embed(b.view()).unwrap()).collect();
+        std::thread::scope(|s| {
+            for _ in 0..6 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        for (b, w) in batches.iter().zip(&want) {
+                            let got = pool.embed(b.view()).unwrap();
+                            let diff = (&got - w).iter().fold(0f32, |m, v| m.max(v.abs()));
+                            assert!(diff < 1e-6, "max |diff| {diff}");
+                        }
+                    }
+                });
+            }
+        });
     }
 
     #[test]

@@ -199,6 +199,15 @@ pub enum Error {
     /// A run directory or evaluation file `eval --compare` cannot use.
     #[error("{path}: {reason}")]
     EvalRun { path: PathBuf, reason: String },
+    #[error("cannot listen on {addr}: {source}")]
+    HttpBind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("HTTP server: {reason}")]
+    HttpServe { reason: String },
 }
 
 /// The library's result type.

@@ -13,6 +13,7 @@ use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
 use hiercon::image::{Augment, Limits};
 use hiercon::model::Arch;
 use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
+use hiercon::http::{self, EncoderSource, ServeConfig};
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
 use hiercon::runtime::{self, Device, RuntimeOptions};
@@ -54,8 +55,16 @@ enum Command {
     /// Exit codes: 0 new generation live; 1 unexpected failure; 2 usage or bad input;
     /// 3 verification failed (CURRENT unchanged); 4 another run holds the index lock.
     Index(IndexArgs),
-    /// Serve the HTTP API and the web page (issue 6: not built yet).
-    Serve,
+    /// Serve the HTTP API and the web page over an index's live generation.
+    ///
+    /// Prints `listening on http://ADDR` once bound. Reloads a new generation on
+    /// `POST /v1/admin/reload`, SIGHUP, and when a poll of CURRENT sees one; stops gracefully on
+    /// SIGTERM / Ctrl-C.
+    Serve(ServeArgs),
+    /// Load test: start `hiercon serve` as a second process on a loopback port (or use --addr)
+    /// and send image queries at each concurrency for a fixed time; writes a JSON report.
+    #[command(hide = true)]
+    BenchLoad(BenchLoadArgs),
     /// Retrieval accuracy per hierarchy level on a split (train = seen products, test = unseen),
     /// mAP, kNN accuracy, NMI; or, with --compare, one table across training runs.
     Eval(EvalArgs),
@@ -306,6 +315,116 @@ struct EvalArgs {
     test_encoder: Option<usize>,
 }
 
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Index directory (`index/<name>`) whose live generation (CURRENT) is served.
+    #[arg(long, env = "HIERCON_INDEX")]
+    index: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "HIERCON_HOST")]
+    host: std::net::IpAddr,
+    /// Port to listen on (0: any free port; the bound address is printed).
+    #[arg(long, default_value_t = 8080, env = "HIERCON_PORT")]
+    port: u16,
+    /// Exported model `X.onnx` for queries (default: the model path the live generation records).
+    #[arg(long, env = "HIERCON_MODEL")]
+    model: Option<PathBuf>,
+    /// Key that guards /v1/admin/* (`Authorization: Bearer KEY`); unset, those routes answer 403.
+    /// Prefer the environment variable to the flag (flags show in `ps`).
+    #[arg(long, env = "HIERCON_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Seconds between checks of CURRENT for a new generation (0: only reload / SIGHUP).
+    #[arg(long, default_value_t = 30.0, env = "HIERCON_POLL_SECS")]
+    poll_secs: f64,
+    /// Largest request body in bytes (also the largest encoded image).
+    #[arg(long, default_value_t = 20 * 1024 * 1024, env = "HIERCON_MAX_BODY_BYTES")]
+    max_body_bytes: usize,
+    /// Largest image in pixels (width x height), checked from the header before decoding.
+    #[arg(long, default_value_t = 40_000_000, env = "HIERCON_MAX_PIXELS")]
+    max_pixels: u64,
+    /// Longest time decoding + embedding + searching one image may take, in milliseconds.
+    #[arg(long, default_value_t = 5000, env = "HIERCON_DECODE_TIMEOUT_MS")]
+    decode_timeout_ms: u64,
+    /// Largest `k` a query may ask for.
+    #[arg(long, default_value_t = 100, env = "HIERCON_MAX_K")]
+    max_k: usize,
+    /// Images decoded and embedded at once; more wait up to the decode timeout, then get 503
+    /// (default: 4 x cores).
+    #[arg(long, env = "HIERCON_MAX_INFLIGHT")]
+    max_inflight: Option<usize>,
+    /// ONNX Runtime sessions of the model: concurrent queries run on different sessions
+    /// (`--threads` is per session; e.g. 4 sessions x 4 threads on 16 cores).
+    #[arg(long, default_value_t = 1, env = "HIERCON_SESSIONS")]
+    sessions: usize,
+    /// Use the deterministic test encoder of this width instead of a model (tests only).
+    #[arg(long, hide = true)]
+    test_encoder: Option<usize>,
+}
+
+impl ServeArgs {
+    fn config(&self, rt_opts: &RuntimeOptions) -> Result<ServeConfig> {
+        let mut cfg = ServeConfig::new(&self.index);
+        cfg.addr = std::net::SocketAddr::new(self.host, self.port);
+        cfg.encoder = match (&self.test_encoder, &self.model) {
+            (Some(dim), _) => EncoderSource::Test { dim: *dim },
+            (None, Some(m)) => EncoderSource::Model(m.clone()),
+            (None, None) => EncoderSource::FromIndex,
+        };
+        cfg.runtime = *rt_opts;
+        cfg.api_key = self.api_key.clone().filter(|k| !k.is_empty());
+        anyhow::ensure!(self.poll_secs.is_finite() && self.poll_secs >= 0.0, "--poll-secs must be >= 0");
+        cfg.poll = (self.poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(self.poll_secs));
+        cfg.max_body_bytes = self.max_body_bytes;
+        cfg.search.limits.max_bytes = self.max_body_bytes;
+        cfg.search.limits.max_pixels = self.max_pixels;
+        cfg.decode_timeout = std::time::Duration::from_millis(self.decode_timeout_ms);
+        cfg.max_k = self.max_k;
+        cfg.sessions = self.sessions;
+        if let Some(n) = self.max_inflight {
+            cfg.max_inflight = n;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args, Debug)]
+struct BenchLoadArgs {
+    /// Index served by the server this starts.
+    #[arg(long, required_unless_present = "addr")]
+    index: Option<PathBuf>,
+    /// Model for that server (default: the one the index records).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Test encoder width for that server (tests only).
+    #[arg(long, hide = true)]
+    test_encoder: Option<usize>,
+    /// Drive an already running server at this address instead of starting one.
+    #[arg(long)]
+    addr: Option<std::net::SocketAddr>,
+    /// Catalogue whose images are the queries.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Distinct query images (the first ones of the manifest), sent round-robin.
+    #[arg(long, default_value_t = 64)]
+    queries: usize,
+    /// Concurrency levels.
+    #[arg(long, default_value = "1,8,32", value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Seconds per level.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Query string of each search.
+    #[arg(long, default_value = "k=10")]
+    query: String,
+    /// Report file.
+    #[arg(long, default_value = "bench/results/load.json")]
+    out: PathBuf,
+    /// More flags for the server it starts, space-separated (e.g. "--sessions 4 --threads 4").
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    server_args: String,
+}
+
 fn parse_split(s: &str) -> Result<Split, String> {
     match s {
         "train" => Ok(Split::Train),
@@ -348,7 +467,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args, &rt_opts),
         Command::ExportLoss(args) => export_loss(args),
         Command::Index(args) => run_index(args, &rt_opts),
-        Command::Serve => anyhow::bail!("not built yet: see issue 6"),
+        Command::Serve(args) => serve(args, &rt_opts),
+        Command::BenchLoad(args) => bench_load(args),
         Command::Eval(args) => run_eval(args, &rt_opts),
         Command::Demo => demo(),
     }
@@ -498,6 +618,111 @@ fn run_eval(args: EvalArgs, rt_opts: &RuntimeOptions) -> Result<()> {
             eprintln!("wrote {}", f.display());
         }
     }
+    Ok(())
+}
+
+/// `hiercon serve`: bind, print the address, serve until SIGTERM / Ctrl-C.
+fn serve(args: ServeArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    let cfg = args.config(rt_opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let server = http::Server::bind(cfg).await?;
+        let addr = server.local_addr()?;
+        println!("listening on http://{addr}");
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        server.run(http::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// `hiercon bench-load`: closed-loop load over loopback, one JSON report.
+fn bench_load(args: BenchLoadArgs) -> Result<()> {
+    use std::io::BufRead as _;
+    let manifest = Manifest::read(&args.manifest)?;
+    anyhow::ensure!(args.queries > 0 && !manifest.items.is_empty(), "no query images");
+    let bodies: Vec<Vec<u8>> = manifest
+        .items
+        .iter()
+        .take(args.queries)
+        .map(|it| std::fs::read(manifest.image_path(it)).with_context(|| format!("reading the image of {}", it.id)))
+        .collect::<Result<_>>()?;
+    let content_type = match bodies[0].get(..4) {
+        Some([0x89, b'P', b'N', b'G']) => "image/png",
+        Some([0xFF, 0xD8, 0xFF, _]) => "image/jpeg",
+        _ => "image/webp",
+    };
+    // The server under test is a second process, so client and server do not share a runtime.
+    let mut child = None;
+    let addr = match (args.addr, &args.index) {
+        (Some(a), _) => a,
+        (None, Some(index)) => {
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.args(["serve", "--port", "0", "--host", "127.0.0.1", "--poll-secs", "0", "--index"]).arg(index);
+            if let Some(m) = &args.model {
+                cmd.arg("--model").arg(m);
+            }
+            if let Some(d) = args.test_encoder {
+                cmd.args(["--test-encoder", &d.to_string()]);
+            }
+            cmd.args(args.server_args.split_whitespace());
+            cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
+            let mut c = cmd.stdout(std::process::Stdio::piped()).spawn().context("starting hiercon serve")?;
+            let mut line = String::new();
+            std::io::BufReader::new(c.stdout.take().expect("piped")).read_line(&mut line)?;
+            let addr = line.trim().strip_prefix("listening on http://").map(str::parse).transpose()?;
+            child = Some(c);
+            addr.ok_or_else(|| anyhow::anyhow!("the server did not start (it printed {line:?})"))?
+        }
+        (None, None) => unreachable!("clap requires --index without --addr"),
+    };
+    let plan = http::load::LoadPlan {
+        addr,
+        path: format!("/v1/search?{}", args.query),
+        content_type: content_type.into(),
+        bodies,
+        duration: std::time::Duration::from_secs_f64(args.seconds),
+        warmup: 5,
+    };
+    let mut levels = Vec::new();
+    for &c in &args.concurrency {
+        let r = http::load::run_level(&plan, c);
+        eprintln!(
+            "concurrency {:>3}: {:>8.1} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+            c, r.throughput_rps, r.p50_ms, r.p99_ms, r.errors
+        );
+        levels.push(r);
+    }
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let report = serde_json::json!({
+        "bench": "load",
+        "machine": format!("{cpu}, {cores} cores; client and server on the same machine over loopback"),
+        "index": args.index, "model": args.model, "test_encoder": args.test_encoder,
+        "manifest": args.manifest, "queries": plan.bodies.len(),
+        "mean_query_bytes": plan.bodies.iter().map(Vec::len).sum::<usize>() / plan.bodies.len(),
+        "content_type": content_type, "request": plan.path, "seconds_per_level": args.seconds,
+        "server_args": args.server_args,
+        "levels": levels,
+    });
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")?;
+    println!("{}", args.out.display());
+    let errors: usize = levels.iter().map(|l| l.errors).sum();
+    anyhow::ensure!(errors == 0, "{errors} requests failed");
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use crate::encoder::Encoder;
 use crate::image::{self as img, Limits};
 pub use crate::index::Answer;
 pub use crate::index::filter::{Filter, GroupBy};
-use crate::index::query::QueryConfig;
+pub use crate::index::query::QueryConfig;
 use crate::index::store::{Generation, IndexDir, ItemRecord};
 use crate::{Error, Result};
 
@@ -156,9 +156,25 @@ impl Service {
         Ok(ReloadOutcome { previous, current: name, changed: true })
     }
 
+    /// The service's settings.
+    pub fn config(&self) -> &SearchConfig {
+        &self.config
+    }
+
     /// Ranks items by cosine similarity to `embedding` (any norm).
     #[instrument(skip(self, embedding), fields(k = req.k, group_by = ?req.group_by))]
     pub fn search_embedding(&self, embedding: &[f32], req: &SearchRequest) -> Result<SearchResponse> {
+        self.search_embedding_with(embedding, req, &self.config.query)
+    }
+
+    /// As [`Service::search_embedding`] with other query-planning knobs (e.g. `exact_below_rows:
+    /// usize::MAX` forces the exact scan, as `serve`'s `exact=true` does).
+    pub fn search_embedding_with(
+        &self,
+        embedding: &[f32],
+        req: &SearchRequest,
+        planning: &QueryConfig,
+    ) -> Result<SearchResponse> {
         if req.k == 0 || req.k > self.config.max_k {
             return Err(Error::InvalidArgument { name: "k", reason: format!("must be in 1..={}", self.config.max_k) });
         }
@@ -170,7 +186,7 @@ impl Service {
                 reason: format!("must be in 1..={}", self.config.max_ef),
             });
         }
-        let res = g.query(embedding, req.k, ef, &req.filter, req.group_by, &self.config.query)?;
+        let res = g.query(embedding, req.k, ef, &req.filter, req.group_by, planning)?;
         let hits = res
             .hits
             .iter()

@@ -3,6 +3,8 @@
 
 mod catalogue;
 mod eval;
+mod http;
 mod index;
 mod loss;
+mod serve;
 mod train;

@@ -68,8 +68,9 @@ enum Command {
     /// Retrieval accuracy per hierarchy level on a split (train = seen products, test = unseen),
     /// mAP, kNN accuracy, NMI; or, with --compare, one table across training runs.
     Eval(EvalArgs),
-    /// Run the shipped default end to end (issue 6: for now, summarise the demo catalogue).
-    Demo,
+    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-hmce.onnx
+    /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
+    Demo(DemoArgs),
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
     Runtime,
 }
@@ -227,6 +228,18 @@ impl From<SplitArgs> for SplitOptions {
 
 /// The demo catalogue `hiercon demo` summarises.
 const DEMO_MANIFEST: &str = "data/emoji/manifest.jsonl";
+const DEMO_MODEL: &str = "models/emoji-hmce.onnx";
+const DEMO_INDEX: &str = "index/emoji";
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1", env = "HIERCON_HOST")]
+    host: std::net::IpAddr,
+    /// Port to serve on.
+    #[arg(long, default_value_t = 8080, env = "HIERCON_PORT")]
+    port: u16,
+}
 
 #[derive(Args, Debug)]
 struct IndexArgs {
@@ -470,7 +483,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve(args, &rt_opts),
         Command::BenchLoad(args) => bench_load(args),
         Command::Eval(args) => run_eval(args, &rt_opts),
-        Command::Demo => demo(),
+        Command::Demo(args) => demo(args, &rt_opts),
     }
 }
 
@@ -747,12 +760,42 @@ fn data(source: DataSource) -> Result<()> {
 }
 
 /// `hiercon demo` (until issue 6 builds it): summarise the demo catalogue.
-fn demo() -> Result<()> {
-    let path = PathBuf::from(DEMO_MANIFEST);
-    if !path.is_file() {
-        anyhow::bail!("{DEMO_MANIFEST} not found: run `make data` (or `make demo`) in the repository first");
+fn demo(args: DemoArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    let manifest = PathBuf::from(DEMO_MANIFEST);
+    let model = PathBuf::from(DEMO_MODEL);
+    if !manifest.is_file() {
+        anyhow::bail!("{DEMO_MANIFEST} not found: run `make demo` (or `make data`) in the repository first");
     }
-    let manifest = Manifest::read(&path)?;
-    println!("{DEMO_MANIFEST}\n{}", manifest.summary());
-    Ok(())
+    if !model.is_file() {
+        anyhow::bail!("{DEMO_MODEL} not found: run `hiercon demo` from the repository root");
+    }
+    println!("{DEMO_MANIFEST}\n{}", Manifest::read(&manifest)?.summary());
+    // Index with the shipped model (a re-run reuses the cached embeddings), then serve it.
+    run_index(
+        IndexArgs::parse_from_args(&["--manifest", DEMO_MANIFEST, "--model", DEMO_MODEL, "--out", DEMO_INDEX])?,
+        rt_opts,
+    )?;
+    let serve_args = ServeArgs::parse_from_args(&[
+        "--index",
+        DEMO_INDEX,
+        "--host",
+        &args.host.to_string(),
+        "--port",
+        &args.port.to_string(),
+    ])?;
+    println!("open http://{}:{}/ in a browser (Ctrl-C stops)", args.host, args.port);
+    serve(serve_args, rt_opts)
+}
+
+/// Parses one subcommand's flags alone (`demo` reuses `index` and `serve` with fixed arguments).
+trait ParseFromArgs: Sized {
+    fn parse_from_args(args: &[&str]) -> Result<Self>;
+}
+
+impl<T: clap::FromArgMatches + clap::Args> ParseFromArgs for T {
+    fn parse_from_args(args: &[&str]) -> Result<Self> {
+        let cmd = T::augment_args(clap::Command::new("hiercon"));
+        let matches = cmd.try_get_matches_from(std::iter::once("hiercon").chain(args.iter().copied()))?;
+        Ok(T::from_arg_matches(&matches)?)
+    }
 }

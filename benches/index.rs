@@ -68,15 +68,7 @@ fn recall(exact: &[Hit], approx: &[Hit]) -> f64 {
 }
 
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    format!("{cpu}, {} threads (rayon)", rayon::current_num_threads())
+    format!("{} ({} rayon threads)", hiercon::runtime::machine_description(), rayon::current_num_threads())
 }
 
 struct Setup {

@@ -49,7 +49,8 @@ fn bench(c: &mut Criterion) {
     let encoder = OrtEncoder::load(&model, &RuntimeOptions::default()).unwrap();
     let t = Instant::now();
     let (_, emb, stats) =
-        embed_items(&manifest.items, &manifest.dir, &encoder, &EmbeddingCache::empty(), 64, &Limits::default()).unwrap();
+        embed_items(&manifest.items, &manifest.dir, &encoder, &EmbeddingCache::empty(), 64, &Limits::default())
+            .unwrap();
     let embed_s = t.elapsed().as_secs_f64();
     let n = emb.nrows();
     let data = Arc::new(emb);
@@ -83,7 +84,7 @@ fn bench(c: &mut Criterion) {
         "embedded": stats.embedded, "embed_seconds": embed_s, "images_per_s": stats.embedded as f64 / embed_s,
         "m": params.m, "ef_construction": params.ef_construction, "build_seconds": build_s,
         "default_ef": EF, "recall_at_10": recalls, "query_latency_1_thread": latency,
-        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "machine": hiercon::runtime::machine_description(),
     });
     let text = serde_json::to_string_pretty(&summary).unwrap();
     eprintln!("{text}");

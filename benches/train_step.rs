@@ -73,7 +73,8 @@ fn gemm_gflops(rt: &RuntimeOptions) -> f64 {
     let c = g.matmul(a, b).unwrap();
     g.output("c", c).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut rand = || Tensor::f32(&[GEMM, GEMM], (0..GEMM * GEMM).map(|_| rng.random_range(-1.0..1.0)).collect()).unwrap();
+    let mut rand =
+        || Tensor::f32(&[GEMM, GEMM], (0..GEMM * GEMM).map(|_| rng.random_range(-1.0..1.0)).collect()).unwrap();
     let (x, y) = (rand(), rand());
     let mut run = Runner::new(&g, rt).unwrap();
     let mut times: Vec<f64> = (0..12)
@@ -138,13 +139,12 @@ fn bench(c: &mut Criterion) {
     let s = times[times.len() / 2];
     let gemm = gemm_gflops(&rt);
     let achieved = step_flops / s / 1e9;
-    let torch: Option<serde_json::Value> = std::fs::read_to_string("bench/results/torch_step.json")
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
+    let torch: Option<serde_json::Value> =
+        std::fs::read_to_string("bench/results/torch_step.json").ok().and_then(|t| serde_json::from_str(&t).ok());
     let torch_s = torch.as_ref().and_then(|t| t["seconds_per_step"].as_f64());
     let result = serde_json::json!({
         "bench": "resnet-mini 64px, 64 images (32 samples x 2 views), hmce, SGD momentum 0.9",
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "machine": hiercon::runtime::machine_description(),
         "seconds_per_step": s,
         "images_per_s": (2 * N) as f64 / s,
         "peak_rss_mib": peak_rss_mib(),

@@ -10,14 +10,14 @@ use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
 use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
 use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder, TestEncoder};
 use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
-use hiercon::image::{Augment, Limits};
-use hiercon::model::Arch;
-use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
 use hiercon::http::{self, EncoderSource, ServeConfig};
+use hiercon::image::{Augment, Limits};
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
+use hiercon::model::Arch;
 use hiercon::runtime::{self, Device, RuntimeOptions};
 use hiercon::search::{SearchConfig, Service};
+use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
 use tracing_subscriber::EnvFilter;
 
 /// Hierarchical multi-label contrastive image search.
@@ -710,18 +710,9 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let report = serde_json::json!({
         "bench": "load",
-        "machine": format!("{cpu}, {cores} cores; client and server on the same machine over loopback"),
+        "machine": format!("{}; client and server on the same machine over loopback", runtime::machine_description()),
         "index": args.index, "model": args.model, "test_encoder": args.test_encoder,
         "manifest": args.manifest, "queries": plan.bodies.len(),
         "mean_query_bytes": plan.bodies.iter().map(Vec::len).sum::<usize>() / plan.bodies.len(),

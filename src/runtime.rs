@@ -57,6 +57,21 @@ pub struct Runtime {
 
 static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
 
+/// The machine benchmarks ran on, for their reports: the CPU model (from `/proc/cpuinfo`) and
+/// the number of cores this process may use.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
 /// Candidate locations of the library, in search order, each with where it came from.
 pub fn library_candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -11,4 +11,6 @@ pub use checkpoint::{CHECKPOINT_FORMAT, Checkpoint};
 pub use sampler::{Batch, Sampler, SamplerConfig, SamplerKind, SamplerState, SamplerStats, SlotRole};
 pub use schedule::Schedule;
 pub use session::{StepOut, TrainSession};
-pub use trainer::{OptimizerKind, RunDir, StepMetrics, TrainConfig, TrainHooks, TrainOutcome, plot_losses, read_metrics, replot, train};
+pub use trainer::{
+    OptimizerKind, RunDir, StepMetrics, TrainConfig, TrainHooks, TrainOutcome, plot_losses, read_metrics, replot, train,
+};

@@ -220,7 +220,13 @@ pub struct TrainHooks {
 }
 
 /// Trains (or resumes) the run in `out` and exports its model.
-pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, hooks: &TrainHooks) -> Result<TrainOutcome> {
+pub fn train(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: bool,
+    rt: &RuntimeOptions,
+    hooks: &TrainHooks,
+) -> Result<TrainOutcome> {
     cfg.check()?;
     let run = RunDir { dir: out.to_path_buf() };
     let manifest = Manifest::read(&cfg.manifest)?;
@@ -282,10 +288,11 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, h
     let images = load_images(&manifest, &items)?;
     let model_cfg = cfg.model();
     let loss_opts = cfg.loss.clone();
-    let step_graph = model::step_graph(&model_cfg, cfg.batch_size, k, &cfg.optimizer(), &GradOptions::default(), |g, emb, lab| {
-        let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
-        Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
-    })?;
+    let step_graph =
+        model::step_graph(&model_cfg, cfg.batch_size, k, &cfg.optimizer(), &GradOptions::default(), |g, emb, lab| {
+            let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
+            Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
+        })?;
     let mut session = TrainSession::new(&step_graph, rt, state)?;
     session.set_steps_done(start as u64);
     let pre = Preprocess { size: cfg.image_size as u32, mean: model::IMAGENET_MEAN, std: model::IMAGENET_STD };
@@ -402,7 +409,14 @@ fn load_images(manifest: &Manifest, items: &[&crate::catalogue::Item]) -> Result
 }
 
 /// `[2N, 3, S, S]`: row `i` is the first view of sample `i`, row `i + N` its second.
-fn views(images: &[::image::RgbImage], batch: &[usize], a: &Augment, p: &Preprocess, seed: u64, step: usize) -> Array4<f32> {
+fn views(
+    images: &[::image::RgbImage],
+    batch: &[usize],
+    a: &Augment,
+    p: &Preprocess,
+    seed: u64,
+    step: usize,
+) -> Array4<f32> {
     let n = batch.len();
     let s = p.size as usize;
     let tensors: Vec<_> = (0..2 * n)
@@ -461,9 +475,10 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| Error::TrainResume {
-            reason: format!("{} line {}: {e}", path.display(), i + 1),
-        })?);
+        out.push(
+            serde_json::from_str(&line)
+                .map_err(|e| Error::TrainResume { reason: format!("{} line {}: {e}", path.display(), i + 1) })?,
+        );
     }
     Ok(out)
 }

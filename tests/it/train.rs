@@ -96,7 +96,8 @@ fn a_run_stopped_abruptly_and_resumed_matches_an_uninterrupted_one() {
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {}: {x} vs {y}", step + 1);
     }
-    let (ma, mb) = (ModelMeta::read(&whole.join("model.json")).unwrap(), ModelMeta::read(&cut.join("model.json")).unwrap());
+    let (ma, mb) =
+        (ModelMeta::read(&whole.join("model.json")).unwrap(), ModelMeta::read(&cut.join("model.json")).unwrap());
     let (ea, eb) = (
         OrtEncoder::load(&whole.join("model.onnx"), &rt()).unwrap(),
         OrtEncoder::load(&cut.join("model.onnx"), &rt()).unwrap(),

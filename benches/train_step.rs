@@ -8,6 +8,8 @@
 //!   `achieved_gflops`, `gemm_gflops` and `gemm_ratio` = achieved / gemm;
 //! - `torch_ratio` = our step time / PyTorch eager's, when `make bench-torch` has written
 //!   `bench/results/torch_step.json` on this machine (the same network, loss and optimizer).
+//!
+//! `HIERCON_BENCH_DUMP=<dir>` also writes the step graph there as ONNX (for profiling).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -107,6 +109,9 @@ fn bench(c: &mut Criterion) {
     )
     .unwrap();
     let step_flops = flops(&step.graph);
+    if let Some(dir) = std::env::var_os("HIERCON_BENCH_DUMP") {
+        step.graph.write_onnx(&std::path::Path::new(&dir).join("train_step.onnx"), "step").unwrap();
+    }
     let mut session = TrainSession::new(&step, &rt, None).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let numel = 2 * N * 3 * SIZE * SIZE;

@@ -1,5 +1,6 @@
-//! Conv gradients. Input: ConvTranspose with the forward geometry (output_padding restores odd
-//! sizes). Weight: one of two lowerings, [`ConvWeightGrad::Transposed`] (a Conv over the
+//! Conv gradients. Input: for stride 1 (dense, square kernel, equal pads) a Conv with the
+//! kernel transposed over channels and flipped in space; otherwise ConvTranspose with the forward
+//! geometry (output_padding restores odd sizes). Weight: one of two lowerings, [`ConvWeightGrad::Transposed`] (a Conv over the
 //! transposed input with the output gradient as kernel, dilations = stride) or
 //! [`ConvWeightGrad::Im2col`] (the input unfolded by a Conv with 0/1 kernels, then MatMul),
 //! chosen per layer by [`conv_weight_rule`] unless the builder or [`super::GradOptions`] says.
@@ -65,7 +66,18 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &m
     let (s, p, d) = (u(&strides), u(&pads), u(&dil));
     let mut out = vec![None; node.inputs.len()];
 
-    if need[0] {
+    let square_same_pads = ws[2] == ws[3] && p.iter().all(|&v| v == p[0]) && p[0] < ws[2];
+    if need[0] && s == [1, 1] && d == [1, 1] && groups == 1 && square_same_pads {
+        // Stride 1: dX = Conv(dY, W transposed over channels and flipped in space) with pad
+        // k-1-p. ORT's Conv (NCHWc kernels) runs this 2-4x faster than its ConvTranspose.
+        let k = ws[2];
+        let wt = g.transpose(w, &[1, 0, 2, 3])?;
+        let rev = g.const_i64(&(0..k as i64).rev().collect::<Vec<_>>());
+        let flip_h = g.gather(wt, rev, 2)?;
+        let flipped = g.gather(flip_h, rev, 3)?;
+        let c = crate::graph::nn::Conv2d { stride: 1, pad: k - 1 - p[0], ..Default::default() };
+        out[0] = Some(g.conv(gy, flipped, None, c)?);
+    } else if need[0] {
         let mut op = [0; 2];
         for i in 0..2 {
             let full = s[i] * (ys[2 + i] - 1) + d[i] * (ws[2 + i] - 1) + 1;

@@ -214,6 +214,8 @@ const CONVS: &[ConvCase] = &[
     (&[2, 3, 7, 7], &[2, 3, 7, 7], 1, 0, 1, 1, false), // kernel as large as the input
     (&[2, 8, 2, 2], &[8, 8, 3, 3], 1, 1, 1, 1, true),  // tiny map, many channels: batch folded
     (&[2, 8, 2, 2], &[16, 4, 3, 3], 1, 1, 1, 2, false), // the same, grouped
+    (&[2, 3, 6, 5], &[4, 3, 1, 1], 1, 0, 1, 1, false), // 1x1 stride 1: input grad by a flipped-kernel Conv
+    (&[1, 2, 8, 7], &[3, 2, 5, 5], 1, 1, 1, 1, true),  // 5x5, pad 1 < k-1: flipped-kernel Conv pads 3
 ];
 
 #[test]
@@ -244,9 +246,13 @@ fn conv_lowering_follows_the_builder_then_the_options_and_is_reported() {
         let loss = g.sum_all(y).unwrap();
         let before = g.nodes().len();
         let (_, report) = grad_with(&mut g, loss, &[w1, w2], &GradOptions { conv_weight: opts }).unwrap();
-        // Im2col unfolds with a Conv over constant 0/1 kernels; Transposed convolves with gy.
-        let transposed =
-            g.nodes()[before..].iter().filter(|n| n.op == "Conv" && g.const_value(n.inputs[1]).is_none()).count();
+        // Im2col unfolds with a Conv over constant 0/1 kernels; Transposed convolves with gy; the
+        // stride-1 input gradient convolves with the flipped weight (a Gather).
+        let transposed = g.nodes()[before..]
+            .iter()
+            .filter(|n| n.op == "Conv" && g.const_value(n.inputs[1]).is_none())
+            .filter(|n| g.producer(n.inputs[1]).is_none_or(|p| p.op != "Gather"))
+            .count();
         (report, transposed)
     };
     let lowering = |r: &GradReport, name: &str| r.convs.iter().find(|c| c.output == name).unwrap().lowering;

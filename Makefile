@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv bench bench-torch bench-load serve browser-deps browser-test clean-data help
+        pyenv paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -27,6 +27,7 @@ help:
 	@echo "make data   - fetch and import the emoji and Fashion-MNIST catalogues"
 	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
 	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
+	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
@@ -128,6 +129,13 @@ browser-test: browser-deps
 demo: ort
 	$(MAKE) --no-print-directory data PROFILE=release
 	target/release/hiercon demo
+
+# The paper's comparison on our data (scripts/paper.sh): six losses x two catalogues, trained,
+# evaluated on seen and unseen products -> reports/paper.md. About 30 min on 2 cores; finished
+# runs in runs/paper/ are reused, so an interrupted `make paper` resumes.
+paper: ort
+	$(MAKE) --no-print-directory data PROFILE=release
+	scripts/paper.sh
 
 bench: ort pyenv
 	$(MAKE) --no-print-directory data PROFILE=release

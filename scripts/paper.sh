@@ -16,15 +16,15 @@ SEED=${SEED:-0}
 LOSSES=(ce simclr supcon hmc hce hmce)
 OUT=runs/paper
 mkdir -p "$OUT" reports
-started=$(date +%s)
 
 # run NAME MANIFEST IMAGE_SIZE STEPS MAX_QUERIES LOSS
 run() {
   local name=$1 manifest=$2 size=$3 steps=$4 maxq=$5 loss=$6
   local dir=$OUT/$name-$loss
-  local t0
+  local t0 worked=0
   t0=$(date +%s)
   if [[ ! -f $dir/model.onnx ]]; then
+    worked=1
     local resume=()
     [[ -f $dir/checkpoint.safetensors ]] && resume=(--resume)
     "$HIERCON" train --manifest "$manifest" --loss "$loss" --arch resnet-mini --image-size "$size" \
@@ -32,37 +32,43 @@ run() {
   fi
   for split in train test; do
     if [[ ! -f $dir/eval-$split.json ]]; then
+      worked=1
       "$HIERCON" eval --model "$dir/model.onnx" --manifest "$manifest" --split "$split" \
         ${maxq:+--max-queries "$maxq"} --seed "$SEED" --report "$dir/eval-$split" > /dev/null
     fi
   done
-  echo "$name-$loss: $(( $(date +%s) - t0 )) s" >> "$OUT/times.txt"
+  # Wall seconds of this run's training + evaluation, kept when a later call reuses the run.
+  if (( worked )); then echo $(( $(date +%s) - t0 )) > "$dir/wall-seconds"; fi
 }
 
-: > "$OUT/times.txt"
 for loss in "${LOSSES[@]}"; do run emoji data/emoji/manifest.jsonl 64 "$EMOJI_STEPS" "" "$loss"; done
 for loss in "${LOSSES[@]}"; do run fmnist data/fashion-mnist/manifest.jsonl 28 "$FMNIST_STEPS" 5000 "$loss"; done
 
 "$HIERCON" eval --compare "${LOSSES[@]/#/$OUT/emoji-}" --report "$OUT/compare-emoji" > /dev/null
 "$HIERCON" eval --compare "${LOSSES[@]/#/$OUT/fmnist-}" --report "$OUT/compare-fmnist" > /dev/null
-minutes=$(( ($(date +%s) - started) / 60 ))
+total=0
+for d in "${LOSSES[@]/#/$OUT/emoji-}" "${LOSSES[@]/#/$OUT/fmnist-}"; do
+  total=$(( total + $(cat "$d/wall-seconds" 2>/dev/null || echo 0) ))
+done
 
 {
   cat docs/paper-head.md
   echo
   echo "## Emoji (resnet-mini, 64 px, $EMOJI_STEPS steps of 32 samples x 2 views, seed $SEED)"
   echo
-  cat "$OUT/compare-emoji.md"
+  sed "s/^## /### /" "$OUT/compare-emoji.md"
   echo
   echo "## Fashion-MNIST (resnet-mini, 28 px, $FMNIST_STEPS steps of 32 samples x 2 views, seed $SEED; at most 5000 queries per split)"
   echo
-  cat "$OUT/compare-fmnist.md"
+  sed "s/^## /### /" "$OUT/compare-fmnist.md"
   echo
   echo "## Wall time"
   echo
-  echo "This run of \`make paper\` took $minutes min on $(nproc) CPU cores (training and evaluation, per run):"
+  echo "Training and evaluation took $(( total / 60 )) min in all on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); per run:"
   echo
-  sed 's/^/- /' "$OUT/times.txt"
+  for d in "${LOSSES[@]/#/$OUT/emoji-}" "${LOSSES[@]/#/$OUT/fmnist-}"; do
+    echo "- $(basename "$d"): $(cat "$d/wall-seconds" 2>/dev/null || echo '?') s"
+  done
   echo
   [[ -f docs/paper-findings.md ]] && cat docs/paper-findings.md
 } > reports/paper.md

@@ -168,7 +168,7 @@ serve: ort
 	target/release/hiercon serve --index $(INDEX) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
 # PyTorch eager twin of the resnet-mini step (bench/torch_step.py), in its own venv (torch from
-# PyPI, a large download): benches/train_step.rs reads bench/results/torch_step.json for torch_ratio.
+# PyPI, a large download): benches/train_step.rs runs it interleaved with our step for torch_ratio.
 TORCH_VENV := bench/venv
 $(TORCH_VENV)/.ok:
 	python3 -m venv $(TORCH_VENV)
@@ -176,6 +176,4 @@ $(TORCH_VENV)/.ok:
 	touch $@
 
 bench-torch: $(TORCH_VENV)/.ok
-	mkdir -p bench/results
-	$(TORCH_VENV)/bin/python bench/torch_step.py --images 64 --size 64 > bench/results/torch_step.json
-	cat bench/results/torch_step.json
+	$(TORCH_VENV)/bin/python bench/torch_step.py --images 64 --size 64

@@ -6,8 +6,10 @@
 //! - `peak_rss_mib` (the process's high-water mark, VmHWM);
 //! - `step_gflop` (Conv, ConvTranspose, MatMul and Gemm FLOPs of the compiled step graph),
 //!   `achieved_gflops`, `gemm_gflops` and `gemm_ratio` = achieved / gemm;
-//! - `torch_ratio` = our step time / PyTorch eager's, when `make bench-torch` has written
-//!   `bench/results/torch_step.json` on this machine (the same network, loss and optimizer).
+//! - `torch_ratio` = our median step time / PyTorch eager's, timed interleaved in this run: three
+//!   rounds of 15 of our steps, each followed by 15 steps of `bench/torch_step.py` (the same
+//!   network, loss and optimizer) in the venv `make bench-torch` installs (`HIERCON_TORCH_PYTHON`
+//!   overrides the interpreter); without that venv, `torch_ratio` is null.
 //!
 //! `HIERCON_BENCH_DUMP=<dir>` also writes the step graph there as ONNX (for profiling).
 
@@ -35,6 +37,8 @@ fn flops(g: &Graph) -> f64 {
     g.nodes()
         .iter()
         .map(|n| match n.op {
+            // Convolutions with constant kernels are the im2col unfolds: data movement, not FLOPs.
+            "Conv" if g.const_value(n.inputs[1]).is_some() => 0.0,
             "Conv" => {
                 let w = g.shape(n.inputs[1]);
                 2.0 * numel(n.outputs[0]) * (w[1] * w[2] * w[3]) as f64
@@ -91,6 +95,46 @@ fn gemm_gflops(rt: &RuntimeOptions) -> f64 {
     2.0 * (GEMM as f64).powi(3) / times[times.len() / 2] / 1e9
 }
 
+/// Median seconds per step of ours and of PyTorch's twin, measured in alternating rounds so that
+/// both see the same machine; `None` for torch when its venv is missing.
+fn interleaved(
+    session: &mut TrainSession,
+    images: &Tensor,
+    labels: &Tensor,
+) -> (Option<f64>, Option<serde_json::Value>) {
+    let python = std::env::var("HIERCON_TORCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
+    if !std::path::Path::new(&python).exists() {
+        eprintln!("train_step: {python} missing (make bench-torch installs it); torch_ratio is null");
+        return (None, None);
+    }
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..3 {
+        for _ in 0..15 {
+            let t = Instant::now();
+            session.run(images, labels, 0.01).unwrap();
+            ours.push(t.elapsed().as_secs_f64());
+        }
+        let out = std::process::Command::new(&python)
+            .args(["bench/torch_step.py", "--images", &(2 * N).to_string(), "--size", &SIZE.to_string()])
+            .args(["--steps", "15", "--warmup", "3"])
+            .output()
+            .expect("running bench/torch_step.py");
+        assert!(out.status.success(), "torch_step.py failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("torch_step.py prints JSON");
+        theirs.push(v["seconds_per_step"].as_f64().expect("seconds_per_step"));
+        last = Some(v);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut torch = last.expect("three rounds");
+    torch["seconds_per_step"] = serde_json::json!(median(theirs.clone()));
+    torch["rounds_seconds_per_step"] = serde_json::json!(theirs);
+    (Some(median(ours)), Some(torch))
+}
+
 fn bench(c: &mut Criterion) {
     hiercon::runtime::init().unwrap();
     let rt = RuntimeOptions::default();
@@ -144,8 +188,7 @@ fn bench(c: &mut Criterion) {
     let s = times[times.len() / 2];
     let gemm = gemm_gflops(&rt);
     let achieved = step_flops / s / 1e9;
-    let torch: Option<serde_json::Value> =
-        std::fs::read_to_string("bench/results/torch_step.json").ok().and_then(|t| serde_json::from_str(&t).ok());
+    let (ours, torch) = interleaved(&mut session, &images, &labels);
     let torch_s = torch.as_ref().and_then(|t| t["seconds_per_step"].as_f64());
     let result = serde_json::json!({
         "bench": "resnet-mini 64px, 64 images (32 samples x 2 views), hmce, SGD momentum 0.9",
@@ -158,7 +201,8 @@ fn bench(c: &mut Criterion) {
         "gemm_gflops": gemm,
         "gemm_ratio": achieved / gemm,
         "torch_seconds_per_step": torch_s,
-        "torch_ratio": torch_s.map(|t| s / t),
+        "interleaved_seconds_per_step": ours,
+        "torch_ratio": torch_s.and_then(|t| ours.map(|o| o / t)),
         "torch": torch,
         "conv_weight_grad": step.report.convs.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
     });

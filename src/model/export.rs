@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::ModelConfig;
 use super::step::inference_graph;
 use crate::encoder::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
 use crate::graph::{InputKind, Tensor, WriteOptions};
+use crate::train::checkpoint::write_atomic;
 use crate::{Error, Result};
 
 /// Per-channel mean the exported model expects on 0..1 RGB pixels (ImageNet's, as torchvision).
@@ -67,7 +69,8 @@ pub fn export(
         exported.push((name.as_str(), t));
     }
     let digest = state_digest(exported);
-    g.write_onnx_with(onnx_path, "hiercon", WriteOptions { annotate: false, dynamic_batch: true, freeze_state: true })?;
+    let opts = WriteOptions { annotate: false, dynamic_batch: true, freeze_state: true };
+    let bytes = crate::graph::onnx::to_model_with(&g, "hiercon", opts)?.encode_to_vec();
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),
         arch: cfg.arch.name().to_string(),
@@ -76,7 +79,12 @@ pub fn export(
         digest,
         extra,
     };
-    meta.write(&ModelMeta::path_for(onnx_path))?;
+    // Each file is replaced atomically (tmp + fsync + rename), so neither is ever half written. A
+    // crash between the two renames can still pair the new model with the old description;
+    // `hiercon train --resume` on the finished run exports both again.
+    write_atomic(onnx_path, &bytes)?;
+    let text = serde_json::to_string_pretty(&meta).expect("ModelMeta serialises") + "\n";
+    write_atomic(&ModelMeta::path_for(onnx_path), text.as_bytes())?;
     tracing::info!(path = %onnx_path.display(), arch = %cfg.arch, digest = %meta.digest, "exported model");
     Ok(meta)
 }

@@ -750,7 +750,7 @@ fn data(source: DataSource) -> Result<()> {
     Ok(())
 }
 
-/// `hiercon demo` (until issue 6 builds it): summarise the demo catalogue.
+/// `hiercon demo`: summarise the emoji catalogue, index it with the shipped model, serve it.
 fn demo(args: DemoArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     let manifest = PathBuf::from(DEMO_MANIFEST);
     let model = PathBuf::from(DEMO_MODEL);

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use hiercon::eval::metrics::recall_against_exact;
 use hiercon::index::query::approx_candidates;
 use hiercon::index::{AnnIndex, ExactIndex, Hit, HnswIndex, HnswParams};
 use hiercon::progress::Progress;
@@ -62,11 +63,6 @@ fn dataset(n: usize, dim: usize, clusters: usize, seed: u64) -> Array2<f32> {
     a
 }
 
-fn recall(exact: &[Hit], approx: &[Hit]) -> f64 {
-    let kth = exact.last().map_or(f32::MIN, |h| h.score);
-    approx.iter().filter(|h| h.score >= kth - 1e-6).count() as f64 / exact.len().max(1) as f64
-}
-
 fn machine() -> String {
     format!("{} ({} rayon threads)", hiercon::runtime::machine_description(), rayon::current_num_threads())
 }
@@ -106,7 +102,7 @@ fn setup() -> Setup {
             .rows()
             .into_iter()
             .zip(&truth)
-            .map(|(q, e)| recall(e, &hnsw.search(q.as_slice().unwrap(), K, ef, None)))
+            .map(|(q, e)| recall_against_exact(&hnsw.search(q.as_slice().unwrap(), K, ef, None), e, K))
             .sum::<f64>()
             / QUERIES as f64;
         let us = t.elapsed().as_secs_f64() * 1e6 / QUERIES as f64;
@@ -136,13 +132,13 @@ fn setup() -> Setup {
                 let t = Instant::now();
                 let a = hnsw.search(q, K, ef, Some(&allow));
                 t_filter += t.elapsed().as_secs_f64();
-                r_filter += recall(&e, &a);
+                r_filter += recall_against_exact(&a, &e, K);
             }
             let t = Instant::now();
             let p = approx_candidates(&hnsw, q, K, EF, rows.len() as f64 / n as f64, Some(&allow));
             t_post += t.elapsed().as_secs_f64();
             short_post += usize::from(p.len() < K.min(rows.len()));
-            r_post += recall(&e, &p);
+            r_post += recall_against_exact(&p, &e, K);
         }
         let us = |t: f64| t * 1e6 / nq as f64;
         filtered.insert(

@@ -16,6 +16,7 @@ use std::time::Instant;
 use criterion::{Criterion, criterion_group, criterion_main};
 use hiercon::catalogue::Manifest;
 use hiercon::encoder::{Encoder, OrtEncoder};
+use hiercon::eval::metrics::recall_against_exact;
 use hiercon::image::Limits;
 use hiercon::index::build::{EmbeddingCache, embed_items};
 use hiercon::index::{AnnIndex, ExactIndex, Hit, HnswIndex, HnswParams};
@@ -25,11 +26,6 @@ use rayon::prelude::*;
 
 const K: usize = 10;
 const EF: usize = 64;
-
-fn recall(exact: &[Hit], approx: &[Hit]) -> f64 {
-    let kth = exact.last().map_or(f32::MIN, |h| h.score);
-    approx.iter().filter(|h| h.score >= kth - 1e-6).count() as f64 / exact.len().max(1) as f64
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
@@ -70,7 +66,7 @@ fn bench(c: &mut Criterion) {
             let t = Instant::now();
             let a = hnsw.search(q, K, ef, None);
             times.push(t.elapsed().as_secs_f64() * 1e6);
-            r += recall(e, &a);
+            r += recall_against_exact(&a, e, K);
         }
         times.sort_by(f64::total_cmp);
         recalls.insert(format!("ef{ef}"), serde_json::json!(r / n as f64));

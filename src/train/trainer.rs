@@ -13,7 +13,6 @@
 //! generator seeded by `(seed, step, slot)`, so a resumed run sees exactly the batches and views
 //! an uninterrupted one would.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -535,6 +534,3 @@ pub fn replot(out: &Path) -> Result<()> {
     let history = read_metrics(&run.metrics())?;
     plot_losses(&history, &run.loss_plot(), &format!("{} / {}", cfg.loss.kind.name(), cfg.arch.name()))
 }
-
-/// Model state by name, as the session returns it.
-pub type State = BTreeMap<String, Tensor>;

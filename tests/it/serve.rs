@@ -29,10 +29,18 @@ impl Drop for Server {
 }
 
 fn spawn_server(index: &Path, extra: &[&str]) -> Server {
+    let dim = DIM.to_string();
+    let mut args = vec!["--test-encoder", dim.as_str()];
+    args.extend_from_slice(extra);
+    spawn_serve(index, &args)
+}
+
+/// `hiercon serve --port 0 --index INDEX ARGS` (admin key set), once it printed its address.
+fn spawn_serve(index: &Path, args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
-        .args(["serve", "--port", "0", "--test-encoder", &DIM.to_string(), "--index"])
+        .args(["serve", "--port", "0", "--index"])
         .arg(index)
-        .args(extra)
+        .args(args)
         .env("HIERCON_API_KEY", KEY)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -280,19 +288,7 @@ fn the_binary_serves_with_the_onnx_model_the_index_records() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
-        .args(["serve", "--port", "0", "--poll-secs", "0", "--index"])
-        .arg(c.index_dir())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let server = Server {
-        addr: line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line:?}")).parse().unwrap(),
-        child,
-    };
+    let server = spawn_serve(&c.index_dir(), &["--poll-secs", "0"]);
     let ready: Value =
         serde_json::from_slice(&load::request(server.addr, "GET", "/readyz", &[], b"").unwrap().body).unwrap();
     assert_eq!(ready["model_digest"], "pooled-test-model");

@@ -2,13 +2,16 @@
 
 The network, head, loss (HiMulConE with the published code's dedup) and optimizer follow
 `src/model` and `src/loss` exactly, so the step time is comparable with `benches/train_step.rs`.
-Prints one JSON object: seconds per step (median), images per second, threads.
+Prints one JSON object: seconds per step (median), images per second, threads. With `--serve`
+it stays up after warm-up and runs steps on request (`steps K` on stdin, one JSON line of K step
+times back), so the Rust bench can alternate short blocks of its steps and ours.
 """
 
 import argparse
 import json
 import math
 import statistics
+import sys
 import time
 
 import torch
@@ -92,6 +95,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    p.add_argument("--serve", action="store_true",
+                   help="after warm-up, read 'steps K' lines on stdin; answer each with one JSON line "
+                        "of K step times (lets a caller interleave its own steps with ours)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -100,22 +106,33 @@ def main():
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     n = a.images // 2
     images = torch.randn(a.images, 3, a.size, a.size)
-    g = torch.Generator().manual_seed(1)
-    prod = torch.randint(0, n // 2, (n,), generator=g)
-    labels = torch.stack([prod // 4, prod, prod * 2 + torch.randint(0, 2, (n,), generator=g), torch.arange(n)], 1)
-    times = []
-    for i in range(a.warmup + a.steps):
+    # The label columns of benches/train_step.rs: category, subcategory, product, variation, image.
+    i = torch.arange(n)
+    labels = torch.stack([i % 3, i % 6, i // 2, i, 100 + i], 1)
+
+    def step():
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = hmce(model(images), labels)
         loss.backward()
         opt.step()
         loss.detach().item()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    for _ in range(a.warmup):
+        step()
+    info = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+    if a.serve:
+        print(json.dumps({"ready": True, **info}), flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if words[:1] != ["steps"]:
+                break
+            print(json.dumps({"times": [step() for _ in range(int(words[1]))]}), flush=True)
+        return
+    times = [step() for _ in range(a.steps)]
     s = statistics.median(times)
-    print(json.dumps({"seconds_per_step": s, "images_per_s": a.images / s, "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "steps": a.steps}))
+    print(json.dumps({"seconds_per_step": s, "images_per_s": a.images / s, "steps": a.steps, **info}))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 //! The `resnet-mini` training step at 64 px, batch 64 images (32 samples x 2 views), HiMulConE
-//! loss, SGD: the figure issue 3 asks for. Criterion times the step; alongside, this bench
-//! measures a large matrix product through ORT (the machine's reachable GFLOP/s) and writes
+//! loss over 5 label columns, SGD with momentum: the figures issue 3 asks for, written to
 //! `bench/results/train_step.json`:
 //! - `seconds_per_step` (median of criterion's samples) and `images_per_s`;
 //! - `peak_rss_mib` (the process's high-water mark, VmHWM);
-//! - `step_gflop` (Conv, ConvTranspose, MatMul and Gemm FLOPs of the compiled step graph),
-//!   `achieved_gflops`, `gemm_gflops` and `gemm_ratio` = achieved / gemm;
-//! - `torch_ratio` = our median step time / PyTorch eager's, timed interleaved in this run: three
-//!   rounds of 15 of our steps, each followed by 15 steps of `bench/torch_step.py` (the same
-//!   network, loss and optimizer) in the venv `make bench-torch` installs (`HIERCON_TORCH_PYTHON`
-//!   overrides the interpreter); without that venv, `torch_ratio` is null.
+//! - `step_gflop`: the model FLOPs of a step, 3x the forward pass's Conv/MatMul/Gemm FLOPs less
+//!   the first convolution's input gradient, whatever the lowering;
+//! - then, in alternating short blocks (see [`interleaved`]): our step, a 1024³ MatMul through
+//!   ORT (the machine's reachable GFLOP/s) and PyTorch eager's twin (`bench/torch_step.py`, the
+//!   same network, loss and optimizer, run from the venv `make bench-torch` installs;
+//!   `HIERCON_TORCH_PYTHON` overrides the interpreter). From their medians: `achieved_gflops`,
+//!   `gemm_gflops`, `gemm_ratio` = achieved / gemm, `torch_ratio` = ours / torch's step time
+//!   (null without the venv), and for scale `torch_gemm_ratio`, PyTorch's own achieved / gemm.
+//!   `gemm_ratio_criterion` uses criterion's step time instead.
 //!
 //! `HIERCON_BENCH_DUMP=<dir>` also writes the step graph there as ONNX (for profiling).
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use hiercon::graph::{DType, GradOptions, Graph, Optimizer, Runner, Sgd, Tensor};
 use hiercon::loss::{LossOptions, loss_graph};
-use hiercon::model::{Arch, LossParts, ModelConfig, step_graph};
+use hiercon::model::{Arch, LossParts, ModelConfig, inference_graph, step_graph};
 use hiercon::runtime::RuntimeOptions;
 use hiercon::train::TrainSession;
 use rand::{Rng, SeedableRng};
@@ -31,21 +33,16 @@ const GEMM: usize = 1024;
 
 static TIMES: Mutex<Vec<f64>> = Mutex::new(Vec::new());
 
-/// FLOPs of the dense ops of `g` (2 per multiply-add).
-fn flops(g: &Graph) -> f64 {
+/// FLOPs (2 per multiply-add) of the Conv, MatMul and Gemm nodes of `g`.
+fn dense_flops(g: &Graph) -> (f64, Vec<f64>) {
     let numel = |v| g.shape(v).iter().product::<usize>() as f64;
-    g.nodes()
+    let per_node: Vec<f64> = g
+        .nodes()
         .iter()
         .map(|n| match n.op {
-            // Convolutions with constant kernels are the im2col unfolds: data movement, not FLOPs.
-            "Conv" if g.const_value(n.inputs[1]).is_some() => 0.0,
             "Conv" => {
                 let w = g.shape(n.inputs[1]);
                 2.0 * numel(n.outputs[0]) * (w[1] * w[2] * w[3]) as f64
-            }
-            "ConvTranspose" => {
-                let w = g.shape(n.inputs[1]);
-                2.0 * numel(n.inputs[0]) * (w[1] * w[2] * w[3]) as f64
             }
             "MatMul" => {
                 let a = g.shape(n.inputs[0]);
@@ -58,7 +55,18 @@ fn flops(g: &Graph) -> f64 {
             }
             _ => 0.0,
         })
-        .sum()
+        .collect();
+    (per_node.iter().sum(), per_node.into_iter().filter(|&f| f > 0.0).collect())
+}
+
+/// The model FLOPs of one training step, independent of how the step is lowered: the forward
+/// pass's Conv/MatMul/Gemm FLOPs three times (forward, input gradient, weight gradient), less
+/// the input gradient of the first convolution (the images need none). The loss's few MFLOP and
+/// the data movement of the gradient lowerings (unfolds, shifted copies) are not counted.
+fn step_flops(cfg: &ModelConfig) -> f64 {
+    let fwd = inference_graph(cfg, 2 * N).unwrap();
+    let (total, per_node) = dense_flops(&fwd);
+    3.0 * total - per_node[0]
 }
 
 fn peak_rss_mib() -> f64 {
@@ -71,68 +79,136 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// GFLOP/s of one `GEMM`-sized f32 matrix product through ORT (median of 10 runs).
-fn gemm_gflops(rt: &RuntimeOptions) -> f64 {
-    let mut g = Graph::new();
-    let a = g.input("a", DType::F32, &[GEMM, GEMM]).unwrap();
-    let b = g.input("b", DType::F32, &[GEMM, GEMM]).unwrap();
-    let c = g.matmul(a, b).unwrap();
-    g.output("c", c).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut rand =
-        || Tensor::f32(&[GEMM, GEMM], (0..GEMM * GEMM).map(|_| rng.random_range(-1.0..1.0)).collect()).unwrap();
-    let (x, y) = (rand(), rand());
-    let mut run = Runner::new(&g, rt).unwrap();
-    let mut times: Vec<f64> = (0..12)
-        .map(|_| {
-            let t = Instant::now();
-            run.run(&[("a", &x), ("b", &y)]).unwrap();
-            t.elapsed().as_secs_f64()
-        })
-        .skip(2)
-        .collect();
-    times.sort_by(f64::total_cmp);
-    2.0 * (GEMM as f64).powi(3) / times[times.len() / 2] / 1e9
+/// A `GEMM`-sized f32 matrix product through ORT: the machine's reachable GFLOP/s.
+struct GemmProbe {
+    run: Runner,
+    a: Tensor,
+    b: Tensor,
 }
 
-/// Median seconds per step of ours and of PyTorch's twin, measured in alternating rounds so that
-/// both see the same machine; `None` for torch when its venv is missing.
-fn interleaved(
-    session: &mut TrainSession,
-    images: &Tensor,
-    labels: &Tensor,
-) -> (Option<f64>, Option<serde_json::Value>) {
-    let python = std::env::var("HIERCON_TORCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
-    if !std::path::Path::new(&python).exists() {
-        eprintln!("train_step: {python} missing (make bench-torch installs it); torch_ratio is null");
-        return (None, None);
+impl GemmProbe {
+    fn new(rt: &RuntimeOptions) -> GemmProbe {
+        let mut g = Graph::new();
+        let a = g.input("a", DType::F32, &[GEMM, GEMM]).unwrap();
+        let b = g.input("b", DType::F32, &[GEMM, GEMM]).unwrap();
+        let c = g.matmul(a, b).unwrap();
+        g.output("c", c).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut rand =
+            || Tensor::f32(&[GEMM, GEMM], (0..GEMM * GEMM).map(|_| rng.random_range(-1.0..1.0)).collect()).unwrap();
+        let (a, b) = (rand(), rand());
+        let mut probe = GemmProbe { run: Runner::new(&g, rt).unwrap(), a, b };
+        probe.gflops(2);
+        probe
     }
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    let mut last = None;
-    for _ in 0..3 {
-        for _ in 0..15 {
+
+    /// GFLOP/s of each of `n` products.
+    fn gflops(&mut self, n: usize) -> Vec<f64> {
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                self.run.run(&[("a", &self.a), ("b", &self.b)]).unwrap();
+                2.0 * (GEMM as f64).powi(3) / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// PyTorch's twin (`bench/torch_step.py --serve`), kept running so that its steps can alternate
+/// with ours in short blocks.
+struct TorchWorker {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    info: serde_json::Value,
+}
+
+impl TorchWorker {
+    /// `None` (with a note) when the venv `make bench-torch` installs is missing.
+    fn start() -> Option<TorchWorker> {
+        use std::io::BufRead;
+        let python = std::env::var("HIERCON_TORCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
+        if !std::path::Path::new(&python).exists() {
+            eprintln!("train_step: {python} missing (make bench-torch installs it); torch_ratio is null");
+            return None;
+        }
+        let mut child = std::process::Command::new(&python)
+            .args(["bench/torch_step.py", "--serve", "--images", &(2 * N).to_string(), "--size", &SIZE.to_string()])
+            .args(["--warmup", "3"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting bench/torch_step.py");
+        let stdin = child.stdin.take().expect("piped");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("reading torch_step.py");
+        let info: serde_json::Value = serde_json::from_str(&line).expect("torch_step.py prints JSON when ready");
+        Some(TorchWorker { child, stdin, stdout, info })
+    }
+
+    fn steps(&mut self, k: usize) -> Vec<f64> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "steps {k}").expect("writing to torch_step.py");
+        self.stdin.flush().expect("writing to torch_step.py");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("reading torch_step.py");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("torch_step.py answers JSON");
+        v["times"].as_array().expect("times").iter().map(|t| t.as_f64().expect("seconds")).collect()
+    }
+}
+
+impl Drop for TorchWorker {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+/// Step times of ours and of PyTorch's twin, and GEMM probes, taken in alternating short blocks
+/// (`ROUNDS` x [`BLOCK` of our steps, 3 products, `BLOCK` torch steps], each after 100 ms idle,
+/// the first step of each block dropped) so that all three see the same machine: a sustained load slows this machine
+/// down by up to a third, and block order would otherwise favour whoever ran cooler.
+struct Interleaved {
+    ours: Vec<f64>,
+    torch: Option<Vec<f64>>,
+    gemm: Vec<f64>,
+    torch_info: Option<serde_json::Value>,
+}
+
+const ROUNDS: usize = 10;
+const BLOCK: usize = 6;
+
+fn interleaved(session: &mut TrainSession, images: &Tensor, labels: &Tensor, probe: &mut GemmProbe) -> Interleaved {
+    let mut worker = TorchWorker::start();
+    let (mut ours, mut torch, mut gemm) = (Vec::new(), Vec::new(), Vec::new());
+    // Idle threads of the session that just ran (ORT's spinning pool, torch's OpenMP team) would
+    // otherwise take a core from the next block for a while.
+    let settle = || std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..ROUNDS {
+        settle();
+        for i in 0..BLOCK {
             let t = Instant::now();
             session.run(images, labels, 0.01).unwrap();
-            ours.push(t.elapsed().as_secs_f64());
+            if i > 0 {
+                ours.push(t.elapsed().as_secs_f64());
+            }
         }
-        let out = std::process::Command::new(&python)
-            .args(["bench/torch_step.py", "--images", &(2 * N).to_string(), "--size", &SIZE.to_string()])
-            .args(["--steps", "15", "--warmup", "3"])
-            .output()
-            .expect("running bench/torch_step.py");
-        assert!(out.status.success(), "torch_step.py failed: {}", String::from_utf8_lossy(&out.stderr));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("torch_step.py prints JSON");
-        theirs.push(v["seconds_per_step"].as_f64().expect("seconds_per_step"));
-        last = Some(v);
+        settle();
+        gemm.extend(probe.gflops(3));
+        settle();
+        if let Some(w) = worker.as_mut() {
+            torch.extend(w.steps(BLOCK).into_iter().skip(1));
+        }
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let mut torch = last.expect("three rounds");
-    torch["seconds_per_step"] = serde_json::json!(median(theirs.clone()));
-    torch["rounds_seconds_per_step"] = serde_json::json!(theirs);
-    (Some(median(ours)), Some(torch))
+    let torch_info = worker.as_ref().map(|w| w.info.clone());
+    Interleaved { ours, torch: worker.map(|_| torch), gemm, torch_info }
 }
 
 fn bench(c: &mut Criterion) {
@@ -140,19 +216,20 @@ fn bench(c: &mut Criterion) {
     let rt = RuntimeOptions::default();
     let cfg = ModelConfig::new(Arch::ResnetMini, SIZE, 0);
     let opts = LossOptions::default();
+    let grad = GradOptions::for_device(rt.device);
     let step = step_graph(
         &cfg,
         N,
         K,
         &Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false }),
-        &GradOptions::default(),
+        &grad,
         |g, emb, labels| {
             let p = loss_graph(g, emb, labels, &opts, None)?;
             Ok(LossParts { loss: p.loss, level_losses: p.level_losses })
         },
     )
     .unwrap();
-    let step_flops = flops(&step.graph);
+    let step_flops = step_flops(&cfg);
     if let Some(dir) = std::env::var_os("HIERCON_BENCH_DUMP") {
         step.graph.write_onnx(&std::path::Path::new(&dir).join("train_step.onnx"), "step").unwrap();
     }
@@ -180,31 +257,43 @@ fn bench(c: &mut Criterion) {
     });
     group.finish();
 
-    let mut times = TIMES.lock().unwrap().clone();
+    let times = TIMES.lock().unwrap().clone();
     if times.len() < 5 {
         return; // `cargo bench -- --test`: a smoke run, no figures
     }
-    times.sort_by(f64::total_cmp);
-    let s = times[times.len() / 2];
-    let gemm = gemm_gflops(&rt);
-    let achieved = step_flops / s / 1e9;
-    let (ours, torch) = interleaved(&mut session, &images, &labels);
-    let torch_s = torch.as_ref().and_then(|t| t["seconds_per_step"].as_f64());
+    let s = median(times);
+    let mut probe = GemmProbe::new(&rt);
+    let run = interleaved(&mut session, &images, &labels, &mut probe);
+    let ours = median(run.ours.clone());
+    let gemm = median(run.gemm.clone());
+    let torch_s = run.torch.clone().map(median);
+    let gflops = |seconds: f64| step_flops / seconds / 1e9;
     let result = serde_json::json!({
-        "bench": "resnet-mini 64px, 64 images (32 samples x 2 views), hmce, SGD momentum 0.9",
+        "bench": "resnet-mini 64px, 64 images (32 samples x 2 views), hmce over 5 label columns, SGD momentum 0.9",
         "machine": hiercon::runtime::machine_description(),
         "seconds_per_step": s,
         "images_per_s": (2 * N) as f64 / s,
         "peak_rss_mib": peak_rss_mib(),
         "step_gflop": step_flops / 1e9,
-        "achieved_gflops": achieved,
+        "interleaved": {
+            "rounds": ROUNDS,
+            "block": BLOCK,
+            "seconds_per_step": ours,
+            "torch_seconds_per_step": torch_s,
+            "gemm_gflops": gemm,
+            "ours_steps": run.ours,
+            "torch_steps": run.torch,
+            "gemm_probes": run.gemm,
+        },
+        "achieved_gflops": gflops(ours),
         "gemm_gflops": gemm,
-        "gemm_ratio": achieved / gemm,
-        "torch_seconds_per_step": torch_s,
-        "interleaved_seconds_per_step": ours,
-        "torch_ratio": torch_s.and_then(|t| ours.map(|o| o / t)),
-        "torch": torch,
+        "gemm_ratio": gflops(ours) / gemm,
+        "gemm_ratio_criterion": gflops(s) / gemm,
+        "torch_ratio": torch_s.map(|t| ours / t),
+        "torch_gemm_ratio": torch_s.map(|t| gflops(t) / gemm),
+        "torch": run.torch_info,
         "conv_weight_grad": step.report.convs.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
+        "batch_norm": format!("{:?}", grad.batch_norm),
     });
     let text = serde_json::to_string_pretty(&result).unwrap();
     std::fs::create_dir_all("bench/results").unwrap();

@@ -205,6 +205,10 @@ pub enum ConvWeightGrad {
     Transposed,
     /// im2col: the input unfolded by a grouped Conv with 0/1 kernels, then one (batched) MatMul.
     Im2col,
+    /// Stride-1 dense convolutions only: the input shifted `kh` times along rows and the output
+    /// gradient `kw` times along columns (two grouped Convs with 0/1 kernels), then one batched
+    /// MatMul: `kh + kw` copies instead of im2col's `kh·kw`. Elsewhere it falls back to `Im2col`.
+    Shifted,
 }
 
 /// One ONNX node: op type (default domain only), inputs, outputs and attributes. Optional ONNX

@@ -75,7 +75,7 @@ pub mod optim;
 pub mod proto;
 pub mod run;
 
-pub use autodiff::{ConvGradChoice, GradOptions, GradReport, grad, grad_with};
+pub use autodiff::{BatchNormLowering, ConvGradChoice, GradOptions, GradReport, grad, grad_with};
 pub use ir::{Attr, ConvWeightGrad, DType, Graph, Input, InputKind, Node, Source, Tensor, Value, ValueInfo};
 pub use nn::{BatchNorm, BatchNormOut, Conv2d, ConvTranspose2d, Gemm, Pool2d};
 pub use onnx::WriteOptions;

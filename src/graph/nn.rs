@@ -1,7 +1,7 @@
 //! Neural-network builders: MatMul, Gemm / linear, Conv, ConvTranspose, pooling, and BatchNorm
 //! (training form composed from basic ops so autodiff covers it; inference form as one node).
 
-use super::ir::{Attr, Composite, CompositeKind, ConvWeightGrad, DType, Graph, Value};
+use super::ir::{Attr, Composite, CompositeKind, ConvWeightGrad, DType, Graph, Tensor, Value};
 use super::ops::{broadcast, shape_err, to_i64, type_err};
 use crate::Result;
 
@@ -278,6 +278,23 @@ impl Graph {
         Ok(self.push1("GlobalAveragePool", vec![x], vec![], dt, out))
     }
 
+    /// `y = x * scale + bias` per channel (`scale`, `bias` shaped `[C]`) in one pass: a
+    /// `BatchNormalization` node with mean 0, variance 1 and epsilon 0.
+    pub fn channel_affine(&mut self, x: Value, scale: Value, bias: Value) -> Result<Value> {
+        let (c, _) = self.bn_check("BatchNormalization", x, &[scale, bias])?;
+        let dt = self.dtype(x);
+        let zero = self.cached_constant(Tensor::zeros(dt, &[c]));
+        let one = self.cached_constant(Tensor::full(dt, &[c], 1.0));
+        let s = self.shape(x).to_vec();
+        Ok(self.push1(
+            "BatchNormalization",
+            vec![x, scale, bias, zero, one],
+            vec![("epsilon", Attr::Float(0.0))],
+            dt,
+            s,
+        ))
+    }
+
     fn bn_check(&self, op: &str, x: Value, per_channel: &[Value]) -> Result<(usize, Vec<i64>)> {
         let sx = self.shape(x).to_vec();
         if sx.len() < 2 {
@@ -326,16 +343,15 @@ impl Graph {
         let std = self.sqrt(var_eps)?;
         let inv = self.reciprocal(std)?;
         let gr = self.reshape(gamma, &bshape)?;
-        let br = self.reshape(beta, &bshape)?;
-        let scale = self.mul(inv, gr)?;
-        let xs = self.mul(xc, scale)?;
-        let y = self.add(xs, br)?;
+        let mean_c = self.reshape(mean, &[c as i64])?;
+        let var_c = self.reshape(var, &[c as i64])?;
+        // The normalisation itself is one pass: BatchNormalization in inference form, fed the
+        // batch statistics (instead of Mul by the scale then Add of beta).
+        let y = self.batch_norm_infer(x, gamma, beta, mean_c, var_c, o.eps as f32)?;
         let kind = CompositeKind::BatchNormTrain { x, gamma, beta, y, xc, inv, gamma_b: gr, axes: axes.clone() };
         self.composites.push(Composite { first, last: self.nodes.len() - 1, kind });
 
         let m = o.momentum;
-        let mean_c = self.reshape(mean, &[c as i64])?;
-        let var_c = self.reshape(var, &[c as i64])?;
         let unbias = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
         let rm_old = self.mul_scalar(running_mean, 1.0 - m)?;
         let rm_new = self.mul_scalar(mean_c, m)?;
@@ -346,7 +362,55 @@ impl Graph {
         Ok(BatchNormOut { y, running_mean: rm, running_var: rv })
     }
 
-    /// BatchNorm in inference form (one ONNX `BatchNormalization` node using running statistics).
+    /// BatchNorm in training mode as one ONNX `BatchNormalization` node (`training_mode = 1`,
+    /// momentum 0, so the input statistics are ignored, so its second and third outputs are the batch mean
+    /// and biased batch variance); the running statistics are updated from those by the same
+    /// small per-channel ops as [`Graph::batch_norm_train`]. Autodiff has a closed-form rule for
+    /// the node, including gradients that reach the statistics.
+    pub fn batch_norm_train_fused(
+        &mut self,
+        x: Value,
+        gamma: Value,
+        beta: Value,
+        running_mean: Value,
+        running_var: Value,
+        o: BatchNorm,
+    ) -> Result<BatchNormOut> {
+        let (c, _) = self.bn_check("BatchNormalization", x, &[gamma, beta, running_mean, running_var])?;
+        let sx = self.shape(x).to_vec();
+        let n: usize = sx.iter().product::<usize>() / c;
+        let dt = self.dtype(x);
+        // ORT 1.31 writes the statistics outputs over the input statistics' buffers, even over
+        // initializers (which its optimizer shares between nodes with equal values), so the
+        // ignored inputs are computed per node: running statistics times zero.
+        let zero_m = self.mul_scalar(running_mean, 0.0)?;
+        let zero_v = self.mul_scalar(running_var, 0.0)?;
+        let attrs = vec![
+            ("epsilon", Attr::Float(o.eps as f32)),
+            ("momentum", Attr::Float(0.0)),
+            ("training_mode", Attr::Int(1)),
+        ];
+        let outs = self.push_node(
+            "BatchNormalization",
+            vec![x, gamma, beta, zero_m, zero_v],
+            attrs,
+            vec![(dt, sx), (dt, vec![c]), (dt, vec![c])],
+        );
+        let (y, mean_c, var_c) = (outs[0], outs[1], outs[2]);
+        let m = o.momentum;
+        let unbias = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
+        let rm_old = self.mul_scalar(running_mean, 1.0 - m)?;
+        let rm_new = self.mul_scalar(mean_c, m)?;
+        let rm = self.add(rm_old, rm_new)?;
+        let rv_old = self.mul_scalar(running_var, 1.0 - m)?;
+        let rv_new = self.mul_scalar(var_c, m * unbias)?;
+        let rv = self.add(rv_old, rv_new)?;
+        Ok(BatchNormOut { y, running_mean: rm, running_var: rv })
+    }
+
+    /// BatchNorm in inference form: one ONNX `BatchNormalization` node,
+    /// `y = (x - mean) / sqrt(var + eps) * gamma + beta` per channel (`mean` and `var` are
+    /// usually the running statistics; the training composite feeds it the batch's).
     pub fn batch_norm_infer(
         &mut self,
         x: Value,

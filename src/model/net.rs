@@ -5,13 +5,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::Result;
-use crate::graph::{BatchNorm, Conv2d, DType, Graph, InputKind, Tensor, Value};
+use crate::graph::{BatchNorm, BatchNormLowering, Conv2d, DType, Graph, InputKind, Tensor, Value};
 
 /// BatchNorm form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
-    /// Batch statistics; running statistics updated (momentum 0.1) and fed back.
-    Train,
+    /// Batch statistics, computed as the lowering says; running statistics updated (momentum
+    /// 0.1) and fed back.
+    Train(BatchNormLowering),
     /// Running statistics (one `BatchNormalization` node).
     Infer,
 }
@@ -82,8 +83,11 @@ impl<'g> Net<'g> {
         let rv = self.state(&format!("{name}.running_var"), InputKind::Buffer, &[c], vec![1.0; c])?;
         let o = BatchNorm::default();
         match self.mode {
-            Mode::Train => {
-                let out = self.g.batch_norm_train(x, gamma, beta, rm, rv, o)?;
+            Mode::Train(lowering) => {
+                let out = match lowering {
+                    BatchNormLowering::Fused => self.g.batch_norm_train_fused(x, gamma, beta, rm, rv, o)?,
+                    BatchNormLowering::Composed => self.g.batch_norm_train(x, gamma, beta, rm, rv, o)?,
+                };
                 self.g.feed_back(rm, out.running_mean)?;
                 self.g.feed_back(rv, out.running_var)?;
                 Ok(out.y)
@@ -131,7 +135,7 @@ mod tests {
     fn inits_are_seeded_per_name_with_the_right_spread() {
         let mut g = Graph::new();
         let x = g.input("x", DType::F32, &[1, 64, 4, 4]).unwrap();
-        let mut net = Net::new(&mut g, Mode::Train, 7);
+        let mut net = Net::new(&mut g, Mode::Train(BatchNormLowering::Fused), 7);
         net.conv(x, "c", 128, 3, 1, 1).unwrap();
         let f = net.g.flatten(x, 1).unwrap();
         net.linear(f, "fc", 10).unwrap();

@@ -113,7 +113,7 @@ pub fn step_graph(
     let images = g.input("images", DType::F32, &[2 * n, 3, s, s])?;
     let labels = g.input("labels", DType::I64, &[n, k])?;
     let emb = {
-        let mut net = Net::new(&mut g, Mode::Train, cfg.seed);
+        let mut net = Net::new(&mut g, Mode::Train(grad.batch_norm), cfg.seed);
         let f = backbone(&mut net, cfg.arch, images)?;
         head(&mut net, f, cfg.embed_dim)?
     };
@@ -167,7 +167,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::graph::testutil::{rng, uniform};
-    use crate::graph::{Runner, Sgd};
+    use crate::graph::{BatchNormLowering, Runner, Sgd};
     use crate::model::Arch;
 
     /// A tiny resnet-mini: 16x16 images, 4 samples (8 images), 8-d embedding.
@@ -249,6 +249,12 @@ pub(crate) mod tests {
 
     #[test]
     fn step_graph_gradients_match_finite_differences() {
+        for batch_norm in [BatchNormLowering::Fused, BatchNormLowering::Composed] {
+            check_step_gradients(GradOptions { batch_norm, ..GradOptions::default() });
+        }
+    }
+
+    fn check_step_gradients(grad: GradOptions) {
         // The whole step graph (train-mode BN, residual blocks, head, L2 norm, the loss's own
         // parameter), f32 in ONNX Runtime. The autodiff gradient (the graph's own gradient
         // values) is compared with the central difference of the `loss` output along a random
@@ -260,7 +266,7 @@ pub(crate) mod tests {
         let cfg = tiny();
         let (n, k) = (4, 2);
         let opt = Optimizer::Sgd(Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false });
-        let mut sg = step_graph(&cfg, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
+        let mut sg = step_graph(&cfg, n, k, &opt, &grad, test_loss).unwrap();
         let params = sg.graph.params();
         for (p, gr) in params.iter().zip(sg.train.grads.clone()) {
             let name = format!("grad.{}", sg.graph.name(*p));
@@ -298,7 +304,7 @@ pub(crate) mod tests {
             let fd = (at(1.0) - at(-1.0)) / (2.0 * eps);
             assert!(
                 (ad - fd).abs() <= 3e-2 * ad.abs().max(fd.abs()) + 1e-3,
-                "{name}: autodiff {ad} vs finite difference {fd}"
+                "{name} ({grad:?}): autodiff {ad} vs finite difference {fd}"
             );
         }
         // The level losses add up to the loss, and SGD with lr 0 leaves the parameters alone.
@@ -307,5 +313,35 @@ pub(crate) mod tests {
         let l1 = out.get("level_loss.1").unwrap().to_f64_vec()[0];
         assert!((l - l0 - l1).abs() < 1e-5 * (1.0 + l.abs()));
         assert_eq!(out.get("conv1.weight.next").unwrap(), &state["conv1.weight"]);
+    }
+
+    #[test]
+    fn both_batch_norm_lowerings_take_the_same_step() {
+        // Fused (one training-mode node) and composed BatchNorm: the same loss, the same updated
+        // parameters and running statistics after a step, f32 through ORT.
+        let cfg = tiny();
+        let (n, k) = (4, 2);
+        let opt = Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false });
+        let (images, labels) = batch(&cfg, n, k, 6);
+        let lr = Tensor::F32(ndarray::arr0(0.1f32).into_dyn());
+        let step = |batch_norm| {
+            let sg =
+                step_graph(&cfg, n, k, &opt, &GradOptions { batch_norm, ..GradOptions::default() }, test_loss).unwrap();
+            let mut run = Runner::cpu(&sg.graph).unwrap();
+            let out = run.run(&[("images", &images), ("labels", &labels), ("lr", &lr)]).unwrap();
+            let names: Vec<String> = sg.graph.outputs().iter().map(|&v| sg.graph.name(v).to_string()).collect();
+            names.into_iter().map(|n| (n.clone(), out.get(&n).unwrap().to_f64_vec())).collect::<Vec<_>>()
+        };
+        let (fused, composed) = (step(BatchNormLowering::Fused), step(BatchNormLowering::Composed));
+        assert_eq!(fused.len(), composed.len());
+        for ((name, a), (name2, b)) in fused.iter().zip(&composed) {
+            assert_eq!(name, name2);
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{name}: fused {x} vs composed {y}");
+            }
+        }
+        assert!(fused.iter().any(|(n, _)| n == "bn1.running_var.next"));
+        assert_eq!(GradOptions::for_device(crate::runtime::Device::Cuda).batch_norm, BatchNormLowering::Composed);
+        assert_eq!(GradOptions::for_device(crate::runtime::Device::Cpu).batch_norm, BatchNormLowering::Fused);
     }
 }

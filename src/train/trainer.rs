@@ -287,11 +287,17 @@ pub fn train(
     let images = load_images(&manifest, &items)?;
     let model_cfg = cfg.model();
     let loss_opts = cfg.loss.clone();
-    let step_graph =
-        model::step_graph(&model_cfg, cfg.batch_size, k, &cfg.optimizer(), &GradOptions::default(), |g, emb, lab| {
+    let step_graph = model::step_graph(
+        &model_cfg,
+        cfg.batch_size,
+        k,
+        &cfg.optimizer(),
+        &GradOptions::for_device(rt.device),
+        |g, emb, lab| {
             let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
             Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
-        })?;
+        },
+    )?;
     let mut session = TrainSession::new(&step_graph, rt, state)?;
     session.set_steps_done(start as u64);
     let pre = Preprocess { size: cfg.image_size as u32, mean: model::IMAGENET_MEAN, std: model::IMAGENET_STD };

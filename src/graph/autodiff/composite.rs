@@ -49,10 +49,12 @@ pub(super) fn rule(
         let k2 = g.mul_scalar(t, -1.0 / n)?;
         let t = g.mul(k1, sum_gy)?;
         let k3 = g.mul_scalar(t, -1.0 / n)?;
+        // Three passes over the activations: gy·k1, the per-channel affine xc·k2 + k3, their sum.
         let a = g.mul(gy, k1)?;
-        let b = g.mul(xc, k2)?;
-        let ab = g.add(a, b)?;
-        out.push((x, g.add(ab, k3)?));
+        let k2 = g.reshape_to(k2, &[c])?;
+        let k3 = g.reshape_to(k3, &[c])?;
+        let b = g.channel_affine(xc, k2, k3)?;
+        out.push((x, g.add(a, b)?));
     }
     Ok(Some(out))
 }

@@ -21,14 +21,15 @@ pub struct ConvGradChoice {
     pub w_shape: Vec<usize>,
     pub stride: usize,
     pub groups: usize,
-    /// `Transposed` or `Im2col`, never `Auto`.
+    /// `Transposed`, `Im2col` or `Shifted`, never `Auto`.
     pub lowering: ConvWeightGrad,
     pub reason: &'static str,
 }
 
 /// The measured rule behind [`ConvWeightGrad::Auto`] for input `[N, C, H, W]` and weight
-/// `[M, C/groups, kh, kw]`: Im2col for kernels up to 3x3, 1x1 kernels and every grouped conv;
-/// Transposed for dense kernels of 5x5 and more.
+/// `[M, C/groups, kh, kw]`, with the convolution's `stride` and `dilation`: Shifted for dense
+/// stride-1 kernels up to 3x3 (but not 1x1); Im2col for the other kernels up to 3x3, 1x1 kernels
+/// and every grouped conv; Transposed for dense kernels of 5x5 and more.
 ///
 /// Measured with `benches/graph_conv_grad.rs` (ONNX Runtime 1.31 CPU, one thread, batch 32; ms
 /// per weight gradient, transposed / im2col): 3x32x32 -> 64 k3: 3.3 / 1.9; 64x32x32 -> 64 k3:
@@ -37,19 +38,33 @@ pub struct ConvGradChoice {
 /// depthwise 64x32x32 k3: 20.1 / 13.2; but 64x32x32 -> 64 k5: 70.2 / 68.5, k7 s2: 30.3 / 43.5,
 /// and the ResNet stem 3x64x64 -> 64 k7 s2: 6.7 / 9.1. The unfold writes `kh·kw` copies of the
 /// input, which dominates for large kernels; the transposed Conv runs a `kh·kw`-wide Gemm per
-/// input channel, which is what makes it lose on small kernels.
-pub fn conv_weight_rule(_x_shape: &[usize], w_shape: &[usize], groups: usize) -> (ConvWeightGrad, &'static str) {
+/// input channel, which is what makes it lose on small kernels. Shifted writes `kh + kw` copies
+/// (of the input and of the output gradient) instead of `kh·kw`: see [`SHIFTED_MEASURED`].
+pub fn conv_weight_rule(
+    _x_shape: &[usize],
+    w_shape: &[usize],
+    groups: usize,
+    stride: &[usize],
+    dilation: &[usize],
+) -> (ConvWeightGrad, &'static str) {
     let k = w_shape[2] * w_shape[3];
+    let unit = |v: &[usize]| v.iter().all(|&a| a == 1);
     if groups > 1 {
         (ConvWeightGrad::Im2col, "grouped: unfold + batched MatMul (measured 1.5x faster for depthwise 3x3)")
     } else if k == 1 {
         (ConvWeightGrad::Im2col, "1x1 kernel: im2col measured 8x faster")
+    } else if k < 25 && unit(stride) && unit(dilation) {
+        (ConvWeightGrad::Shifted, SHIFTED_MEASURED)
     } else if k < 25 {
         (ConvWeightGrad::Im2col, "kernel up to 3x3: im2col measured 1.5-1.8x faster")
     } else {
         (ConvWeightGrad::Transposed, "kernel 5x5 or larger: transposed Conv measured equal (5x5) to 1.4x faster (7x7)")
     }
 }
+
+/// Why stride-1 3x3 convolutions use [`ConvWeightGrad::Shifted`].
+pub const SHIFTED_MEASURED: &str =
+    "stride-1 kernel up to 3x3: shifted copies (kh + kw instead of kh·kw) measured faster than im2col";
 
 pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &mut Ctx) -> Result<Vec<Option<Value>>> {
     let (x, w) = (node.inputs[0], node.inputs[1]);
@@ -94,13 +109,21 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &m
     }
     if need[1] {
         let (lowering, reason) = match (node.weight_grad, ctx.opts.conv_weight) {
-            (ConvWeightGrad::Auto, ConvWeightGrad::Auto) => conv_weight_rule(&xs, &ws, groups),
+            (ConvWeightGrad::Auto, ConvWeightGrad::Auto) => conv_weight_rule(&xs, &ws, groups, &s, &d),
             (ConvWeightGrad::Auto, chosen) => (chosen, "chosen by GradOptions"),
             (chosen, _) => (chosen, "chosen on the Conv2d builder"),
         };
         let geo = Geometry { xs: xs.clone(), ws: ws.clone(), ys: ys.clone(), s, p, d, groups };
+        let (lowering, reason) = match lowering {
+            ConvWeightGrad::Shifted if !geo.shiftable() => {
+                (ConvWeightGrad::Im2col, "Shifted asked for, but it needs a dense stride-1 conv: im2col")
+            }
+            ConvWeightGrad::Auto => (ConvWeightGrad::Im2col, reason),
+            other => (other, reason),
+        };
         out[1] = Some(match lowering {
             ConvWeightGrad::Transposed => weight_transposed(g, x, gy, &geo)?,
+            ConvWeightGrad::Shifted => weight_shifted(g, x, gy, &geo)?,
             _ => weight_im2col(g, x, gy, &geo)?,
         });
         ctx.report.convs.push(ConvGradChoice {
@@ -109,7 +132,7 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &m
             w_shape: ws,
             stride: geo.s[0],
             groups,
-            lowering: if lowering == ConvWeightGrad::Transposed { lowering } else { ConvWeightGrad::Im2col },
+            lowering,
             reason,
         });
     }
@@ -127,6 +150,13 @@ struct Geometry {
     p: Vec<usize>,
     d: Vec<usize>,
     groups: usize,
+}
+
+impl Geometry {
+    /// Whether [`weight_shifted`] applies: dense, stride 1, dilation 1.
+    fn shiftable(&self) -> bool {
+        self.groups == 1 && self.s.iter().chain(&self.d).all(|&v| v == 1)
+    }
 }
 
 /// dW[m, c, a, e] = Σ_{n,i,j} gy[n, m, i, j] · x_pad[n, c, i·s + a·d, j·s + e·d]: a Conv whose
@@ -190,15 +220,7 @@ fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<V
     let groups = geo.groups;
     let (k, cog) = (kh * kw, m / groups);
     let dt = g.dtype(x);
-    let mut eye = vec![0.0; c * k * k];
-    for ch in 0..c {
-        for i in 0..k {
-            eye[(ch * k + i) * k + i] = 1.0;
-        }
-    }
-    let eye = g.cached_constant(
-        Tensor::F64(ndarray::ArrayD::from_shape_vec(vec![c * k, 1, kh, kw], eye).expect("sizes match")).cast(dt),
-    );
+    let eye = selection_kernel(g, dt, c, kh, kw, k, |i| i);
     let attrs = vec![
         ("kernel_shape", Attr::Ints(vec![kh as i64, kw as i64])),
         ("strides", Attr::Ints(to_i64(&geo.s))),
@@ -209,20 +231,89 @@ fn weight_im2col(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<V
     let cols = g.push1("Conv", vec![x, eye], attrs, dt, vec![n, c * k, geo.ys[2], geo.ys[3]]);
     let cols = g.reshape_to(cols, &[n, groups, cig * k, hw])?;
     let g4 = g.reshape_to(gy, &[n, groups, cog, hw])?;
-    let dw = if cig * k * cog > hw * (cig * k + cog) {
-        // Small maps, many channels: the per-image products [N, G, Cig·K, Cog] would outweigh
-        // the inputs, so fold the batch into the reduction: one MatMul over N·Ho·Wo.
-        let ct = g.transpose(cols, &[1, 2, 0, 3])?; // [G, Cig·K, N, HoWo]
-        let ct = g.reshape_to(ct, &[groups, cig * k, n * hw])?;
-        let gt = g.transpose(g4, &[1, 2, 0, 3])?;
-        let gt = g.reshape_to(gt, &[groups, cog, n * hw])?;
-        let ctt = g.transpose(ct, &[0, 2, 1])?; // fused into the MatMul by ORT
-        g.matmul(gt, ctt)? // [G, Cog, Cig·K]
-    } else {
-        let gt = g.transpose(g4, &[0, 1, 3, 2])?; // [N, G, HoWo, Cog]
-        let prod = g.matmul(cols, gt)?; // [N, G, Cig·K, Cog]
-        let dw = g.reduce_sum(prod, &[0], false)?; // [G, Cig·K, Cog]
-        g.transpose(dw, &[0, 2, 1])? // [G, Cog, Cig·K]
-    };
+    let dw = contract_over_batch(g, g4, cols)?; // [G, Cog, Cig·K]
     g.reshape_to(dw, &[m, cig, kh, kw])
+}
+
+/// `Σ_n a[n, g] · b[n, g]ᵀ` for `a [N, G, A, L]` and `b [N, G, B, L]`, giving `[G, A, B]`: one
+/// batched MatMul and a ReduceSum over the batch, or, when the per-image products `[N, G, A, B]`
+/// would outweigh the inputs (small maps, many channels), one MatMul over `N·L` after moving the
+/// batch next to `L`.
+fn contract_over_batch(g: &mut Graph, a: Value, b: Value) -> Result<Value> {
+    let (sa, sb) = (g.shape(a).to_vec(), g.shape(b).to_vec());
+    let (n, groups, ra, rb, l) = (sa[0], sa[1], sa[2], sb[2], sa[3]);
+    if ra * rb > l * (ra + rb) {
+        let at = g.transpose(a, &[1, 2, 0, 3])?; // [G, A, N, L]
+        let at = g.reshape_to(at, &[groups, ra, n * l])?;
+        let bt = g.transpose(b, &[1, 2, 0, 3])?;
+        let bt = g.reshape_to(bt, &[groups, rb, n * l])?;
+        let btt = g.transpose(bt, &[0, 2, 1])?; // fused into the MatMul by ORT
+        g.matmul(at, btt)
+    } else {
+        let bt = g.transpose(b, &[0, 1, 3, 2])?; // [N, G, L, B], fused into the MatMul by ORT
+        let prod = g.matmul(a, bt)?; // [N, G, A, B]
+        g.reduce_sum(prod, &[0], false)
+    }
+}
+
+/// 0/1 kernels `[ch·taps, 1, kh, kw]` for a grouped Conv whose output channel `c·taps + t` is
+/// input channel `c` read at kernel offset `offset(t)` (row-major within `kh x kw`).
+fn selection_kernel(
+    g: &mut Graph,
+    dt: crate::graph::ir::DType,
+    ch: usize,
+    kh: usize,
+    kw: usize,
+    taps: usize,
+    offset: impl Fn(usize) -> usize,
+) -> Value {
+    let k = kh * kw;
+    let mut sel = vec![0.0; ch * taps * k];
+    for c in 0..ch {
+        for t in 0..taps {
+            sel[(c * taps + t) * k + offset(t)] = 1.0;
+        }
+    }
+    let t = Tensor::F64(ndarray::ArrayD::from_shape_vec(vec![ch * taps, 1, kh, kw], sel).expect("sizes match"));
+    g.cached_constant(t.cast(dt))
+}
+
+/// Shifted copies for a dense stride-1 conv with padded input `xp [N, C, Hp, Wp]`:
+/// `dW[m, c, a, e] = Σ_{n,i,j} gy[n, m, i, j] · xp[n, c, i + a, j + e]`. The input shifted by
+/// each kernel row, `xr[n, (c, a), i, q] = xp[n, c, i + a, q]` (`[N, C·kh, Ho, Wp]`, a Conv with
+/// `kh x 1` 0/1 kernels and the forward pads), and the output gradient shifted by each kernel
+/// column, `gs[n, (m, e), i, q] = gy[n, m, i, q - e]` (zero outside; `[N, M·kw, Ho, Wp]`, a Conv
+/// with `1 x kw` 0/1 kernels padded `kw - 1` on both sides) turn the sum into one contraction
+/// over `(n, i, q)`: `dW[(m, e), (c, a)] = Σ gs · xr`. Every term `q - e = j` is counted once,
+/// and the zeros of `gs` drop the columns no output reads.
+fn weight_shifted(g: &mut Graph, x: Value, gy: Value, geo: &Geometry) -> Result<Value> {
+    let (n, c) = (geo.xs[0], geo.xs[1]);
+    let (m, kh, kw) = (geo.ws[0], geo.ws[2], geo.ws[3]);
+    let (ho, wo) = (geo.ys[2], geo.ys[3]);
+    let wp = geo.xs[3] + geo.p[1] + geo.p[3];
+    debug_assert_eq!(wo + kw - 1, wp);
+    let dt = g.dtype(x);
+    let rows = selection_kernel(g, dt, c, kh, 1, kh, |a| a);
+    let attrs = |k: [usize; 2], pads: [usize; 4], group: usize| {
+        vec![
+            ("kernel_shape", Attr::Ints(to_i64(&k))),
+            ("pads", Attr::Ints(to_i64(&pads))),
+            ("group", Attr::Int(group as i64)),
+        ]
+    };
+    let xr = g.push1(
+        "Conv",
+        vec![x, rows],
+        attrs([kh, 1], [geo.p[0], geo.p[1], geo.p[2], geo.p[3]], c),
+        dt,
+        vec![n, c * kh, ho, wp],
+    );
+    // Output column q of tap e reads padded column q + t = q + kw - 1 - e, i.e. gy[.., q - e].
+    let cols = selection_kernel(g, dt, m, 1, kw, kw, |e| kw - 1 - e);
+    let gs = g.push1("Conv", vec![gy, cols], attrs([1, kw], [0, kw - 1, 0, kw - 1], m), dt, vec![n, m * kw, ho, wp]);
+    let xr = g.reshape_to(xr, &[n, 1, c * kh, ho * wp])?;
+    let gs = g.reshape_to(gs, &[n, 1, m * kw, ho * wp])?;
+    let dw = contract_over_batch(g, gs, xr)?; // [1, M·kw, C·kh]
+    let dw = g.reshape_to(dw, &[m, kw, c, kh])?;
+    g.transpose(dw, &[0, 2, 3, 1])
 }

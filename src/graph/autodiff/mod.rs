@@ -5,7 +5,7 @@
 //! differentiated. A value that does not depend on any `wrt` gets no gradient work, and a `wrt`
 //! the loss does not depend on gets a zero gradient. Rules live in `elementwise` (arithmetic,
 //! activations, Where, Max/Min), `shape` (reductions, reshapes, Concat/Split, Slice, Gather, Pad)
-//! and `nn` (MatMul, Gemm, Conv, MaxPool, GlobalAveragePool). BatchNorm in training mode is
+//! and `nn` (MatMul, Gemm, Conv, MaxPool, GlobalAveragePool, BatchNormalization in inference form). BatchNorm in training mode is
 //! composed from those ops; `composite` gives it the closed-form gradient (fewer passes over
 //! the activations), and the op-by-op rules remain the fallback.
 
@@ -22,12 +22,39 @@ pub use conv::{ConvGradChoice, conv_weight_rule};
 use super::ir::{ConvWeightGrad, DType, Graph, Node, Tensor, Value};
 use crate::{Error, Result};
 
-/// Options for [`grad_with`].
+/// How a training step is lowered: options for [`grad_with`] and for the model builders that
+/// compile a step (`model::step_graph`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GradOptions {
     /// Weight-gradient lowering for convolutions built with [`ConvWeightGrad::Auto`];
     /// `Auto` here applies the measured rule of [`conv_weight_rule`].
     pub conv_weight: ConvWeightGrad,
+    /// Training-mode BatchNorm in model step graphs.
+    pub batch_norm: BatchNormLowering,
+}
+
+/// How a model step graph computes training-mode BatchNorm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BatchNormLowering {
+    /// One `BatchNormalization` node with `training_mode = 1`
+    /// ([`Graph::batch_norm_train_fused`]): one kernel for the statistics and the
+    /// normalisation. ORT's CPU provider runs it; its CUDA provider does not (opset 14 and later).
+    #[default]
+    Fused,
+    /// Composed from ReduceMean / Sub / Mul / Sqrt / Reciprocal and an inference-form
+    /// `BatchNormalization` ([`Graph::batch_norm_train`]): runs on every provider.
+    Composed,
+}
+
+impl GradOptions {
+    /// The measured defaults for a device: on CUDA, BatchNorm composed from basic ops.
+    pub fn for_device(device: crate::runtime::Device) -> GradOptions {
+        let batch_norm = match device {
+            crate::runtime::Device::Cpu => BatchNormLowering::Fused,
+            crate::runtime::Device::Cuda => BatchNormLowering::Composed,
+        };
+        GradOptions { batch_norm, ..GradOptions::default() }
+    }
 }
 
 /// What [`grad_with`] decided while building the backward graph.
@@ -179,7 +206,10 @@ fn rule(
         "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" | "Reshape" | "Flatten" | "Squeeze"
         | "Unsqueeze" | "Transpose" | "Concat" | "Slice" | "Gather" | "Pad" => shape::rule(g, node, gy()?, need),
         "Split" => shape::split(g, node, gys),
-        "MatMul" | "Gemm" | "MaxPool" | "GlobalAveragePool" => nn::rule(g, idx, node, gy()?, need),
+        "BatchNormalization" if node.attr_int("training_mode", 0) != 0 => nn::batch_norm_train(g, node, gys, need),
+        "MatMul" | "Gemm" | "MaxPool" | "GlobalAveragePool" | "BatchNormalization" => {
+            nn::rule(g, idx, node, gy()?, need)
+        }
         "Conv" => conv::rule(g, node, gy()?, need, ctx),
         other => Err(no_grad(node, &format!("{other} has no gradient rule"))),
     }

@@ -1,4 +1,4 @@
-//! Conv weight-gradient lowerings (`Transposed` vs `Im2col`) on ResNet-like layers, run through
+//! Conv weight-gradient lowerings (`Transposed`, `Im2col`, `Shifted`) on ResNet-like layers, run through
 //! ONNX Runtime on CPU with one thread: the measurements behind `conv_weight_rule`.
 //!
 //! `cargo bench --bench graph_conv_grad` (or `make bench`). Each benchmark runs the backward of
@@ -37,7 +37,8 @@ fn conv_weight_grad(c: &mut Criterion) {
     group.sample_size(10);
     for &(cin, h, m, k, stride, pad, groups) in LAYERS {
         let layer = format!("{cin}x{h}x{h}->{m} k{k} s{stride} g{groups}");
-        for lowering in [ConvWeightGrad::Transposed, ConvWeightGrad::Im2col] {
+        let shifted = (stride == 1 && groups == 1).then_some(ConvWeightGrad::Shifted);
+        for lowering in [ConvWeightGrad::Transposed, ConvWeightGrad::Im2col].into_iter().chain(shifted) {
             let mut g = Graph::new();
             let x = g.input("x", DType::F32, &[BATCH, cin, h, h]).unwrap();
             let w = g.param("w", &[m, cin / groups, k, k], vec![0.01; m * (cin / groups) * k * k]).unwrap();

@@ -301,11 +301,31 @@ impl Graph {
 
     /// Sum over `axes` (negative axes count from the end).
     pub fn reduce_sum(&mut self, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {
-        self.reduce("ReduceSum", x, axes, keepdims)
+        self.reduce_in_two("ReduceSum", x, axes, keepdims)
     }
     /// Mean over `axes`.
     pub fn reduce_mean(&mut self, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {
-        self.reduce("ReduceMean", x, axes, keepdims)
+        self.reduce_in_two("ReduceMean", x, axes, keepdims)
+    }
+
+    /// Sum or mean over axes that are a contiguous trailing run plus some earlier axes apart
+    /// from it (BatchNorm's and bias gradients' `[0, 2, 3]`) as two nodes: the trailing run
+    /// first (contiguous memory), then the rest of the much smaller result. ORT 1.31 CPU reduces
+    /// `[0, 2, 3]` of a 32 MB `[N, C, H, W]` in one node 2.6x slower than in these two. Exact for
+    /// sums; for means too, every group having the same count.
+    fn reduce_in_two(&mut self, op: &'static str, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {
+        let rank = self.shape(x).len();
+        let ax = norm_axes(op, axes, rank)?;
+        let mut tail = 0;
+        while tail < ax.len() && ax.contains(&(rank - 1 - tail)) {
+            tail += 1;
+        }
+        if tail == 0 || tail == ax.len() {
+            return self.reduce(op, x, axes, keepdims);
+        }
+        let inner: Vec<i64> = (rank - tail..rank).map(|a| a as i64).collect();
+        let first = self.reduce(op, x, &inner, true)?;
+        self.reduce(op, first, &to_i64(&ax), keepdims)
     }
     /// Maximum over `axes`. Its gradient is shared equally between tied maxima.
     pub fn reduce_max(&mut self, x: Value, axes: &[i64], keepdims: bool) -> Result<Value> {

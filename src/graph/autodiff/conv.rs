@@ -26,45 +26,57 @@ pub struct ConvGradChoice {
     pub reason: &'static str,
 }
 
-/// The measured rule behind [`ConvWeightGrad::Auto`] for input `[N, C, H, W]` and weight
-/// `[M, C/groups, kh, kw]`, with the convolution's `stride` and `dilation`: Shifted for dense
-/// stride-1 kernels up to 3x3 (but not 1x1); Im2col for the other kernels up to 3x3, 1x1 kernels
-/// and every grouped conv; Transposed for dense kernels of 5x5 and more.
+/// The measured rule behind [`ConvWeightGrad::Auto`] for input `[N, C, H, W]`, weight
+/// `[M, C/groups, kh, kw]`, the convolution's `stride` and `dilation`, and its output width `wo`:
+/// Im2col for grouped convs and 1x1 kernels; for dense stride-1 kernels, Shifted when its copies
+/// `(C·kh + M·kw)·(W + pads)` are under 1/1.3 of im2col's `C·kh·kw·wo` (the margin pays for the
+/// batch-folding transposes it needs more often); otherwise Im2col up to 3x3 and Transposed for
+/// larger kernels.
 ///
 /// Measured with `benches/graph_conv_grad.rs` (ONNX Runtime 1.31 CPU, one thread, batch 32; ms
-/// per weight gradient, transposed / im2col): 3x32x32 -> 64 k3: 3.3 / 1.9; 64x32x32 -> 64 k3:
-/// 42.1 / 23.4; 64x32x32 -> 128 k3 s2: 17.7 / 11.3; 128x16x16 -> 256 k3 s2: 15.1 / 8.7;
-/// 256x8x8 -> 256 k3: 27.0 / 17.3; 512x4x4 -> 512 k3: 25.6 / 16.2; 1x1 s2 64 -> 128: 15.2 / 1.9;
-/// depthwise 64x32x32 k3: 20.1 / 13.2; but 64x32x32 -> 64 k5: 70.2 / 68.5, k7 s2: 30.3 / 43.5,
-/// and the ResNet stem 3x64x64 -> 64 k7 s2: 6.7 / 9.1. The unfold writes `kh·kw` copies of the
-/// input, which dominates for large kernels; the transposed Conv runs a `kh·kw`-wide Gemm per
-/// input channel, which is what makes it lose on small kernels. Shifted writes `kh + kw` copies
-/// (of the input and of the output gradient) instead of `kh·kw`: see [`SHIFTED_MEASURED`].
+/// per weight gradient, transposed / im2col / shifted): 3x32x32 -> 64 k3: 2.6 / 1.5 / 5.4;
+/// 64x32x32 -> 64 k3: 40.1 / 24.9 / 21.1; 64x32x32 -> 64 k5: 63.5 / 70.6 / 46.6; 256x8x8 -> 256
+/// k3: 27.4 / 16.1 / 17.3; 512x4x4 -> 512 k3: 23.7 / 16.1 / 21.4. Strided and grouped
+/// (transposed / im2col): 64x32x32 -> 128 k3 s2: 17.7 / 11.3; 128x16x16 -> 256 k3 s2: 15.1 / 8.7;
+/// 1x1 s2 64 -> 128: 15.2 / 1.9; depthwise 64x32x32 k3: 20.1 / 13.2; k7 s2: 30.3 / 43.5, and the
+/// ResNet stem 3x64x64 -> 64 k7 s2: 6.7 / 9.1. The unfold writes `kh·kw` copies of the input,
+/// which dominates for large kernels; the transposed Conv runs a `kh·kw`-wide Gemm per input
+/// channel, which is what makes it lose on small kernels; Shifted copies the input `kh` times
+/// and the output gradient `kw` times, so it loses when the input has far fewer channels.
 pub fn conv_weight_rule(
-    _x_shape: &[usize],
+    x_shape: &[usize],
     w_shape: &[usize],
     groups: usize,
     stride: &[usize],
     dilation: &[usize],
+    pads: &[usize],
 ) -> (ConvWeightGrad, &'static str) {
-    let k = w_shape[2] * w_shape[3];
+    let (m, c, kh, kw) = (w_shape[0], x_shape[1], w_shape[2], w_shape[3]);
+    let k = kh * kw;
     let unit = |v: &[usize]| v.iter().all(|&a| a == 1);
     if groups > 1 {
-        (ConvWeightGrad::Im2col, "grouped: unfold + batched MatMul (measured 1.5x faster for depthwise 3x3)")
-    } else if k == 1 {
-        (ConvWeightGrad::Im2col, "1x1 kernel: im2col measured 8x faster")
-    } else if k < 25 && unit(stride) && unit(dilation) {
-        (ConvWeightGrad::Shifted, SHIFTED_MEASURED)
-    } else if k < 25 {
+        return (ConvWeightGrad::Im2col, "grouped: unfold + batched MatMul (measured 1.5x faster for depthwise 3x3)");
+    }
+    if k == 1 {
+        return (ConvWeightGrad::Im2col, "1x1 kernel: im2col measured 8x faster");
+    }
+    if unit(stride) && unit(dilation) {
+        let wp = x_shape[3] + pads[1] + pads[3];
+        let wo = wp + 1 - kw;
+        if 13 * (c * kh + m * kw) * wp < 10 * c * k * wo {
+            return (ConvWeightGrad::Shifted, SHIFTED_MEASURED);
+        }
+    }
+    if k < 25 {
         (ConvWeightGrad::Im2col, "kernel up to 3x3: im2col measured 1.5-1.8x faster")
     } else {
         (ConvWeightGrad::Transposed, "kernel 5x5 or larger: transposed Conv measured equal (5x5) to 1.4x faster (7x7)")
     }
 }
 
-/// Why stride-1 3x3 convolutions use [`ConvWeightGrad::Shifted`].
+/// Why a stride-1 convolution uses [`ConvWeightGrad::Shifted`].
 pub const SHIFTED_MEASURED: &str =
-    "stride-1 kernel up to 3x3: shifted copies (kh + kw instead of kh·kw) measured faster than im2col";
+    "stride 1, shifted copies (C·kh + M·kw maps) well under im2col's C·kh·kw: measured 1.2-1.5x faster";
 
 pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &mut Ctx) -> Result<Vec<Option<Value>>> {
     let (x, w) = (node.inputs[0], node.inputs[1]);
@@ -109,7 +121,7 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool], ctx: &m
     }
     if need[1] {
         let (lowering, reason) = match (node.weight_grad, ctx.opts.conv_weight) {
-            (ConvWeightGrad::Auto, ConvWeightGrad::Auto) => conv_weight_rule(&xs, &ws, groups, &s, &d),
+            (ConvWeightGrad::Auto, ConvWeightGrad::Auto) => conv_weight_rule(&xs, &ws, groups, &s, &d, &p),
             (ConvWeightGrad::Auto, chosen) => (chosen, "chosen by GradOptions"),
             (chosen, _) => (chosen, "chosen on the Conv2d builder"),
         };

@@ -270,21 +270,27 @@ fn conv_lowering_follows_the_builder_then_the_options_and_is_reported() {
     let (r, _) = build(ConvWeightGrad::Auto, ConvWeightGrad::Auto);
     assert!(r.convs.iter().all(|c| c.lowering != ConvWeightGrad::Auto && !c.reason.is_empty()));
     assert_eq!(r.convs.len(), 2);
-    // Both convs are dense, stride 1 and 3x3: the measured rule picks the shifted copies.
-    assert_eq!((lowering(&r, "first"), lowering(&r, "second")), (ConvWeightGrad::Shifted, ConvWeightGrad::Shifted));
+    // Dense, stride 1 and 3x3, but 3 and 4 channels at 8x8: im2col copies less than Shifted.
+    assert_eq!((lowering(&r, "first"), lowering(&r, "second")), (ConvWeightGrad::Im2col, ConvWeightGrad::Im2col));
 }
 
 #[test]
 fn shifted_applies_to_dense_stride_1_only_and_says_so() {
-    let rule = |ws: &[usize], groups: usize, stride: usize, dilation: usize| {
-        conv_weight_rule(&[2, 4, 8, 8], ws, groups, &[stride; 2], &[dilation; 2]).0
+    // (input, weight, groups, stride, dilation, pad) with the measured winner.
+    let rule = |xs: &[usize], ws: &[usize], groups: usize, stride: usize, dilation: usize, pad: usize| {
+        conv_weight_rule(xs, ws, groups, &[stride; 2], &[dilation; 2], &[pad; 4]).0
     };
-    assert_eq!(rule(&[4, 4, 3, 3], 1, 1, 1), ConvWeightGrad::Shifted);
-    assert_eq!(rule(&[4, 4, 3, 3], 1, 2, 1), ConvWeightGrad::Im2col);
-    assert_eq!(rule(&[4, 4, 3, 3], 1, 1, 2), ConvWeightGrad::Im2col);
-    assert_eq!(rule(&[4, 1, 3, 3], 4, 1, 1), ConvWeightGrad::Im2col);
-    assert_eq!(rule(&[4, 4, 1, 1], 1, 1, 1), ConvWeightGrad::Im2col);
-    assert_eq!(rule(&[4, 4, 5, 5], 1, 1, 1), ConvWeightGrad::Transposed);
+    use ConvWeightGrad::{Im2col, Shifted, Transposed};
+    assert_eq!(rule(&[32, 64, 32, 32], &[64, 64, 3, 3], 1, 1, 1, 1), Shifted);
+    assert_eq!(rule(&[32, 64, 32, 32], &[64, 64, 5, 5], 1, 1, 1, 2), Shifted);
+    assert_eq!(rule(&[32, 3, 32, 32], &[64, 3, 3, 3], 1, 1, 1, 1), Im2col); // few input channels
+    assert_eq!(rule(&[32, 256, 8, 8], &[256, 256, 3, 3], 1, 1, 1, 1), Im2col); // small map
+    assert_eq!(rule(&[32, 512, 4, 4], &[512, 512, 3, 3], 1, 1, 1, 1), Im2col);
+    assert_eq!(rule(&[32, 64, 32, 32], &[128, 64, 3, 3], 1, 2, 1, 1), Im2col); // strided
+    assert_eq!(rule(&[32, 64, 32, 32], &[64, 64, 3, 3], 1, 1, 2, 2), Im2col); // dilated
+    assert_eq!(rule(&[32, 64, 32, 32], &[64, 1, 3, 3], 64, 1, 1, 1), Im2col); // depthwise
+    assert_eq!(rule(&[32, 64, 32, 32], &[64, 64, 1, 1], 1, 1, 1, 0), Im2col);
+    assert_eq!(rule(&[32, 3, 64, 64], &[64, 3, 7, 7], 1, 2, 1, 3), Transposed);
     // Forced on a strided conv, the report says it fell back.
     let mut g = Graph::new();
     let x = g.input("x", DType::F32, &[2, 3, 8, 8]).unwrap();

@@ -1,9 +1,11 @@
 //! Conv gradients. Input: for stride 1 (dense, square kernel, equal pads) a Conv with the
 //! kernel transposed over channels and flipped in space; otherwise ConvTranspose with the forward
-//! geometry (output_padding restores odd sizes). Weight: one of two lowerings, [`ConvWeightGrad::Transposed`] (a Conv over the
-//! transposed input with the output gradient as kernel, dilations = stride) or
-//! [`ConvWeightGrad::Im2col`] (the input unfolded by a Conv with 0/1 kernels, then MatMul),
-//! chosen per layer by [`conv_weight_rule`] unless the builder or [`super::GradOptions`] says.
+//! geometry (output_padding restores odd sizes). Weight: one of three lowerings,
+//! [`ConvWeightGrad::Transposed`] (a Conv over the transposed input with the output gradient as
+//! kernel, dilations = stride), [`ConvWeightGrad::Im2col`] (the input unfolded by a Conv with 0/1
+//! kernels, then MatMul) or [`ConvWeightGrad::Shifted`] (stride 1: row-shifted input and
+//! column-shifted output gradient, then MatMul), chosen per layer by [`conv_weight_rule`] unless
+//! the builder or [`super::GradOptions`] says.
 //! Bias: ReduceSum over batch and space.
 
 use super::{Ctx, no_grad};

@@ -279,20 +279,18 @@ impl Graph {
     }
 
     /// `y = x * scale + bias` per channel (`scale`, `bias` shaped `[C]`) in one pass: a
-    /// `BatchNormalization` node with mean 0, variance 1 and epsilon 0.
+    /// `BatchNormalization` node with mean 0, variance `1 - eps` and epsilon `eps = 1e-5`
+    /// (cuDNN's smallest, which ORT's CUDA provider clamps smaller ones to), so that
+    /// `sqrt(var + eps)` is 1 to within an ulp on every provider.
     pub fn channel_affine(&mut self, x: Value, scale: Value, bias: Value) -> Result<Value> {
+        const EPS: f64 = 1e-5;
         let (c, _) = self.bn_check("BatchNormalization", x, &[scale, bias])?;
         let dt = self.dtype(x);
         let zero = self.cached_constant(Tensor::zeros(dt, &[c]));
-        let one = self.cached_constant(Tensor::full(dt, &[c], 1.0));
+        let var = self.cached_constant(Tensor::full(dt, &[c], 1.0 - EPS));
         let s = self.shape(x).to_vec();
-        Ok(self.push1(
-            "BatchNormalization",
-            vec![x, scale, bias, zero, one],
-            vec![("epsilon", Attr::Float(0.0))],
-            dt,
-            s,
-        ))
+        let attrs = vec![("epsilon", Attr::Float(EPS as f32))];
+        Ok(self.push1("BatchNormalization", vec![x, scale, bias, zero, var], attrs, dt, s))
     }
 
     fn bn_check(&self, op: &str, x: Value, per_channel: &[Value]) -> Result<(usize, Vec<i64>)> {

@@ -12,6 +12,9 @@
 //!   `gemm_gflops`, `gemm_ratio` = achieved / gemm, `torch_ratio` = ours / torch's step time
 //!   (null without the venv), and for scale `torch_gemm_ratio`, PyTorch's own achieved / gemm.
 //!   `gemm_ratio_criterion` uses criterion's step time instead.
+//! - `nchwc`: the same figures for the same step with its convolutions written on ORT's NCHWc
+//!   kernels (`GradOptions::cpu_nchwc`, opt-in because it is not standard ONNX), timed in the
+//!   same alternation.
 //!
 //! `HIERCON_BENCH_DUMP=<dir>` also writes the step graph there as ONNX (for profiling).
 
@@ -21,7 +24,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use hiercon::graph::{DType, GradOptions, Graph, Optimizer, Runner, Sgd, Tensor};
 use hiercon::loss::{LossOptions, loss_graph};
-use hiercon::model::{Arch, LossParts, ModelConfig, inference_graph, step_graph};
+use hiercon::model::{Arch, LossParts, ModelConfig, StepGraph, inference_graph, step_graph};
 use hiercon::runtime::RuntimeOptions;
 use hiercon::train::TrainSession;
 use rand::{Rng, SeedableRng};
@@ -176,7 +179,8 @@ impl Drop for TorchWorker {
 /// the first step of each block dropped) so that all three see the same machine: a sustained load slows this machine
 /// down by up to a third, and block order would otherwise favour whoever ran cooler.
 struct Interleaved {
-    ours: Vec<f64>,
+    /// Per session given, its step times.
+    ours: Vec<Vec<f64>>,
     torch: Option<Vec<f64>>,
     gemm: Vec<f64>,
     torch_info: Option<serde_json::Value>,
@@ -185,19 +189,21 @@ struct Interleaved {
 const ROUNDS: usize = 10;
 const BLOCK: usize = 6;
 
-fn interleaved(session: &mut TrainSession, images: &Tensor, labels: &Tensor, probe: &mut GemmProbe) -> Interleaved {
+fn interleaved(sessions: &mut [TrainSession], images: &Tensor, labels: &Tensor, probe: &mut GemmProbe) -> Interleaved {
     let mut worker = TorchWorker::start();
-    let (mut ours, mut torch, mut gemm) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut torch, mut gemm) = (vec![Vec::new(); sessions.len()], Vec::new(), Vec::new());
     // Idle threads of the session that just ran (ORT's spinning pool, torch's OpenMP team) would
     // otherwise take a core from the next block for a while.
     let settle = || std::thread::sleep(Duration::from_millis(100));
     for _ in 0..ROUNDS {
-        settle();
-        for i in 0..BLOCK {
-            let t = Instant::now();
-            session.run(images, labels, 0.01).unwrap();
-            if i > 0 {
-                ours.push(t.elapsed().as_secs_f64());
+        for (session, times) in sessions.iter_mut().zip(&mut ours) {
+            settle();
+            for i in 0..BLOCK {
+                let t = Instant::now();
+                session.run(images, labels, 0.01).unwrap();
+                if i > 0 {
+                    times.push(t.elapsed().as_secs_f64());
+                }
             }
         }
         settle();
@@ -234,6 +240,7 @@ fn bench(c: &mut Criterion) {
         step.graph.write_onnx(&std::path::Path::new(&dir).join("train_step.onnx"), "step").unwrap();
     }
     let mut session = TrainSession::new(&step, &rt, None).unwrap();
+
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
     let numel = 2 * N * 3 * SIZE * SIZE;
     let images =
@@ -263,8 +270,16 @@ fn bench(c: &mut Criterion) {
     }
     let s = median(times);
     let mut probe = GemmProbe::new(&rt);
-    let run = interleaved(&mut session, &images, &labels, &mut probe);
-    let ours = median(run.ours.clone());
+    // The same step with its convolutions on ORT's NCHWc kernels (opt-in, not standard ONNX).
+    let nchwc_block = hiercon::graph::nchwc::block_size();
+    let mut sessions = vec![session];
+    if nchwc_block.is_some() {
+        let blocked = StepGraph { lowering: GradOptions { cpu_nchwc: true, ..grad }, ..step.clone() };
+        sessions.push(TrainSession::new(&blocked, &rt, None).unwrap());
+    }
+    let run = interleaved(&mut sessions, &images, &labels, &mut probe);
+    let ours = median(run.ours[0].clone());
+    let nchwc = run.ours.get(1).cloned().map(median);
     let gemm = median(run.gemm.clone());
     let torch_s = run.torch.clone().map(median);
     let gflops = |seconds: f64| step_flops / seconds / 1e9;
@@ -281,7 +296,9 @@ fn bench(c: &mut Criterion) {
             "seconds_per_step": ours,
             "torch_seconds_per_step": torch_s,
             "gemm_gflops": gemm,
-            "ours_steps": run.ours,
+            "ours_steps": run.ours[0],
+            "nchwc_seconds_per_step": nchwc,
+            "nchwc_steps": run.ours.get(1),
             "torch_steps": run.torch,
             "gemm_probes": run.gemm,
         },
@@ -294,6 +311,14 @@ fn bench(c: &mut Criterion) {
         "torch": run.torch_info,
         "conv_weight_grad": step.report.convs.iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
         "batch_norm": format!("{:?}", grad.batch_norm),
+        "nchwc": nchwc.map(|t| serde_json::json!({
+            "note": "opt-in (GradOptions::cpu_nchwc): dense Convs on ORT's com.microsoft.nchwc kernels, not standard ONNX",
+            "block": nchwc_block,
+            "seconds_per_step": t,
+            "achieved_gflops": gflops(t),
+            "gemm_ratio": gflops(t) / gemm,
+            "torch_ratio": torch_s.map(|ts| t / ts),
+        })),
     });
     let text = serde_json::to_string_pretty(&result).unwrap();
     std::fs::create_dir_all("bench/results").unwrap();

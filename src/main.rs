@@ -38,6 +38,10 @@ struct GlobalArgs {
     /// CPU threads for ONNX Runtime (0 = one per core).
     #[arg(long, global = true, default_value_t = 0, env = "HIERCON_THREADS")]
     threads: usize,
+    /// Training on CPU: run the step's dense convolutions on ONNX Runtime's blocked NCHWc
+    /// kernels (about 10% faster per step; the step graph is then not standard ONNX).
+    #[arg(long, global = true, env = "HIERCON_CPU_NCHWC")]
+    cpu_nchwc: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -467,7 +471,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let rt_opts = RuntimeOptions { device: cli.global.device, threads: cli.global.threads };
+    let rt_opts =
+        RuntimeOptions { device: cli.global.device, threads: cli.global.threads, cpu_nchwc: cli.global.cpu_nchwc };
     match cli.command {
         Command::Runtime => {
             let rt = runtime::init()?;

@@ -45,6 +45,9 @@ impl std::fmt::Display for Device {
 pub struct RuntimeOptions {
     pub device: Device,
     pub threads: usize,
+    /// CPU training steps: write dense convolutions on ORT's NCHWc kernels
+    /// (`graph::GradOptions::cpu_nchwc`; not standard ONNX, so off by default).
+    pub cpu_nchwc: bool,
 }
 
 /// The loaded library: where it came from and its version.
@@ -237,7 +240,7 @@ mod tests {
     fn loads_the_vendored_library_and_runs_on_cpu() {
         let rt = init().expect("ONNX Runtime should load (run `make ort`)");
         assert!(version_matches(&rt.version), "loaded {}", rt.version);
-        let b = rt.session_builder(&RuntimeOptions { device: Device::Cpu, threads: 1 });
+        let b = rt.session_builder(&RuntimeOptions { device: Device::Cpu, threads: 1, ..Default::default() });
         assert!(b.is_ok());
     }
 
@@ -245,7 +248,10 @@ mod tests {
     #[test]
     fn cuda_without_the_feature_is_a_clear_error() {
         let rt = init().expect("ONNX Runtime should load");
-        let err = rt.session_builder(&RuntimeOptions { device: Device::Cuda, threads: 0 }).err().expect("must fail");
+        let err = rt
+            .session_builder(&RuntimeOptions { device: Device::Cuda, ..Default::default() })
+            .err()
+            .expect("must fail");
         let msg = err.to_string();
         assert!(msg.contains("cuda") && msg.contains("--features cuda"), "{msg}");
     }

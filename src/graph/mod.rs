@@ -68,6 +68,7 @@
 
 pub mod autodiff;
 pub mod ir;
+pub mod nchwc;
 pub mod nn;
 pub mod onnx;
 pub mod ops;

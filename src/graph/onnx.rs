@@ -50,6 +50,9 @@ pub struct WriteOptions {
     /// after the input (their initial values), instead of graph inputs; unused ones are dropped.
     /// Data inputs stay inputs. This is how an inference model is exported.
     pub freeze_state: bool,
+    /// Write eligible convolutions on ORT's CPU-only NCHWc kernels with this block size (see
+    /// [`super::nchwc`]; not standard ONNX). `None`, the default, writes standard Convs.
+    pub nchwc_block: Option<usize>,
 }
 
 /// The name of the symbolic batch dimension written by [`WriteOptions::dynamic_batch`].
@@ -81,7 +84,7 @@ fn value_info_dims(name: &str, dtype: DType, shape: &[usize], symbolic_batch: bo
     }
 }
 
-fn attribute(name: &str, a: &Attr) -> AttributeProto {
+pub(crate) fn attribute(name: &str, a: &Attr) -> AttributeProto {
     let mut p = AttributeProto { name: Some(name.to_string()), ..Default::default() };
     let ty = match a {
         Attr::Int(i) => {
@@ -152,12 +155,16 @@ pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<Mod
     }
     let (node_live, const_live, input_live) = live(g);
     let name = |v: &Value| g.name(*v).to_string();
-    let nodes = g
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| node_live[*i])
-        .map(|(i, n)| NodeProto {
+    let mut lowered_consts = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, n) in g.nodes.iter().enumerate().filter(|(i, _)| node_live[*i]) {
+        if let Some(b) = o.nchwc_block.filter(|&b| super::nchwc::eligible(g, n, b)) {
+            let (ns, cs) = super::nchwc::lower(g, n, i, b);
+            nodes.extend(ns);
+            lowered_consts.extend(cs);
+            continue;
+        }
+        nodes.push(NodeProto {
             input: n.inputs.iter().map(name).collect(),
             output: n.outputs.iter().map(name).collect(),
             name: Some(format!("{}_{i}", n.op)),
@@ -165,8 +172,9 @@ pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<Mod
             domain: Some(String::new()),
             attribute: n.attrs.iter().map(|(k, a)| attribute(k, a)).collect(),
             ..Default::default()
-        })
-        .collect();
+        });
+    }
+    let uses_nchwc = !lowered_consts.is_empty();
     let frozen = |inp: &super::ir::Input| o.freeze_state && inp.kind != InputKind::Data;
     let mut initializer: Vec<TensorProto> = g
         .constants
@@ -174,6 +182,7 @@ pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<Mod
         .enumerate()
         .filter(|(i, _)| const_live[*i])
         .map(|(_, (v, t))| tensor_proto(Some(g.name(*v).to_string()), t))
+        .chain(lowered_consts)
         .collect();
     for (i, inp) in g.inputs.iter().enumerate() {
         if frozen(inp) && input_live[i] {
@@ -216,7 +225,11 @@ pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<Mod
     };
     Ok(ModelProto {
         ir_version: Some(IR_VERSION),
-        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(OPSET) }],
+        opset_import: std::iter::once(OperatorSetIdProto { domain: Some(String::new()), version: Some(OPSET) })
+            .chain(
+                uses_nchwc.then(|| OperatorSetIdProto { domain: Some(super::nchwc::DOMAIN.into()), version: Some(1) }),
+            )
+            .collect(),
         producer_name: Some("hiercon".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(graph),
@@ -389,7 +402,7 @@ mod tests {
         g.param("unused", &[2], vec![1.0; 2]).unwrap();
         let y = g.linear(x, w, None).unwrap();
         g.output("y", y).unwrap();
-        let o = WriteOptions { annotate: true, dynamic_batch: true, freeze_state: true };
+        let o = WriteOptions { annotate: true, dynamic_batch: true, freeze_state: true, nchwc_block: None };
         let gp = to_model_with(&g, "t", o).unwrap().graph.unwrap();
         let names = |v: &[ValueInfoProto]| v.iter().map(|i| i.name.clone().unwrap()).collect::<Vec<_>>();
         assert_eq!(names(&gp.input), ["x"]);

@@ -110,7 +110,12 @@ impl Carried {
 impl Runner {
     /// Writes `graph` as ONNX and loads it into a session with the given device and threads.
     pub fn new(graph: &Graph, opts: &RuntimeOptions) -> Result<Runner> {
-        let bytes = graph.to_onnx("hiercon")?;
+        Runner::with_write_options(graph, opts, super::WriteOptions::default())
+    }
+
+    /// [`Runner::new`] with the graph written as `write` asks.
+    pub fn with_write_options(graph: &Graph, opts: &RuntimeOptions, write: super::WriteOptions) -> Result<Runner> {
+        let bytes = prost::Message::encode_to_vec(&super::onnx::to_model_with(graph, "hiercon", write)?);
         let session = crate::runtime::init()?.session_from_bytes(opts, &bytes)?;
         let inputs = graph
             .inputs()

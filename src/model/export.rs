@@ -69,7 +69,7 @@ pub fn export(
         exported.push((name.as_str(), t));
     }
     let digest = state_digest(exported);
-    let opts = WriteOptions { annotate: false, dynamic_batch: true, freeze_state: true };
+    let opts = WriteOptions { annotate: false, dynamic_batch: true, freeze_state: true, nchwc_block: None };
     let bytes = crate::graph::onnx::to_model_with(&g, "hiercon", opts)?.encode_to_vec();
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),

@@ -41,6 +41,8 @@ pub struct StepGraph {
     pub k: usize,
     /// Number of `level_loss.*` outputs.
     pub levels: usize,
+    /// How the step was lowered (also read when it is written for a session).
+    pub lowering: GradOptions,
 }
 
 impl StepGraph {
@@ -140,6 +142,7 @@ pub fn step_graph(
         n,
         k,
         levels: parts.level_losses.len(),
+        lowering: *grad,
     })
 }
 

@@ -47,6 +47,8 @@ pub struct TrainSession {
     labels_shape: Vec<usize>,
     uses_step: bool,
     steps_done: u64,
+    /// The NCHWc block size the convolutions were written with, if they were.
+    nchwc_block: Option<usize>,
     #[cfg(feature = "cuda")]
     device: Option<cuda::DeviceState>,
 }
@@ -123,7 +125,12 @@ impl TrainSession {
                 .map_err(|e| Error::ModelState { name: s.input.clone(), reason: e.to_string() })?;
             host.push(t);
         }
-        let bytes = g.to_onnx("hiercon-step")?;
+        let nchwc_block = match opts.device {
+            crate::runtime::Device::Cpu if step.lowering.cpu_nchwc => crate::graph::nchwc::block_size(),
+            _ => None,
+        };
+        let write = crate::graph::WriteOptions { nchwc_block, ..Default::default() };
+        let bytes = prost::Message::encode_to_vec(&crate::graph::onnx::to_model_with(g, "hiercon-step", write)?);
         let session = crate::runtime::init()?.session_from_bytes(opts, &bytes)?;
         let info = |n: &str| g.find(n).map(|v| g.shape(v).to_vec()).unwrap_or_default();
         let mut s = TrainSession {
@@ -134,6 +141,7 @@ impl TrainSession {
             labels_shape: info("labels"),
             uses_step: step.needs_step(),
             steps_done: 0,
+            nchwc_block,
             #[cfg(feature = "cuda")]
             device: None,
             slots,
@@ -153,6 +161,12 @@ impl TrainSession {
             }
         }
         Ok(s)
+    }
+
+    /// The NCHWc block size the step's convolutions run with (`GradOptions::cpu_nchwc` on a
+    /// CPU session where ORT's NCHWc kernels work), or `None` for standard Convs.
+    pub fn nchwc_block(&self) -> Option<usize> {
+        self.nchwc_block
     }
 
     /// Number of updates already applied (AdamW's step count before the next run).
@@ -301,6 +315,40 @@ mod tests {
         let (images, labels, lr) = &batches[2];
         resumed.run(images, labels, *lr).unwrap();
         assert_eq!(resumed.state().unwrap(), state);
+    }
+
+    #[test]
+    fn nchwc_convolutions_take_the_same_steps() {
+        // The tiny resnet-mini has 32/64/128 channels, so its dense convolutions (forward and
+        // input gradients) are lowered; three SGD steps agree with the standard session.
+        let cfg = tiny();
+        let (n, k) = (4, 2);
+        let opt = Optimizer::Sgd(crate::graph::Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false });
+        let session = |cpu_nchwc| {
+            let grad = GradOptions { cpu_nchwc, ..GradOptions::default() };
+            let sg = step_graph(&cfg, n, k, &opt, &grad, test_loss).unwrap();
+            TrainSession::new(&sg, &RuntimeOptions::default(), None).unwrap()
+        };
+        let block = crate::graph::nchwc::block_size().expect("NCHWc kernels on this machine");
+        let sg = step_graph(&cfg, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
+        let lowered = sg.graph.nodes().iter().filter(|nd| crate::graph::nchwc::eligible(&sg.graph, nd, block)).count();
+        assert!(lowered >= 8, "{lowered} convolutions lowered");
+        let (mut plain, mut blocked) = (session(false), session(true));
+        assert_eq!((plain.nchwc_block(), blocked.nchwc_block()), (None, Some(block)));
+        for t in 1..=3u64 {
+            let (images, labels) = batch(&cfg, n, k, 70 + t);
+            let a = plain.run(&images, &labels, 0.05).unwrap();
+            let b = blocked.run(&images, &labels, 0.05).unwrap();
+            assert!((a.loss - b.loss).abs() <= 1e-4 * (1.0 + a.loss.abs()), "step {t}: {} vs {}", a.loss, b.loss);
+        }
+        let (sa, sb) = (plain.state().unwrap(), blocked.state().unwrap());
+        for (name, t) in &sa {
+            let (a, b) = (t.to_f64_vec(), sb[name].to_f64_vec());
+            let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() <= 1e-4 * (1.0 + scale), "{name}: {u} vs {v}");
+            }
+        }
     }
 
     #[test]

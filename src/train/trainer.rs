@@ -292,13 +292,16 @@ pub fn train(
         cfg.batch_size,
         k,
         &cfg.optimizer(),
-        &GradOptions::for_device(rt.device),
+        &GradOptions { cpu_nchwc: rt.cpu_nchwc, ..GradOptions::for_device(rt.device) },
         |g, emb, lab| {
             let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
             Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
         },
     )?;
     let mut session = TrainSession::new(&step_graph, rt, state)?;
+    if let Some(b) = session.nchwc_block() {
+        tracing::info!("convolutions on ONNX Runtime's NCHWc kernels (block {b})");
+    }
     session.set_steps_done(start as u64);
     let pre = Preprocess { size: cfg.image_size as u32, mean: model::IMAGENET_MEAN, std: model::IMAGENET_STD };
     let schedule = cfg.schedule();

@@ -77,6 +77,22 @@ fn a_short_run_lowers_the_loss_and_exports_a_model_the_encoder_loads() {
 }
 
 #[test]
+fn the_nchwc_convolutions_train_the_same_run() {
+    // `--cpu-nchwc` writes the step's convolutions on ORT's NCHWc kernels: the same losses.
+    let c = Catalogue::new(4);
+    let cfg = config(&c, LossKind::Hmce, 6);
+    let (plain, blocked) = (c.dir.path().join("runs/plain"), c.dir.path().join("runs/nchwc"));
+    train::train(&cfg, &plain, false, &rt(), &TrainHooks::default()).unwrap();
+    let nchwc = RuntimeOptions { cpu_nchwc: true, ..rt() };
+    train::train(&cfg, &blocked, false, &nchwc, &TrainHooks::default()).unwrap();
+    let (a, b) = (losses(&plain), losses(&blocked));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-3 * x.abs(), "losses {a:?} vs {b:?}");
+    }
+}
+
+#[test]
 fn a_run_stopped_abruptly_and_resumed_matches_an_uninterrupted_one() {
     let c = Catalogue::new(2);
     let whole = c.dir.path().join("runs/whole");

@@ -31,6 +31,10 @@ pub struct GradOptions {
     pub conv_weight: ConvWeightGrad,
     /// Training-mode BatchNorm in model step graphs.
     pub batch_norm: BatchNormLowering,
+    /// CPU sessions of model step graphs (`train::TrainSession`): write dense convolutions on
+    /// ORT's blocked NCHWc kernels ([`crate::graph::nchwc`]). Not standard ONNX, so off by
+    /// default; ignored on CUDA.
+    pub cpu_nchwc: bool,
 }
 
 /// How a model step graph computes training-mode BatchNorm.

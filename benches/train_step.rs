@@ -2,7 +2,7 @@
 //! loss over 5 label columns, SGD with momentum: the figures issue 3 asks for, written to
 //! `bench/results/train_step.json`:
 //! - `seconds_per_step` (median of criterion's samples) and `images_per_s`;
-//! - `peak_rss_mib` (the process's high-water mark, VmHWM);
+//! - `peak_rss_mib` (the process's high-water mark, VmHWM, after criterion's run of the one session);
 //! - `step_gflop`: the model FLOPs of a step, 3x the forward pass's Conv/MatMul/Gemm FLOPs less
 //!   the first convolution's input gradient, whatever the lowering;
 //! - then, in alternating short blocks (see [`interleaved`]): our step, a 1024³ MatMul through
@@ -269,6 +269,8 @@ fn bench(c: &mut Criterion) {
         return; // `cargo bench -- --test`: a smoke run, no figures
     }
     let s = median(times);
+    // Before the probe and the second session add their own memory.
+    let rss = peak_rss_mib();
     let mut probe = GemmProbe::new(&rt);
     // The same step with its convolutions on ORT's NCHWc kernels (opt-in, not standard ONNX).
     let nchwc_block = hiercon::graph::nchwc::block_size();
@@ -288,7 +290,7 @@ fn bench(c: &mut Criterion) {
         "machine": hiercon::runtime::machine_description(),
         "seconds_per_step": s,
         "images_per_s": (2 * N) as f64 / s,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": rss,
         "step_gflop": step_flops / 1e9,
         "interleaved": {
             "rounds": ROUNDS,

@@ -15,7 +15,7 @@
 //! - shape ([`ops`]): `reshape reshape_to flatten transpose concat split slice gather unsqueeze
 //!   squeeze expand pad scatter_elements`;
 //! - nn ([`nn`]): `matmul gemm linear conv conv_transpose max_pool max_pool_with_indices
-//!   global_avg_pool batch_norm_train batch_norm_infer`;
+//!   global_avg_pool batch_norm_train batch_norm_train_fused batch_norm_infer channel_affine`;
 //! - outputs: [`Graph::output`] names a result; [`Graph::feed_back`] pairs a stateful input with
 //!   its new value (output `"<name>.next"`), listed by [`Graph::feedback`].
 //!
@@ -25,7 +25,9 @@
 //! (learning rate and step count are inputs `lr` / `step`); [`train_step`] does gradients plus
 //! optimizer for every parameter. [`Graph::to_onnx`] writes the model (only what the outputs
 //! need); [`Runner`] runs it in an ONNX Runtime session with named [`Tensor`]s, and [`Carried`]
-//! moves the `.next` outputs back to the inputs between steps.
+//! moves the `.next` outputs back to the inputs between steps. The one exception to "default
+//! domain only" is opt-in: [`WriteOptions::nchwc_block`] writes dense convolutions on ORT's
+//! CPU-only NCHWc ops ([`nchwc`]).
 //!
 //! ```
 //! use hiercon::graph::*;

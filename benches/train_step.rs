@@ -222,7 +222,7 @@ fn bench(c: &mut Criterion) {
     let rt = RuntimeOptions::default();
     let cfg = ModelConfig::new(Arch::ResnetMini, SIZE, 0);
     let opts = LossOptions::default();
-    let grad = GradOptions::for_device(rt.device);
+    let grad = GradOptions::for_runtime(&rt);
     let step = step_graph(
         &cfg,
         N,

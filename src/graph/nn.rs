@@ -348,8 +348,20 @@ impl Graph {
         let y = self.batch_norm_infer(x, gamma, beta, mean_c, var_c, o.eps as f32)?;
         let kind = CompositeKind::BatchNormTrain { x, gamma, beta, y, xc, inv, gamma_b: gr, axes: axes.clone() };
         self.composites.push(Composite { first, last: self.nodes.len() - 1, kind });
+        self.running_stats(y, [running_mean, running_var], [mean_c, var_c], n, o.momentum)
+    }
 
-        let m = o.momentum;
+    /// PyTorch's running-statistics update from the batch mean and biased variance (`[C]`, over
+    /// `n` values each): `r <- (1 - momentum) r + momentum s`, the variance unbiased by
+    /// `n / (n - 1)`.
+    fn running_stats(
+        &mut self,
+        y: Value,
+        [running_mean, running_var]: [Value; 2],
+        [mean_c, var_c]: [Value; 2],
+        n: usize,
+        m: f64,
+    ) -> Result<BatchNormOut> {
         let unbias = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
         let rm_old = self.mul_scalar(running_mean, 1.0 - m)?;
         let rm_new = self.mul_scalar(mean_c, m)?;
@@ -360,10 +372,10 @@ impl Graph {
         Ok(BatchNormOut { y, running_mean: rm, running_var: rv })
     }
 
-    /// BatchNorm in training mode as one ONNX `BatchNormalization` node (`training_mode = 1`,
-    /// momentum 0, so the input statistics are ignored, so its second and third outputs are the batch mean
-    /// and biased batch variance); the running statistics are updated from those by the same
-    /// small per-channel ops as [`Graph::batch_norm_train`]. Autodiff has a closed-form rule for
+    /// BatchNorm in training mode as one ONNX `BatchNormalization` node (`training_mode = 1`
+    /// with momentum 0: the input statistics are ignored and its second and third outputs are
+    /// the batch mean and biased batch variance); the running statistics are updated from those
+    /// by the same small per-channel ops as [`Graph::batch_norm_train`]. Autodiff has a closed-form rule for
     /// the node, including gradients that reach the statistics.
     pub fn batch_norm_train_fused(
         &mut self,
@@ -394,16 +406,7 @@ impl Graph {
             attrs,
             vec![(dt, sx), (dt, vec![c]), (dt, vec![c])],
         );
-        let (y, mean_c, var_c) = (outs[0], outs[1], outs[2]);
-        let m = o.momentum;
-        let unbias = if n > 1 { n as f64 / (n as f64 - 1.0) } else { 1.0 };
-        let rm_old = self.mul_scalar(running_mean, 1.0 - m)?;
-        let rm_new = self.mul_scalar(mean_c, m)?;
-        let rm = self.add(rm_old, rm_new)?;
-        let rv_old = self.mul_scalar(running_var, 1.0 - m)?;
-        let rv_new = self.mul_scalar(var_c, m * unbias)?;
-        let rv = self.add(rv_old, rv_new)?;
-        Ok(BatchNormOut { y, running_mean: rm, running_var: rv })
+        self.running_stats(outs[0], [running_mean, running_var], [outs[1], outs[2]], n, o.momentum)
     }
 
     /// BatchNorm in inference form: one ONNX `BatchNormalization` node,

@@ -240,7 +240,12 @@ pub fn to_model_with(g: &Graph, graph_name: &str, o: WriteOptions) -> Result<Mod
 impl Graph {
     /// The graph as ONNX model bytes.
     pub fn to_onnx(&self, graph_name: &str) -> Result<Vec<u8>> {
-        Ok(to_model(self, graph_name, false)?.encode_to_vec())
+        self.to_onnx_with(graph_name, WriteOptions::default())
+    }
+
+    /// The graph as ONNX model bytes, written as `o` asks.
+    pub fn to_onnx_with(&self, graph_name: &str, o: WriteOptions) -> Result<Vec<u8>> {
+        Ok(to_model_with(self, graph_name, o)?.encode_to_vec())
     }
 
     /// Writes the graph as an `.onnx` file, every value annotated with its type and shape.
@@ -250,7 +255,7 @@ impl Graph {
 
     /// Writes the graph as an `.onnx` file as `o` asks.
     pub fn write_onnx_with(&self, path: &std::path::Path, graph_name: &str, o: WriteOptions) -> Result<()> {
-        let bytes = to_model_with(self, graph_name, o)?.encode_to_vec();
+        let bytes = self.to_onnx_with(graph_name, o)?;
         std::fs::write(path, bytes).map_err(|e| Error::io(path, e))
     }
 }

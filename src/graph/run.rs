@@ -115,7 +115,7 @@ impl Runner {
 
     /// [`Runner::new`] with the graph written as `write` asks.
     pub fn with_write_options(graph: &Graph, opts: &RuntimeOptions, write: super::WriteOptions) -> Result<Runner> {
-        let bytes = prost::Message::encode_to_vec(&super::onnx::to_model_with(graph, "hiercon", write)?);
+        let bytes = graph.to_onnx_with("hiercon", write)?;
         let session = crate::runtime::init()?.session_from_bytes(opts, &bytes)?;
         let inputs = graph
             .inputs()

@@ -344,7 +344,10 @@ pub(crate) mod tests {
             }
         }
         assert!(fused.iter().any(|(n, _)| n == "bn1.running_var.next"));
-        assert_eq!(GradOptions::for_device(crate::runtime::Device::Cuda).batch_norm, BatchNormLowering::Composed);
-        assert_eq!(GradOptions::for_device(crate::runtime::Device::Cpu).batch_norm, BatchNormLowering::Fused);
+        use crate::runtime::{Device, RuntimeOptions};
+        let cuda = RuntimeOptions { device: Device::Cuda, ..Default::default() };
+        assert_eq!(GradOptions::for_runtime(&cuda).batch_norm, BatchNormLowering::Composed);
+        let cpu = GradOptions::for_runtime(&RuntimeOptions { cpu_nchwc: true, ..Default::default() });
+        assert_eq!((cpu.batch_norm, cpu.cpu_nchwc), (BatchNormLowering::Fused, true));
     }
 }

@@ -130,7 +130,7 @@ impl TrainSession {
             _ => None,
         };
         let write = crate::graph::WriteOptions { nchwc_block, ..Default::default() };
-        let bytes = prost::Message::encode_to_vec(&crate::graph::onnx::to_model_with(g, "hiercon-step", write)?);
+        let bytes = g.to_onnx_with("hiercon-step", write)?;
         let session = crate::runtime::init()?.session_from_bytes(opts, &bytes)?;
         let info = |n: &str| g.find(n).map(|v| g.shape(v).to_vec()).unwrap_or_default();
         let mut s = TrainSession {

@@ -292,7 +292,7 @@ pub fn train(
         cfg.batch_size,
         k,
         &cfg.optimizer(),
-        &GradOptions { cpu_nchwc: rt.cpu_nchwc, ..GradOptions::for_device(rt.device) },
+        &GradOptions::for_runtime(rt),
         |g, emb, lab| {
             let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
             Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })

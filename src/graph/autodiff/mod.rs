@@ -51,13 +51,14 @@ pub enum BatchNormLowering {
 }
 
 impl GradOptions {
-    /// The measured defaults for a device: on CUDA, BatchNorm composed from basic ops.
-    pub fn for_device(device: crate::runtime::Device) -> GradOptions {
-        let batch_norm = match device {
+    /// The lowering for sessions made with `rt`: on CUDA, BatchNorm composed from basic ops;
+    /// NCHWc convolutions when `rt` asks for them.
+    pub fn for_runtime(rt: &crate::runtime::RuntimeOptions) -> GradOptions {
+        let batch_norm = match rt.device {
             crate::runtime::Device::Cpu => BatchNormLowering::Fused,
             crate::runtime::Device::Cuda => BatchNormLowering::Composed,
         };
-        GradOptions { batch_norm, ..GradOptions::default() }
+        GradOptions { batch_norm, cpu_nchwc: rt.cpu_nchwc, ..GradOptions::default() }
     }
 }
 

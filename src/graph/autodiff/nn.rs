@@ -103,6 +103,26 @@ fn gemm(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Result<Vec<Opti
     Ok(out)
 }
 
+/// What both BatchNormalization rules start from: `x`'s shape, the `[1, C, 1, ..]` shape that
+/// broadcasts a per-channel value, the axes to sum over for one, and `1 / sqrt(var + epsilon)`.
+struct Channels {
+    xs: Vec<usize>,
+    bshape: Vec<usize>,
+    axes: Vec<i64>,
+    inv: Value,
+}
+
+fn channels(g: &mut Graph, node: &Node, x: Value, var: Value) -> Result<Channels> {
+    let xs = g.shape(x).to_vec();
+    let mut bshape = vec![1usize; xs.len()];
+    bshape[1] = xs[1];
+    let axes: Vec<i64> = (0..xs.len() as i64).filter(|&a| a != 1).collect();
+    let ve = g.add_scalar(var, node.attr_float("epsilon", 1e-5) as f64)?;
+    let sd = g.sqrt(ve)?;
+    let inv = g.reciprocal(sd)?; // [C]
+    Ok(Channels { xs, bshape, axes, inv })
+}
+
 /// `y = (x - mean) · k + B` per channel with `k = scale / sqrt(var + eps)` (inference form; the
 /// statistics are inputs, so they may themselves depend on `x`, as in the training composite's
 /// op-by-op fallback): `gx = gy · k`, `gB = Σ gy`, `gscale = Σ gy · (x - mean) / sqrt(var + eps)`,
@@ -113,15 +133,7 @@ fn batch_norm(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Result<Ve
     }
     let want = |i: usize| need.get(i).copied().unwrap_or(false);
     let (x, scale, mean, var) = (node.inputs[0], node.inputs[1], node.inputs[3], node.inputs[4]);
-    let xs = g.shape(x).to_vec();
-    let c = xs[1];
-    let mut bshape = vec![1usize; xs.len()];
-    bshape[1] = c;
-    let axes: Vec<i64> = (0..xs.len() as i64).filter(|&a| a != 1).collect();
-    let eps = node.attr_float("epsilon", 1e-5) as f64;
-    let ve = g.add_scalar(var, eps)?;
-    let sd = g.sqrt(ve)?;
-    let inv = g.reciprocal(sd)?; // [C]
+    let Channels { bshape, axes, inv, .. } = channels(g, node, x, var)?;
     let k = g.mul(scale, inv)?;
     let mut out = vec![None; node.inputs.len()];
     if want(0) {
@@ -175,13 +187,8 @@ pub(super) fn batch_norm_train(
     }
     let (x, gamma) = (node.inputs[0], node.inputs[1]);
     let (mean, var) = (node.outputs[1], node.outputs[2]);
-    let xs = g.shape(x).to_vec();
-    let c = xs[1];
-    let n = (xs.iter().product::<usize>() / c) as f64;
-    let mut bshape = vec![1usize; xs.len()];
-    bshape[1] = c;
-    let axes: Vec<i64> = (0..xs.len() as i64).filter(|&a| a != 1).collect();
-    let eps = node.attr_float("epsilon", 1e-5) as f64;
+    let Channels { xs, bshape, axes, inv } = channels(g, node, x, var)?;
+    let n = (xs.iter().product::<usize>() / xs[1]) as f64;
     let m = node.attr_float("momentum", 0.9) as f64;
     let mut out = vec![None; node.inputs.len()];
     // The input statistics only pass through the momentum blend.
@@ -190,9 +197,6 @@ pub(super) fn batch_norm_train(
             out[i] = Some(g.mul_scalar(gv, m)?);
         }
     }
-    let ve = g.add_scalar(var, eps)?;
-    let sd = g.sqrt(ve)?;
-    let inv = g.reciprocal(sd)?; // [C]
     // Per-channel coefficients of x's gradient: k2 (multiplies xc) and k3.
     let mut k2: Option<Value> = None;
     let mut k3: Option<Value> = None;

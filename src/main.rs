@@ -14,7 +14,7 @@ use hiercon::http::{self, EncoderSource, ServeConfig};
 use hiercon::image::{Augment, Limits};
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
-use hiercon::model::Arch;
+use hiercon::model::{self as hmodel, Arch, Init, ModelConfig};
 use hiercon::runtime::{self, Device, RuntimeOptions};
 use hiercon::search::{SearchConfig, Service};
 use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
@@ -72,6 +72,13 @@ enum Command {
     /// Retrieval accuracy per hierarchy level on a split (train = seen products, test = unseen),
     /// mAP, kNN accuracy, NMI; or, with --compare, one table across training runs.
     Eval(EvalArgs),
+    /// Export a model without training: the pretrained backbone's L2-normalised pooled feature
+    /// (`--no-head`), as `OUT.onnx` + `OUT.json` that `index`, `serve` and `eval` accept — the
+    /// zero-shot baseline of a fine-tuned model.
+    Export(ExportArgs),
+    /// Pretrained weights: where hiercon finds them, what they hold, conversion to safetensors.
+    #[command(subcommand)]
+    Pretrained(PretrainedCommand),
     /// Run the shipped default end to end: index the emoji catalogue with models/emoji-hmce.onnx
     /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
     Demo(DemoArgs),
@@ -92,9 +99,23 @@ struct TrainArgs {
     /// Backbone.
     #[arg(long, value_enum, default_value_t = Arch::ResnetMini)]
     arch: Arch,
-    /// Side of the square training images, in pixels.
-    #[arg(long, default_value_t = 64)]
-    image_size: usize,
+    /// Initial backbone weights (default: pretrained for the EfficientNet-Lite archs, whose
+    /// ImageNet weights `make pretrained` fetches; random for the ResNets).
+    #[arg(long, value_enum)]
+    init: Option<Init>,
+    /// Pretrained weights file (`.pth` legacy PyTorch or safetensors; default: the arch's own
+    /// under .cache/pretrained/).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Keep the first N backbone units frozen (constants, BatchNorm in inference form): the stem,
+    /// then each stage (EfficientNet-Lite: stem, 7 block stages, head conv = 9 units; ResNet:
+    /// stem + 4 layers). Needs a pretrained start.
+    #[arg(long, default_value_t = 0)]
+    freeze: usize,
+    /// Side of the square training images, in pixels (default: 64; EfficientNet-Lite: its
+    /// native 224 / 240 / 260).
+    #[arg(long)]
+    image_size: Option<usize>,
     /// Samples per batch (each gives two augmented views).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -138,6 +159,52 @@ struct TrainArgs {
     /// Only redraw OUT/loss.png from OUT/metrics.jsonl.
     #[arg(long, hide = true)]
     replot: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// Backbone (one with pretrained weights).
+    #[arg(long, value_enum)]
+    arch: Arch,
+    /// Where the weights come from (only `pretrained` makes sense without training).
+    #[arg(long, value_enum, default_value_t = Init::Pretrained)]
+    init: Init,
+    /// Pretrained weights file (default: the arch's own under .cache/pretrained/).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Export the normalised pooled feature without a projection head (required: an untrained
+    /// head would only scramble the feature).
+    #[arg(long)]
+    no_head: bool,
+    /// Input side in pixels (default: the arch's native size).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// Output model file `X.onnx` (`X.json` is written beside it).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum PretrainedCommand {
+    /// Print where each architecture's weights come from and whether they are on disk.
+    List,
+    /// Print a weights file's tensors (name, shape) and totals.
+    Info {
+        /// A `.pth` (PyTorch legacy) or safetensors file.
+        file: PathBuf,
+    },
+    /// Convert a PyTorch legacy `.pth` checkpoint to safetensors (float tensors, by name).
+    Convert {
+        /// The `.pth` file (or an arch name's default file, with --arch).
+        #[arg(required_unless_present = "arch")]
+        file: Option<PathBuf>,
+        /// Use this architecture's default weights file.
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
+        /// Output safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -489,6 +556,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::BenchLoad(args) => bench_load(args),
         Command::Eval(args) => run_eval(args, &rt_opts),
         Command::Demo(args) => demo(args, &rt_opts),
+        Command::Export(args) => export_model(args),
+        Command::Pretrained(cmd) => pretrained(cmd),
     }
 }
 
@@ -511,7 +580,7 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         split: args.split,
         loss: args.loss,
         arch: args.arch,
-        image_size: args.image_size,
+        image_size: args.image_size.unwrap_or(if args.arch.is_efficientnet() { args.arch.native_size() } else { 64 }),
         batch_size: args.batch_size,
         steps,
         optimizer: args.optimizer,
@@ -522,6 +591,9 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         augment: Augment::default(),
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
+        init: args.init.unwrap_or(Init::default_for(args.arch)),
+        weights: args.weights,
+        freeze: args.freeze,
     };
     let hooks = TrainHooks { halt_after: args.halt_after };
     let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &hooks)?;
@@ -532,6 +604,78 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         out.final_loss,
         out.model.display()
     );
+    Ok(())
+}
+
+fn export_model(args: ExportArgs) -> Result<()> {
+    if !args.no_head {
+        anyhow::bail!(
+            "export without training writes the backbone's feature: pass --no-head (a projection head needs `hiercon train`)"
+        );
+    }
+    if args.init != Init::Pretrained {
+        anyhow::bail!("a zero-shot model of random weights measures nothing: use --init pretrained");
+    }
+    let path = hmodel::pretrained::locate(args.arch, args.weights.as_deref())?;
+    let weights = hmodel::pretrained::load(&path)?;
+    let cfg = ModelConfig::feature_only(args.arch, args.image_size.unwrap_or(args.arch.native_size()));
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "zero_shot".into(),
+        serde_json::json!({
+            "weights": path,
+            "sha256": hmodel::pretrained::file_digest(&path)?,
+            "feature": "L2-normalised global-average-pooled backbone feature, no head, no training",
+        }),
+    );
+    let meta = hmodel::export(&cfg, &weights, &args.out, extra)?;
+    println!(
+        "exported {} ({}-d feature at {} px, weights {}) to {}",
+        args.arch,
+        meta.output.dim,
+        meta.input.size,
+        path.display(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn pretrained(cmd: PretrainedCommand) -> Result<()> {
+    match cmd {
+        PretrainedCommand::List => {
+            for arch in hmodel::ARCHS {
+                let Some(src) = hmodel::pretrained::source(arch) else { continue };
+                let found = hmodel::pretrained::locate(arch, None).ok();
+                println!(
+                    "{:<20} {}=={} ({}) -> {}",
+                    arch.name(),
+                    src.package,
+                    src.version,
+                    src.member,
+                    found.map_or("not fetched (make pretrained)".into(), |p| p.display().to_string())
+                );
+            }
+        }
+        PretrainedCommand::Info { file } => {
+            let w = hmodel::pretrained::load(&file)?;
+            for (n, t) in &w {
+                println!("{n}\t{:?}", t.shape());
+            }
+            let (tensors, elements) = hmodel::pretrained::summary(&w);
+            println!("{tensors} float tensors, {elements} values");
+        }
+        PretrainedCommand::Convert { file, arch, out } => {
+            let file = match (file, arch) {
+                (Some(f), _) => f,
+                (None, Some(a)) => hmodel::pretrained::locate(a, None)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let w = hmodel::pretrained::load(&file)?;
+            hmodel::pretrained::write_safetensors(&w, &out)?;
+            let (tensors, elements) = hmodel::pretrained::summary(&w);
+            println!("{} -> {} ({tensors} tensors, {elements} values)", file.display(), out.display());
+        }
+    }
     Ok(())
 }
 

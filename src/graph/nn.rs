@@ -22,6 +22,14 @@ impl Default for Conv2d {
     }
 }
 
+/// TensorFlow "SAME" padding of one spatial side: `(begin, end)` for input `n`, kernel `k`,
+/// stride `s` (the extra pixel of an odd total goes at the end).
+pub fn tf_same_pads(n: usize, k: usize, s: usize) -> (usize, usize) {
+    let out = n.div_ceil(s.max(1));
+    let total = ((out.saturating_sub(1)) * s + k).saturating_sub(n);
+    (total / 2, total - total / 2)
+}
+
 /// A 2-D transposed convolution (the input gradient of [`Conv2d`]); all pairs are (h, w), pads
 /// are `[top, left, bottom, right]` as in ONNX.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,6 +205,24 @@ impl Graph {
         let node = self.nodes.len() - 1;
         self.node_mut(node).weight_grad = c.weight_grad;
         Ok(y)
+    }
+
+    /// Convolution with TensorFlow's "SAME" padding (as EfficientNet-Lite's TF-trained weights
+    /// expect): output side `ceil(in / stride)`, total padding `max((out-1)·stride + k - in, 0)`,
+    /// the odd pixel at the bottom / right. Symmetric cases are one Conv; asymmetric ones (stride
+    /// 2 on even sides) a zero Pad then a Conv without padding. `c.pad` is ignored.
+    pub fn conv_tf_same(&mut self, x: Value, w: Value, b: Option<Value>, c: Conv2d) -> Result<Value> {
+        let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
+        if sx.len() != 4 || sw.len() != 4 || c.dilation != 1 {
+            return Err(shape_err("Conv", format!("SAME padding needs 4-D input {sx:?} and weight {sw:?}, dilation 1")));
+        }
+        let (t, bot) = tf_same_pads(sx[2], sw[2], c.stride);
+        let (l, r) = tf_same_pads(sx[3], sw[3], c.stride);
+        if t == bot && l == r && t == l {
+            return self.conv(x, w, b, Conv2d { pad: t, ..c });
+        }
+        let padded = self.pad(x, &[0, 0, t, l, 0, 0, bot, r])?;
+        self.conv(padded, w, b, Conv2d { pad: 0, ..c })
     }
 
     /// 2-D transposed convolution: `x [N, M, H, W]`, `w [M, C/group, kh, kw]` -> `[N, C, H', W']`.

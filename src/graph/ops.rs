@@ -240,6 +240,20 @@ impl Graph {
     pub fn sigmoid(&mut self, x: Value) -> Result<Value> {
         self.unary("Sigmoid", x, true)
     }
+    /// `min(max(x, lo), hi)` (ONNX Clip with the bounds as constant inputs); ReLU6 is `clip(x, 0, 6)`.
+    pub fn clip(&mut self, x: Value, lo: f64, hi: f64) -> Result<Value> {
+        let dt = self.float("Clip", x)?;
+        if !(lo <= hi) {
+            return Err(Error::GraphShape { op: "Clip".into(), detail: format!("bounds [{lo}, {hi}] are empty") });
+        }
+        let (l, h) = (self.scalar_like(x, lo), self.scalar_like(x, hi));
+        let s = self.shape(x).to_vec();
+        Ok(self.push1("Clip", vec![x, l, h], vec![], dt, s))
+    }
+    /// ReLU6: `clip(x, 0, 6)` (MobileNet's and EfficientNet-Lite's activation).
+    pub fn relu6(&mut self, x: Value) -> Result<Value> {
+        self.clip(x, 0.0, 6.0)
+    }
     pub fn exp(&mut self, x: Value) -> Result<Value> {
         self.unary("Exp", x, true)
     }

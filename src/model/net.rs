@@ -1,11 +1,13 @@
-//! Layer builders shared by the backbones and the head: parameters with seeded initial values,
-//! Conv, BatchNorm (training or inference form), Linear.
+//! Layer builders shared by the backbones and the head: parameters with seeded or pretrained
+//! initial values, frozen layers as constants, Conv, BatchNorm (training or inference form), Linear.
+
+use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::Result;
 use crate::graph::{BatchNorm, BatchNormLowering, Conv2d, DType, Graph, InputKind, Tensor, Value};
+use crate::{Error, Result};
 
 /// BatchNorm form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,11 +20,25 @@ pub(crate) enum Mode {
 }
 
 /// Builds layers into a graph; every parameter is a [`InputKind::Param`] input and every running
-/// statistic a [`InputKind::Buffer`] input, both with their initial values.
+/// statistic a [`InputKind::Buffer`] input, both with their initial values — seeded random ones,
+/// or the pretrained tensor of the same name when `init` is given. While frozen (see
+/// [`Net::set_frozen`]) layers are built as constants of the graph with BatchNorm in inference
+/// form: no gradient, no optimizer state, no feed-back.
 pub(crate) struct Net<'g> {
     pub g: &'g mut Graph,
     pub mode: Mode,
     seed: u64,
+    init: Option<&'g Weights>,
+    frozen: bool,
+    bn: BatchNorm,
+}
+
+/// Pretrained tensors by parameter name.
+pub type Weights = BTreeMap<String, Tensor>;
+
+/// Names a pretrained start does not provide: the projection head is always new.
+fn always_fresh(name: &str) -> bool {
+    name.starts_with("head.")
 }
 
 /// FNV-1a, so each parameter's random stream depends only on the seed and its name.
@@ -38,7 +54,23 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
 
 impl<'g> Net<'g> {
     pub fn new(g: &'g mut Graph, mode: Mode, seed: u64) -> Net<'g> {
-        Net { g, mode, seed }
+        Net { g, mode, seed, init: None, frozen: false, bn: BatchNorm::default() }
+    }
+
+    /// Initial values from `init` (every parameter and buffer but the head's must be there).
+    pub fn with_init(mut self, init: Option<&'g Weights>) -> Net<'g> {
+        self.init = init;
+        self
+    }
+
+    /// BatchNorm epsilon and momentum of the layers built from now on.
+    pub fn set_batch_norm(&mut self, bn: BatchNorm) {
+        self.bn = bn;
+    }
+
+    /// Layers built from now on are constants (`true`) or trained (`false`).
+    pub fn set_frozen(&mut self, frozen: bool) {
+        self.frozen = frozen;
     }
 
     fn rng(&self, name: &str) -> ChaCha8Rng {
@@ -57,32 +89,69 @@ impl<'g> Net<'g> {
         (0..n).map(|_| r.random_range(-bound..bound) as f32).collect()
     }
 
-    fn state(&mut self, name: &str, kind: InputKind, shape: &[usize], init: Vec<f32>) -> Result<Value> {
-        let t = Tensor::f32(shape, init)?;
+    /// The initial value of `name`: the pretrained tensor (shape-checked) or `fresh()`.
+    fn initial(&self, name: &str, shape: &[usize], fresh: impl FnOnce() -> Vec<f32>) -> Result<Tensor> {
+        match self.init {
+            Some(w) if !always_fresh(name) => {
+                let t = w.get(name).ok_or_else(|| Error::ModelState {
+                    name: name.into(),
+                    reason: "missing from the pretrained weights".into(),
+                })?;
+                if t.shape() != shape || t.dtype() != DType::F32 {
+                    return Err(Error::ModelState {
+                        name: name.into(),
+                        reason: format!("pretrained tensor is {}{:?}, the model needs f32{shape:?}", t.dtype(), t.shape()),
+                    });
+                }
+                Ok(t.clone())
+            }
+            _ => Tensor::f32(shape, fresh()),
+        }
+    }
+
+    fn state(&mut self, name: &str, kind: InputKind, shape: &[usize], fresh: impl FnOnce() -> Vec<f32>) -> Result<Value> {
+        let t = self.initial(name, shape, fresh)?;
+        if self.frozen {
+            return Ok(self.g.constant(t));
+        }
         self.g.input_of(name, kind, DType::F32, shape, Some(t))
     }
 
     /// Conv without bias, weight `{name}.weight` `[cout, cin, k, k]`, Kaiming-normal
     /// (fan_out, ReLU gain: std = sqrt(2 / (cout·k·k))), as torchvision's ResNet.
     pub fn conv(&mut self, x: Value, name: &str, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Value> {
-        let cin = self.g.shape(x)[1];
-        let wname = format!("{name}.weight");
-        let std = (2.0 / (cout * k * k) as f64).sqrt();
-        let init = self.normal(&wname, cout * cin * k * k, std);
-        let w = self.state(&wname, InputKind::Param, &[cout, cin, k, k], init)?;
+        let w = self.conv_weight(x, name, cout, k, 1)?;
         self.g.conv(x, w, None, Conv2d { stride, pad, ..Default::default() })
     }
 
+    /// Conv without bias and TensorFlow "SAME" padding (stride and groups from `c`); the weight
+    /// `[cout, cin / groups, k, k]`, Kaiming-normal (fan_out) like [`Net::conv`].
+    pub fn conv_same(&mut self, x: Value, name: &str, cout: usize, k: usize, c: Conv2d) -> Result<Value> {
+        let w = self.conv_weight(x, name, cout, k, c.groups.max(1))?;
+        self.g.conv_tf_same(x, w, None, c)
+    }
+
+    fn conv_weight(&mut self, x: Value, name: &str, cout: usize, k: usize, groups: usize) -> Result<Value> {
+        let cin = self.g.shape(x)[1] / groups;
+        let wname = format!("{name}.weight");
+        // PyTorch's fan_out of a [cout, cin/groups, k, k] weight is cout·k·k, groups or not.
+        let std = (2.0 / (cout * k * k) as f64).sqrt();
+        let init = if self.init.is_some() { vec![] } else { self.normal(&wname, cout * cin * k * k, std) };
+        self.state(&wname, InputKind::Param, &[cout, cin, k, k], || init)
+    }
+
     /// BatchNorm over channels: `{name}.weight` = 1, `{name}.bias` = 0, running mean 0 / var 1,
-    /// eps 1e-5, momentum 0.1 (PyTorch's defaults).
+    /// eps and momentum as set (PyTorch's defaults 1e-5 and 0.1 unless
+    /// [`Net::set_batch_norm`] said otherwise). Frozen layers use the inference form.
     pub fn bn(&mut self, x: Value, name: &str) -> Result<Value> {
         let c = self.g.shape(x)[1];
-        let gamma = self.state(&format!("{name}.weight"), InputKind::Param, &[c], vec![1.0; c])?;
-        let beta = self.state(&format!("{name}.bias"), InputKind::Param, &[c], vec![0.0; c])?;
-        let rm = self.state(&format!("{name}.running_mean"), InputKind::Buffer, &[c], vec![0.0; c])?;
-        let rv = self.state(&format!("{name}.running_var"), InputKind::Buffer, &[c], vec![1.0; c])?;
-        let o = BatchNorm::default();
-        match self.mode {
+        let gamma = self.state(&format!("{name}.weight"), InputKind::Param, &[c], || vec![1.0; c])?;
+        let beta = self.state(&format!("{name}.bias"), InputKind::Param, &[c], || vec![0.0; c])?;
+        let rm = self.state(&format!("{name}.running_mean"), InputKind::Buffer, &[c], || vec![0.0; c])?;
+        let rv = self.state(&format!("{name}.running_var"), InputKind::Buffer, &[c], || vec![1.0; c])?;
+        let o = self.bn;
+        let mode = if self.frozen { Mode::Infer } else { self.mode };
+        match mode {
             Mode::Train(lowering) => {
                 let out = match lowering {
                     BatchNormLowering::Fused => self.g.batch_norm_train_fused(x, gamma, beta, rm, rv, o)?,
@@ -121,8 +190,8 @@ impl<'g> Net<'g> {
         let (wn, bn) = (format!("{name}.weight"), format!("{name}.bias"));
         let wi = self.uniform(&wn, out * fan_in, bound);
         let bi = self.uniform(&bn, out, bound);
-        let w = self.state(&wn, InputKind::Param, &[out, fan_in], wi)?;
-        let b = self.state(&bn, InputKind::Param, &[out], bi)?;
+        let w = self.state(&wn, InputKind::Param, &[out, fan_in], || wi)?;
+        let b = self.state(&bn, InputKind::Param, &[out], || bi)?;
         self.g.linear(x, w, Some(b))
     }
 }

@@ -38,21 +38,25 @@ fn shortcut(net: &mut Net, x: Value, name: &str, cin: usize, cout: usize, stride
     net.bn(d, &format!("{name}.downsample.1"))
 }
 
-/// The backbone: images `[B, 3, S, S]` → pooled feature `[B, arch.feature_dim()]`.
-pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value) -> Result<Value> {
+/// The backbone: images `[B, 3, S, S]` → pooled feature `[B, arch.feature_dim()]`; the first
+/// `freeze` units (stem, layer1, ...) are built frozen.
+pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize) -> Result<Value> {
+    net.set_frozen(freeze > 0);
     let y = match arch {
         Arch::ResnetMini => {
             let mut y = net.conv_bn_relu(x, "conv1", "bn1", 32, 3, 2, 1)?;
             for (i, (planes, stride)) in [(32, 1), (64, 2), (128, 2)].into_iter().enumerate() {
+                net.set_frozen(freeze > i + 1);
                 y = basic_block(net, y, &format!("layer{}.0", i + 1), planes, stride)?;
             }
             y
         }
-        Arch::Resnet18 | Arch::Resnet50 => {
+        _ => {
             let y = net.conv_bn_relu(x, "conv1", "bn1", 64, 7, 2, 3)?;
             let mut y = net.g.max_pool(y, Pool2d { kernel: 3, stride: 2, pad: 1 })?;
             let blocks = if arch == Arch::Resnet18 { [2, 2, 2, 2] } else { [3, 4, 6, 3] };
             for (stage, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+                net.set_frozen(freeze > stage + 1);
                 for b in 0..n {
                     let stride = if stage > 0 && b == 0 { 2 } else { 1 };
                     let name = format!("layer{}.{b}", stage + 1);
@@ -66,6 +70,7 @@ pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value) -> Result<Value> {
             y
         }
     };
+    net.set_frozen(false);
     let pooled = net.g.global_avg_pool(y)?;
     net.g.flatten(pooled, 1)
 }
@@ -118,7 +123,7 @@ mod tests {
 
     #[test]
     fn resnet_mini_shapes_and_names() {
-        let g = inference_graph(&ModelConfig { arch: Arch::ResnetMini, image_size: 32, embed_dim: 16, seed: 1 }, 2)
+        let g = inference_graph(&ModelConfig { embed_dim: 16, ..ModelConfig::new(Arch::ResnetMini, 32, 1) }, 2)
             .unwrap();
         let out = g.find("embeddings").unwrap();
         assert_eq!(g.shape(out), [2, 16]);

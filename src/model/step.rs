@@ -3,10 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use super::ModelConfig;
-use super::head::head;
-use super::net::{Mode, Net};
-use super::resnet::backbone;
+use super::head::{head, l2_normalize};
+use super::net::{Mode, Net, Weights};
+use super::{ModelConfig, efficientnet, resnet};
 use crate::graph::{DType, GradOptions, GradReport, Graph, InputKind, Optimizer, Tensor, TrainStep, Value, train_step};
 use crate::{Error, Result};
 
@@ -82,6 +81,24 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
         super::Arch::ResnetMini => 8,
         _ => 32,
     };
+    if cfg.freeze > cfg.arch.freeze_units() {
+        return Err(Error::InvalidArgument {
+            name: "freeze",
+            reason: format!(
+                "{} has {} units to freeze (stem, stages{}), got {}",
+                cfg.arch,
+                cfg.arch.freeze_units(),
+                if cfg.arch.is_efficientnet() { ", head conv" } else { "" },
+                cfg.freeze
+            ),
+        });
+    }
+    if !cfg.head && cfg.embed_dim != cfg.arch.feature_dim() {
+        return Err(Error::InvalidArgument {
+            name: "embed_dim",
+            reason: format!("without a head the embedding is the {}-d feature, not {}", cfg.arch.feature_dim(), cfg.embed_dim),
+        });
+    }
     if cfg.image_size < min {
         return Err(Error::InvalidArgument {
             name: "image_size",
@@ -94,12 +111,26 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// Backbone, head (if any) and L2 normalisation: images → unit embeddings.
+fn encoder(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
+    let f = if cfg.arch.is_efficientnet() {
+        net.set_batch_norm(crate::graph::BatchNorm { eps: efficientnet::BN_EPS, momentum: efficientnet::BN_MOMENTUM });
+        efficientnet::backbone(net, cfg.arch, images, cfg.freeze)?
+    } else {
+        resnet::backbone(net, cfg.arch, images, cfg.freeze)?
+    };
+    if cfg.head { head(net, f, cfg.embed_dim) } else { l2_normalize(net.g, f) }
+}
+
 /// Builds one training step for batches of `n` samples (`2n` images) with `k` label columns.
 ///
+/// `init` gives pretrained initial values by name (all but the head's must be there); `None`
+/// draws seeded random ones. `cfg.freeze` leading units become constants of the graph.
 /// `loss(graph, embeddings [2n, embed_dim], labels [n, k])` appends the loss; it may add its
 /// own parameters (named [`LOSS_PREFIX`]`*`), which are trained with the model's.
 pub fn step_graph(
     cfg: &ModelConfig,
+    init: Option<&Weights>,
     n: usize,
     k: usize,
     optimizer: &Optimizer,
@@ -115,10 +146,12 @@ pub fn step_graph(
     let images = g.input("images", DType::F32, &[2 * n, 3, s, s])?;
     let labels = g.input("labels", DType::I64, &[n, k])?;
     let emb = {
-        let mut net = Net::new(&mut g, Mode::Train(grad.batch_norm), cfg.seed);
-        let f = backbone(&mut net, cfg.arch, images)?;
-        head(&mut net, f, cfg.embed_dim)?
+        let mut net = Net::new(&mut g, Mode::Train(grad.batch_norm), cfg.seed).with_init(init);
+        encoder(&mut net, cfg, images)?
     };
+    if g.params().is_empty() {
+        return Err(Error::InvalidArgument { name: "freeze", reason: "everything is frozen: nothing to train".into() });
+    }
     let parts = loss(&mut g, emb, labels)?;
     for (what, v) in std::iter::once(("loss", parts.loss)).chain(parts.level_losses.iter().map(|&v| ("level loss", v)))
     {
@@ -148,17 +181,22 @@ pub fn step_graph(
 
 /// The forward pass for `batch` images with BatchNorm in inference form (running statistics):
 /// data input `images` f32 `[batch, 3, S, S]`, output `embeddings` `[batch, embed_dim]`; the
-/// parameters and buffers are inputs with the same names and initial values as in
-/// [`step_graph`].
+/// parameters and buffers are inputs with the same names and (seeded random) initial values as
+/// in [`step_graph`]; nothing is frozen.
 pub fn inference_graph(cfg: &ModelConfig, batch: usize) -> Result<Graph> {
-    check_config(cfg)?;
+    inference_graph_with(cfg, batch, None)
+}
+
+/// [`inference_graph`] with initial values from `init` (e.g. pretrained weights).
+pub fn inference_graph_with(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
+    let cfg = ModelConfig { freeze: 0, ..*cfg };
+    check_config(&cfg)?;
     let mut g = Graph::new();
     let s = cfg.image_size;
     let images = g.input("images", DType::F32, &[batch, 3, s, s])?;
     let emb = {
-        let mut net = Net::new(&mut g, Mode::Infer, cfg.seed);
-        let f = backbone(&mut net, cfg.arch, images)?;
-        head(&mut net, f, cfg.embed_dim)?
+        let mut net = Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init);
+        encoder(&mut net, &cfg, images)?
     };
     g.output("embeddings", emb)?;
     Ok(g)
@@ -175,7 +213,7 @@ pub(crate) mod tests {
 
     /// A tiny resnet-mini: 16x16 images, 4 samples (8 images), 8-d embedding.
     pub(crate) fn tiny() -> ModelConfig {
-        ModelConfig { arch: Arch::ResnetMini, image_size: 16, embed_dim: 8, seed: 3 }
+        ModelConfig { embed_dim: 8, ..ModelConfig::new(Arch::ResnetMini, 16, 3) }
     }
 
     /// A smooth test loss with a parameter of its own: `l0 = sum(e ⊙ R)`, `l1 = sum(e · loss.w)
@@ -208,7 +246,7 @@ pub(crate) mod tests {
     fn step_graph_inputs_outputs_and_names() {
         let cfg = tiny();
         let opt = Optimizer::AdamW(Default::default());
-        let sg = step_graph(&cfg, 4, 3, &opt, &GradOptions::default(), test_loss).unwrap();
+        let sg = step_graph(&cfg, None, 4, 3, &opt, &GradOptions::default(), test_loss).unwrap();
         let g = &sg.graph;
         assert_eq!(g.shape(g.find("images").unwrap()), [8, 3, 16, 16]);
         assert_eq!(g.dtype(g.find("labels").unwrap()), DType::I64);
@@ -242,7 +280,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_wrong_loss_shape_is_an_error() {
-        let e = step_graph(&tiny(), 2, 1, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), |g, e, _| {
+        let e = step_graph(&tiny(), None, 2, 1, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), |g, e, _| {
             let s = g.reduce_sum(e, &[1], false)?;
             Ok(LossParts { loss: s, level_losses: vec![] })
         })
@@ -269,7 +307,7 @@ pub(crate) mod tests {
         let cfg = tiny();
         let (n, k) = (4, 2);
         let opt = Optimizer::Sgd(Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false });
-        let mut sg = step_graph(&cfg, n, k, &opt, &grad, test_loss).unwrap();
+        let mut sg = step_graph(&cfg, None, n, k, &opt, &grad, test_loss).unwrap();
         let params = sg.graph.params();
         for (p, gr) in params.iter().zip(sg.train.grads.clone()) {
             let name = format!("grad.{}", sg.graph.name(*p));
@@ -329,7 +367,7 @@ pub(crate) mod tests {
         let lr = Tensor::F32(ndarray::arr0(0.1f32).into_dyn());
         let step = |batch_norm| {
             let sg =
-                step_graph(&cfg, n, k, &opt, &GradOptions { batch_norm, ..GradOptions::default() }, test_loss).unwrap();
+                step_graph(&cfg, None, n, k, &opt, &GradOptions { batch_norm, ..GradOptions::default() }, test_loss).unwrap();
             let mut run = Runner::cpu(&sg.graph).unwrap();
             let out = run.run(&[("images", &images), ("labels", &labels), ("lr", &lr)]).unwrap();
             let names: Vec<String> = sg.graph.outputs().iter().map(|&v| sg.graph.name(v).to_string()).collect();

@@ -272,7 +272,7 @@ mod tests {
         let cfg = tiny();
         let (n, k) = (4, 2);
         let opt = Optimizer::AdamW(AdamW::default());
-        let sg = step_graph(&cfg, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
+        let sg = step_graph(&cfg, None, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
         let mut sess = TrainSession::new(&sg, &RuntimeOptions::default(), None).unwrap();
         let mut run = Runner::cpu(&sg.graph).unwrap();
         let mut carried = Carried::new(&sg.graph).unwrap();
@@ -326,11 +326,11 @@ mod tests {
         let opt = Optimizer::Sgd(crate::graph::Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false });
         let session = |cpu_nchwc| {
             let grad = GradOptions { cpu_nchwc, ..GradOptions::default() };
-            let sg = step_graph(&cfg, n, k, &opt, &grad, test_loss).unwrap();
+            let sg = step_graph(&cfg, None, n, k, &opt, &grad, test_loss).unwrap();
             TrainSession::new(&sg, &RuntimeOptions::default(), None).unwrap()
         };
         let block = crate::graph::nchwc::block_size().expect("NCHWc kernels on this machine");
-        let sg = step_graph(&cfg, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
+        let sg = step_graph(&cfg, None, n, k, &opt, &GradOptions::default(), test_loss).unwrap();
         let lowered = sg.graph.nodes().iter().filter(|nd| crate::graph::nchwc::eligible(&sg.graph, nd, block)).count();
         assert!(lowered >= 8, "{lowered} convolutions lowered");
         let (mut plain, mut blocked) = (session(false), session(true));
@@ -355,7 +355,7 @@ mod tests {
     fn bad_state_and_feeds_are_named() {
         let cfg = tiny();
         let sg =
-            step_graph(&cfg, 2, 1, &Optimizer::AdamW(AdamW::default()), &GradOptions::default(), test_loss).unwrap();
+            step_graph(&cfg, None, 2, 1, &Optimizer::AdamW(AdamW::default()), &GradOptions::default(), test_loss).unwrap();
         let mut state = sg.initial_state();
         state.remove("head.fc1.bias");
         let e = TrainSession::new(&sg, &RuntimeOptions::default(), Some(state)).unwrap_err();

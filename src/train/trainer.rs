@@ -32,7 +32,7 @@ use crate::catalogue::{Labels, Manifest, Split};
 use crate::graph::{AdamW, GradOptions, Optimizer, Sgd, Tensor};
 use crate::image::{Augment, Limits, Preprocess, augment, decode_file};
 use crate::loss::LossOptions;
-use crate::model::{self, Arch, ModelConfig};
+use crate::model::{self, Arch, Init, ModelConfig, Weights};
 use crate::plot::{LineChart, Series};
 use crate::progress::Progress;
 use crate::runtime::RuntimeOptions;
@@ -73,6 +73,16 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Save a checkpoint every this many steps (and always at the end).
     pub checkpoint_every: usize,
+    /// Initial backbone weights: seeded random or pretrained (the projection head is always new).
+    #[serde(default)]
+    pub init: Init,
+    /// The pretrained weights file; `None`: the architecture's own from `make pretrained`.
+    #[serde(default)]
+    pub weights: Option<PathBuf>,
+    /// Leading backbone units (stem, stages, ...) kept frozen: constants of the step graph with
+    /// BatchNorm in inference form.
+    #[serde(default)]
+    pub freeze: usize,
 }
 
 impl TrainConfig {
@@ -112,6 +122,12 @@ impl TrainConfig {
         if self.image_size < 16 {
             return bad(format!("image size {} is too small (at least 16)", self.image_size));
         }
+        if self.freeze > 0 && self.init == Init::Random {
+            return bad("--freeze keeps layers at their initial values: it needs --init pretrained".into());
+        }
+        if self.weights.is_some() && self.init == Init::Random {
+            return bad("--weights is a pretrained start: it needs --init pretrained".into());
+        }
         self.loss.validate()?;
         self.augment.validate()
     }
@@ -130,7 +146,7 @@ impl TrainConfig {
     }
 
     fn model(&self) -> ModelConfig {
-        ModelConfig::new(self.arch, self.image_size, self.seed)
+        ModelConfig { freeze: self.freeze, ..ModelConfig::new(self.arch, self.image_size, self.seed) }
     }
 
     /// Everything but `steps` must match for a run to be resumed with this configuration.
@@ -187,6 +203,10 @@ struct CheckpointMeta {
     sampler: SamplerState,
     /// Wall seconds spent training before this checkpoint (summed over resumes).
     seconds: f64,
+    /// sha256 of the pretrained weights file the run started from (frozen layers are not in
+    /// the checkpoint, so a resume must read the same file).
+    #[serde(default)]
+    weights_digest: Option<String>,
 }
 
 /// The run directory's files.
@@ -248,6 +268,19 @@ pub fn train(
         _ => None,
     };
 
+    // Pretrained weights: the start of a new run, and on resume the frozen layers' values.
+    let pretrained: Option<(Weights, PathBuf, String)> = match cfg.init {
+        Init::Random => None,
+        Init::Pretrained => {
+            let path = model::pretrained::locate(cfg.arch, cfg.weights.as_deref())?;
+            let w = model::pretrained::load(&path)?;
+            let digest = model::pretrained::file_digest(&path)?;
+            tracing::info!("pretrained start from {} ({} tensors)", path.display(), w.len());
+            Some((w, path, digest))
+        }
+    };
+    let weights_digest = pretrained.as_ref().map(|p| p.2.clone());
+
     // Resume or start.
     let (start, state, sampler, spent) = if resume {
         let saved: TrainConfig = read_json(&run.config())?;
@@ -256,6 +289,15 @@ pub fn train(
         let meta: CheckpointMeta = serde_json::from_value(ckpt.meta.clone()).map_err(|e| Error::TrainResume {
             reason: format!("{}: checkpoint metadata: {e}", run.checkpoint().display()),
         })?;
+        if meta.weights_digest.is_some() && meta.weights_digest != weights_digest {
+            return Err(Error::TrainResume {
+                reason: format!(
+                    "the pretrained weights ({}) are not the file the run started from (sha256 {})",
+                    pretrained.as_ref().map_or("none".into(), |p| p.1.display().to_string()),
+                    meta.weights_digest.as_deref().unwrap_or("-")
+                ),
+            });
+        }
         let sampler = Sampler::from_state(labels.rows.as_slice().expect("standard layout"), k, &meta.sampler)?;
         truncate_metrics(&run.metrics(), meta.step)?;
         tracing::info!(step = meta.step, "resuming {}", run.dir.display());
@@ -289,6 +331,7 @@ pub fn train(
     let loss_opts = cfg.loss.clone();
     let step_graph = model::step_graph(
         &model_cfg,
+        pretrained.as_ref().map(|p| &p.0),
         cfg.batch_size,
         k,
         &cfg.optimizer(),
@@ -303,7 +346,8 @@ pub fn train(
         tracing::info!("convolutions on ONNX Runtime's NCHWc kernels (block {b})");
     }
     session.set_steps_done(start as u64);
-    let pre = Preprocess { size: cfg.image_size as u32, mean: model::IMAGENET_MEAN, std: model::IMAGENET_STD };
+    let (mean, std) = cfg.arch.normalization();
+    let pre = Preprocess { size: cfg.image_size as u32, mean, std };
     let schedule = cfg.schedule();
 
     let mut metrics = std::fs::OpenOptions::new()
@@ -353,7 +397,7 @@ pub fn train(
         }
         if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
             let seconds = spent + started.elapsed().as_secs_f64();
-            save_checkpoint(&run, &session, step + 1, &sampler, seconds)?;
+            save_checkpoint(&run, &session, step + 1, &sampler, seconds, weights_digest.clone())?;
         }
     }
     progress.finish();
@@ -362,7 +406,13 @@ pub fn train(
     let history = read_metrics(&run.metrics())?;
     plot_losses(&history, &run.loss_plot(), &format!("{} / {}", cfg.loss.kind.name(), cfg.arch.name()))?;
     let final_loss = last.or_else(|| history.last().map(|m| m.loss)).unwrap_or(f64::NAN);
-    let state = session.state()?;
+    // Frozen layers are constants of the step graph: their values come from the pretrained file.
+    let mut state = session.state()?;
+    if let Some((w, _, _)) = &pretrained {
+        for (n, t) in w {
+            state.entry(n.clone()).or_insert_with(|| t.clone());
+        }
+    }
     let mut extra = serde_json::Map::new();
     extra.insert(
         "training".into(),
@@ -376,6 +426,9 @@ pub fn train(
             "seconds": seconds,
             "final_loss": final_loss,
             "final_level_losses": history.last().map(|m| m.level_losses.clone()),
+            "init": cfg.init,
+            "freeze": cfg.freeze,
+            "weights": pretrained.as_ref().map(|p| serde_json::json!({"path": p.1, "sha256": p.2})),
         }),
     );
     extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));
@@ -386,7 +439,14 @@ pub fn train(
 /// Saves the session's state, unless a value in it is NaN or infinite (an update can blow up the
 /// parameters while the loss it was computed with is still finite): then the run stops, and the
 /// previous checkpoint stays the last good one.
-fn save_checkpoint(run: &RunDir, session: &TrainSession, step: usize, sampler: &Sampler, seconds: f64) -> Result<()> {
+fn save_checkpoint(
+    run: &RunDir,
+    session: &TrainSession,
+    step: usize,
+    sampler: &Sampler,
+    seconds: f64,
+    weights_digest: Option<String>,
+) -> Result<()> {
     let state = session.state()?;
     if let Some(name) = state.iter().find(|(_, t)| t.to_f64_vec().iter().any(|x| !x.is_finite())).map(|(n, _)| n) {
         return Err(Error::TrainDiverged {
@@ -395,7 +455,7 @@ fn save_checkpoint(run: &RunDir, session: &TrainSession, step: usize, sampler: &
             checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
         });
     }
-    let meta = CheckpointMeta { step, sampler: sampler.state(), seconds };
+    let meta = CheckpointMeta { step, sampler: sampler.state(), seconds, weights_digest };
     let ckpt = Checkpoint { state, meta: serde_json::to_value(meta).expect("meta serialises") };
     ckpt.save(&run.checkpoint())
 }

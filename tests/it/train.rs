@@ -32,6 +32,9 @@ fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
         augment: Augment::default(),
         seed: 7,
         checkpoint_every: 3,
+        init: Init::Random,
+        weights: None,
+        freeze: 0,
     }
 }
 

@@ -68,6 +68,16 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Resu
             let mask = g.cast(pos, dt)?;
             vec![Some(g.mul(gy, mask)?)]
         }
+        "Clip" => {
+            // gy where lo < x < hi, else 0 (PyTorch's hardtanh backward: the bounds themselves
+            // pass no gradient); the bounds are constants and get none.
+            let inside_lo = g.greater(x[0], x[1])?;
+            let inside_hi = g.less(x[0], x[2])?;
+            let inside = g.and(inside_lo, inside_hi)?;
+            let dt = g.dtype(y);
+            let mask = g.cast(inside, dt)?;
+            vec![Some(g.mul(gy, mask)?), None, None]
+        }
         "Sigmoid" => {
             let one = g.scalar_like(y, 1.0);
             let omy = g.sub(one, y)?;

@@ -46,6 +46,13 @@ fn unary_ops() {
         f64c().run(s, &[shape], |g, x| g.neg(x[0]).unwrap());
         f64c().separated(0.05).run(s + 1, &[shape], |g, x| g.relu(x[0]).unwrap());
         f64c().run(s + 2, &[shape], |g, x| g.sigmoid(x[0]).unwrap());
+        // ReLU6 on 8x + 3.1: the 24 inputs of the larger shape reach [-1.7, 7.9], crossing both
+        // bounds, and the kinks (x = -0.3875, 0.3625) lie a quarter grid step from every input.
+        f64c().separated(0.05).run(s + 11, &[shape], |g, x| {
+            let y = g.mul_scalar(x[0], 8.0).unwrap();
+            let y = g.add_scalar(y, 3.1).unwrap();
+            g.relu6(y).unwrap()
+        });
         f64c().run(s + 3, &[shape], |g, x| g.exp(x[0]).unwrap());
         f64c().run(s + 4, &[shape], |g, x| {
             let p = positive(g, x[0]);
@@ -231,6 +238,35 @@ fn conv_every_weight_lowering() {
                 .run(900 + 10 * i as u64 + j as u64, &shapes, |g, x| g.conv(x[0], x[1], x.get(2).copied(), c).unwrap());
         }
     }
+}
+
+#[test]
+fn depthwise_tf_same_padding_odd_and_even_sides() {
+    // EfficientNet-Lite's stride-2 depthwise convolutions: 3x3 and 5x5, on even sides (asymmetric
+    // Pad + Conv) and odd ones (symmetric), and a dense 3x3 stride-2 stem; every weight lowering.
+    use ConvWeightGrad::{Im2col, Shifted, Transposed};
+    let cases: &[(&[usize], &[usize], usize, usize)] = &[
+        (&[2, 4, 8, 8], &[4, 1, 5, 5], 2, 4),
+        (&[2, 4, 9, 9], &[4, 1, 5, 5], 2, 4),
+        (&[1, 3, 8, 7], &[3, 1, 3, 3], 2, 3),
+        (&[1, 4, 7, 6], &[4, 1, 5, 5], 1, 4),
+        (&[2, 3, 10, 10], &[4, 3, 3, 3], 2, 1),
+    ];
+    for (i, &(xs, ws, stride, groups)) in cases.iter().enumerate() {
+        for (j, lowering) in [Transposed, Im2col, Shifted].into_iter().enumerate() {
+            let c = Conv2d { stride, groups, weight_grad: lowering, ..Default::default() };
+            FdCheck::f32().run(1200 + 10 * i as u64 + j as u64, &[xs, ws], |g, x| {
+                let y = g.conv_tf_same(x[0], x[1], None, c).unwrap();
+                assert_eq!(g.shape(y)[2], xs[2].div_ceil(stride));
+                assert_eq!(g.shape(y)[3], xs[3].div_ceil(stride));
+                y
+            });
+        }
+    }
+    assert_eq!(tf_same_pads(224, 3, 2), (0, 1));
+    assert_eq!(tf_same_pads(56, 5, 2), (1, 2));
+    assert_eq!(tf_same_pads(7, 5, 2), (2, 2));
+    assert_eq!(tf_same_pads(14, 5, 1), (2, 2));
 }
 
 #[test]

@@ -186,8 +186,9 @@ serve: ort
 	$(CARGO) build --locked --release
 	target/release/hiercon serve --index $(INDEX) --host $(HOST) --port $(PORT) $(if $(MODEL),--model $(MODEL),)
 
-# PyTorch eager twin of the resnet-mini step (bench/torch_step.py), in its own venv (torch from
-# PyPI, a large download): benches/train_step.rs runs it interleaved with our step for torch_ratio.
+# PyTorch eager twins of the resnet-mini step and of the Lite0 step (128 px, 6 units frozen)
+# (bench/torch_step.py), in their own venv (torch from PyPI, a large download):
+# benches/train_step.rs runs them interleaved with our steps for torch_ratio.
 TORCH_VENV := bench/venv
 $(TORCH_VENV)/.ok:
 	python3 -m venv $(TORCH_VENV)
@@ -196,3 +197,4 @@ $(TORCH_VENV)/.ok:
 
 bench-torch: $(TORCH_VENV)/.ok
 	$(TORCH_VENV)/bin/python bench/torch_step.py --images 64 --size 64
+	$(TORCH_VENV)/bin/python bench/torch_step.py --arch efficientnet-lite0 --freeze 6 --images 64 --size 128

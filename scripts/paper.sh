@@ -5,7 +5,14 @@
 # reports/paper.md. Runs whose model.onnx exists are reused (delete runs/paper/X to redo one);
 # a run that was interrupted resumes from its checkpoint.
 #
-# Budget knobs (environment): EMOJI_STEPS (default 800), FMNIST_STEPS (default 600), SEED (0).
+# The pretrained part fine-tunes ImageNet-pretrained EfficientNet-Lite0 (`make pretrained`) with
+# ce, supcon and hmce on emoji at PRE_SIZE px with PRE_FREEZE units frozen, next to the zero-shot
+# backbone (no training) at the same size; its section sits between the `pretrained:` markers.
+#
+# Budget knobs (environment): EMOJI_STEPS (default 800), FMNIST_STEPS (default 600), SEED (0),
+# PRE_STEPS (300), PRE_SIZE (128), PRE_FREEZE (6), PRE_LR (see below).
+# PARTS="scratch pretrained" (default) rebuilds the whole report; PARTS=pretrained only reruns the
+# pretrained runs and replaces that section of the existing reports/paper.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,12 +21,21 @@ EMOJI_STEPS=${EMOJI_STEPS:-800}
 FMNIST_STEPS=${FMNIST_STEPS:-600}
 SEED=${SEED:-0}
 LOSSES=(ce simclr supcon hmc hce hmce)
+PRE_STEPS=${PRE_STEPS:-300}
+PRE_SIZE=${PRE_SIZE:-128}
+PRE_FREEZE=${PRE_FREEZE:-6}
+PRE_LR=${PRE_LR:-0.01}
+PRE_LOSSES=(ce supcon hmce)
+PARTS=${PARTS:-scratch pretrained}
 OUT=runs/paper
 mkdir -p "$OUT" reports
 
-# run NAME MANIFEST IMAGE_SIZE STEPS MAX_QUERIES LOSS
+# run NAME MANIFEST IMAGE_SIZE STEPS MAX_QUERIES LOSS [TRAIN FLAGS...]
 run() {
   local name=$1 manifest=$2 size=$3 steps=$4 maxq=$5 loss=$6
+  shift 6
+  local arch=(--arch resnet-mini) extra=("$@")
+  (( ${#extra[@]} )) && arch=()
   local dir=$OUT/$name-$loss
   local t0 worked=0
   t0=$(date +%s)
@@ -27,7 +43,7 @@ run() {
     worked=1
     local resume=()
     [[ -f $dir/checkpoint.safetensors ]] && resume=(--resume)
-    "$HIERCON" train --manifest "$manifest" --loss "$loss" --arch resnet-mini --image-size "$size" \
+    "$HIERCON" train --manifest "$manifest" --loss "$loss" "${arch[@]}" "${extra[@]}" --image-size "$size" \
       --batch-size 32 --steps "$steps" --seed "$SEED" --checkpoint-every 200 --out "$dir" "${resume[@]}"
   fi
   for split in train test; do
@@ -41,8 +57,82 @@ run() {
   if (( worked )); then echo $(( $(date +%s) - t0 )) > "$dir/wall-seconds"; fi
 }
 
-for loss in "${LOSSES[@]}"; do run emoji data/emoji/manifest.jsonl 64 "$EMOJI_STEPS" "" "$loss"; done
-for loss in "${LOSSES[@]}"; do run fmnist data/fashion-mnist/manifest.jsonl 28 "$FMNIST_STEPS" 5000 "$loss"; done
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# The zero-shot row: the pretrained backbone exported without a head, evaluated like a run.
+zero_shot() {
+  local dir=$OUT/emoji-lite0-zeroshot
+  local t0 worked=0
+  t0=$(date +%s)
+  mkdir -p "$dir"
+  if [[ ! -f $dir/model.onnx ]]; then
+    worked=1
+    "$HIERCON" export --arch efficientnet-lite0 --no-head --image-size "$PRE_SIZE" --out "$dir/model.onnx" > /dev/null
+  fi
+  for split in train test; do
+    if [[ ! -f $dir/eval-$split.json ]]; then
+      worked=1
+      "$HIERCON" eval --model "$dir/model.onnx" --manifest data/emoji/manifest.jsonl --split "$split" \
+        --seed "$SEED" --report "$dir/eval-$split" > /dev/null
+    fi
+  done
+  if (( worked )); then echo $(( $(date +%s) - t0 )) > "$dir/wall-seconds"; fi
+}
+
+PRE_RUNS=("$OUT/emoji-lite0-zeroshot" "${PRE_LOSSES[@]/#/$OUT/emoji-lite0-}")
+
+pretrained_section() {
+  echo "<!-- pretrained:begin (scripts/paper.sh writes this section) -->"
+  echo "## Emoji from a pretrained start (EfficientNet-Lite0, $PRE_SIZE px, $PRE_FREEZE of 9 units frozen, $PRE_STEPS steps of 32 samples x 2 views, SGD lr $PRE_LR, seed $SEED)"
+  echo
+  echo "\`emoji-lite0-zeroshot\` is the ImageNet-pretrained backbone's normalised pooled feature with"
+  echo "no training at all (\`hiercon export --no-head\`); the other rows fine-tune it with the named"
+  echo "loss (stem and the first $(( PRE_FREEZE - 1 )) stages frozen), same budget and seed, and are"
+  echo "evaluated through the projection head (\`model.onnx\`)."
+  echo
+  sed "s/^## /### /" "$OUT/compare-emoji-lite0.md"
+  echo
+  echo "Wall time (training + evaluation) per run:"
+  echo
+  for d in "${PRE_RUNS[@]}"; do
+    echo "- $(basename "$d"): $(cat "$d/wall-seconds" 2>/dev/null || echo '?') s"
+  done
+  echo "<!-- pretrained:end -->"
+}
+
+if has scratch; then
+  for loss in "${LOSSES[@]}"; do run emoji data/emoji/manifest.jsonl 64 "$EMOJI_STEPS" "" "$loss"; done
+  for loss in "${LOSSES[@]}"; do run fmnist data/fashion-mnist/manifest.jsonl 28 "$FMNIST_STEPS" 5000 "$loss"; done
+fi
+if has pretrained; then
+  zero_shot
+  for loss in "${PRE_LOSSES[@]}"; do
+    run emoji-lite0 data/emoji/manifest.jsonl "$PRE_SIZE" "$PRE_STEPS" "" "$loss" \
+      --arch efficientnet-lite0 --init pretrained --freeze "$PRE_FREEZE" --lr "$PRE_LR"
+  done
+  "$HIERCON" eval --compare "${PRE_RUNS[@]}" --report "$OUT/compare-emoji-lite0" > /dev/null
+fi
+
+if ! has scratch; then
+  # Only the pretrained section is new: splice it into the existing report.
+  [[ -f reports/paper.md ]] || { echo "reports/paper.md missing: run with PARTS=\"scratch pretrained\"" >&2; exit 1; }
+  section=$(pretrained_section)
+  python3 - "$section" <<'PY'
+import re, sys
+path = "reports/paper.md"
+text = open(path).read()
+new = sys.argv[1]
+pattern = re.compile(r"<!-- pretrained:begin.*?<!-- pretrained:end -->", re.S)
+if pattern.search(text):
+    text = pattern.sub(lambda _: new, text)
+else:
+    marker = "## Wall time"
+    text = text.replace(marker, new + "\n\n" + marker, 1) if marker in text else text + "\n" + new + "\n"
+open(path, "w").write(text)
+PY
+  echo "updated the pretrained section of reports/paper.md"
+  exit 0
+fi
 
 "$HIERCON" eval --compare "${LOSSES[@]/#/$OUT/emoji-}" --report "$OUT/compare-emoji" > /dev/null
 "$HIERCON" eval --compare "${LOSSES[@]/#/$OUT/fmnist-}" --report "$OUT/compare-fmnist" > /dev/null
@@ -62,9 +152,10 @@ done
   echo
   sed "s/^## /### /" "$OUT/compare-fmnist.md"
   echo
+  if has pretrained; then pretrained_section; echo; fi
   echo "## Wall time"
   echo
-  echo "Training and evaluation took $(( total / 60 )) min in all on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); per run:"
+  echo "Training and evaluation of the from-scratch runs took $(( total / 60 )) min in all on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); per run:"
   echo
   for d in "${LOSSES[@]/#/$OUT/emoji-}" "${LOSSES[@]/#/$OUT/fmnist-}"; do
     echo "- $(basename "$d"): $(cat "$d/wall-seconds" 2>/dev/null || echo '?') s"

@@ -620,6 +620,8 @@ fn export_model(args: ExportArgs) -> Result<()> {
     let weights = hmodel::pretrained::load(&path)?;
     let cfg = ModelConfig::feature_only(args.arch, args.image_size.unwrap_or(args.arch.native_size()));
     let mut extra = serde_json::Map::new();
+    // `eval --compare` shows this as the row's loss.
+    extra.insert("loss".into(), serde_json::Value::String("none (zero-shot)".into()));
     extra.insert(
         "zero_shot".into(),
         serde_json::json!({

@@ -214,7 +214,10 @@ impl Graph {
     pub fn conv_tf_same(&mut self, x: Value, w: Value, b: Option<Value>, c: Conv2d) -> Result<Value> {
         let (sx, sw) = (self.shape(x).to_vec(), self.shape(w).to_vec());
         if sx.len() != 4 || sw.len() != 4 || c.dilation != 1 {
-            return Err(shape_err("Conv", format!("SAME padding needs 4-D input {sx:?} and weight {sw:?}, dilation 1")));
+            return Err(shape_err(
+                "Conv",
+                format!("SAME padding needs 4-D input {sx:?} and weight {sw:?}, dilation 1"),
+            ));
         }
         let (t, bot) = tf_same_pads(sx[2], sw[2], c.stride);
         let (l, r) = tf_same_pads(sx[3], sw[3], c.stride);

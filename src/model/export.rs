@@ -111,7 +111,8 @@ mod tests {
     /// The model state after two SGD steps (so BN running statistics have moved off 0 / 1).
     fn trained_state() -> BTreeMap<String, Tensor> {
         let cfg = tiny();
-        let sg = step_graph(&cfg, None, 4, 2, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), test_loss).unwrap();
+        let sg =
+            step_graph(&cfg, None, 4, 2, &Optimizer::Sgd(Sgd::default()), &GradOptions::default(), test_loss).unwrap();
         let mut run = Runner::cpu(&sg.graph).unwrap();
         let mut carried = Carried::new(&sg.graph).unwrap();
         let lr = Tensor::F32(ndarray::arr0(0.05f32).into_dyn());

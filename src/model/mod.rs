@@ -31,7 +31,7 @@ pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.
 #[cfg(test)]
 pub(crate) use step::tests as testing;
-pub use step::{LOSS_PREFIX, LossParts, StepGraph, inference_graph, inference_graph_with, step_graph};
+pub use step::{LOSS_PREFIX, LossParts, StepGraph, feature_graph, inference_graph, inference_graph_with, step_graph};
 
 use serde::{Deserialize, Serialize};
 
@@ -115,11 +115,7 @@ impl Arch {
     /// Per-channel mean and std on 0..1 pixels that the backbone's weights expect: ImageNet's
     /// for the ResNets (torchvision), `(x·255 - 127) / 128` for EfficientNet-Lite (TF-Lite's).
     pub fn normalization(self) -> ([f32; 3], [f32; 3]) {
-        if self.is_efficientnet() {
-            ([127.0 / 255.0; 3], [128.0 / 255.0; 3])
-        } else {
-            (IMAGENET_MEAN, IMAGENET_STD)
-        }
+        if self.is_efficientnet() { ([127.0 / 255.0; 3], [128.0 / 255.0; 3]) } else { (IMAGENET_MEAN, IMAGENET_STD) }
     }
 
     /// The side the pretrained weights were trained at (ResNets: 224).

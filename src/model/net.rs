@@ -100,7 +100,11 @@ impl<'g> Net<'g> {
                 if t.shape() != shape || t.dtype() != DType::F32 {
                     return Err(Error::ModelState {
                         name: name.into(),
-                        reason: format!("pretrained tensor is {}{:?}, the model needs f32{shape:?}", t.dtype(), t.shape()),
+                        reason: format!(
+                            "pretrained tensor is {}{:?}, the model needs f32{shape:?}",
+                            t.dtype(),
+                            t.shape()
+                        ),
                     });
                 }
                 Ok(t.clone())
@@ -109,7 +113,13 @@ impl<'g> Net<'g> {
         }
     }
 
-    fn state(&mut self, name: &str, kind: InputKind, shape: &[usize], fresh: impl FnOnce() -> Vec<f32>) -> Result<Value> {
+    fn state(
+        &mut self,
+        name: &str,
+        kind: InputKind,
+        shape: &[usize],
+        fresh: impl FnOnce() -> Vec<f32>,
+    ) -> Result<Value> {
         let t = self.initial(name, shape, fresh)?;
         if self.frozen {
             return Ok(self.g.constant(t));

@@ -125,9 +125,8 @@ pub fn file_digest(path: &Path) -> Result<String> {
 
 fn read_safetensors(data: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bad = |problem: String| Error::Pretrained { path: path.to_path_buf(), problem };
-    let st = SafeTensors::deserialize(data).map_err(|e| {
-        bad(format!("neither a PyTorch legacy checkpoint nor a safetensors file ({e})"))
-    })?;
+    let st = SafeTensors::deserialize(data)
+        .map_err(|e| bad(format!("neither a PyTorch legacy checkpoint nor a safetensors file ({e})")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let shape = view.shape().to_vec();

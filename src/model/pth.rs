@@ -73,7 +73,10 @@ enum Obj {
     /// Dicts and OrderedDicts, in insertion order.
     Dict(Vec<(Obj, Obj)>),
     Global(String, String),
-    Storage { elem: Elem, key: String },
+    Storage {
+        elem: Elem,
+        key: String,
+    },
     Tensor(TensorRef),
     Mark,
 }
@@ -459,7 +462,9 @@ impl<'a> Machine<'a> {
             return Err(self.err(format!("persistent id at byte {at} is a {}", pid.kind())));
         };
         match p.as_slice() {
-            [Obj::Str(tag), Obj::Global(_, class), Obj::Str(key), _location, Obj::Int(numel), ..] if tag == "storage" => {
+            [Obj::Str(tag), Obj::Global(_, class), Obj::Str(key), _location, Obj::Int(numel), ..]
+                if tag == "storage" =>
+            {
                 let elem = Elem::from_class(class)
                     .ok_or_else(|| self.err(format!("storage type torch.{class} at byte {at} is not supported")))?;
                 if *numel < 0 || *numel > (1i128 << 40) {
@@ -495,8 +500,9 @@ pub fn read_state_dict(path: &Path) -> Result<(BTreeMap<String, Tensor>, Vec<Str
 pub fn parse_state_dict(data: &[u8], path: &Path) -> Result<(BTreeMap<String, Tensor>, Vec<String>)> {
     let err = |problem: String| Error::Pretrained { path: path.to_path_buf(), problem };
     if data.starts_with(b"PK\x03\x04") {
-        return Err(err("this is PyTorch's zip checkpoint format; hiercon reads the legacy format (and safetensors)"
-            .into()));
+        return Err(err(
+            "this is PyTorch's zip checkpoint format; hiercon reads the legacy format (and safetensors)".into()
+        ));
     }
     let mut pos = 0;
     let mut next = |what: &str| -> Result<Obj> {
@@ -602,15 +608,24 @@ fn gather(t: &TensorRef, raw: &[u8]) -> std::result::Result<Tensor, String> {
     }
     let at = |o: usize| &raw[o * es..(o + 1) * es];
     let tensor = match t.elem {
-        Elem::F32 => Tensor::f32(&t.size, offsets.iter().map(|&o| f32::from_le_bytes(at(o).try_into().unwrap())).collect()),
-        Elem::F64 => {
-            Tensor::f32(&t.size, offsets.iter().map(|&o| f64::from_le_bytes(at(o).try_into().unwrap()) as f32).collect())
+        Elem::F32 => {
+            Tensor::f32(&t.size, offsets.iter().map(|&o| f32::from_le_bytes(at(o).try_into().unwrap())).collect())
         }
-        Elem::F16 => Tensor::f32(&t.size, offsets.iter().map(|&o| f16_to_f32(u16::from_le_bytes(at(o).try_into().unwrap()))).collect()),
-        Elem::I64 => Tensor::i64(&t.size, offsets.iter().map(|&o| i64::from_le_bytes(at(o).try_into().unwrap())).collect()),
-        Elem::I32 => {
-            Tensor::i64(&t.size, offsets.iter().map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64).collect())
+        Elem::F64 => Tensor::f32(
+            &t.size,
+            offsets.iter().map(|&o| f64::from_le_bytes(at(o).try_into().unwrap()) as f32).collect(),
+        ),
+        Elem::F16 => Tensor::f32(
+            &t.size,
+            offsets.iter().map(|&o| f16_to_f32(u16::from_le_bytes(at(o).try_into().unwrap()))).collect(),
+        ),
+        Elem::I64 => {
+            Tensor::i64(&t.size, offsets.iter().map(|&o| i64::from_le_bytes(at(o).try_into().unwrap())).collect())
         }
+        Elem::I32 => Tensor::i64(
+            &t.size,
+            offsets.iter().map(|&o| i32::from_le_bytes(at(o).try_into().unwrap()) as i64).collect(),
+        ),
         Elem::U8 => Tensor::i64(&t.size, offsets.iter().map(|&o| raw[o] as i64).collect()),
     };
     tensor.map_err(|e| e.to_string())
@@ -760,10 +775,12 @@ mod tests {
             assert!(["ends", "underflow", "MARK", "unterminated"].iter().any(|w| m.contains(w)), "{cut}: {m}");
         }
         assert!(msg(b"PK\x03\x04rest").contains("zip checkpoint format"));
-        assert!(msg(&pickle(|p| {
-            p.int(3);
-        }))
-        .contains("not a PyTorch legacy checkpoint"));
+        assert!(
+            msg(&pickle(|p| {
+                p.int(3);
+            }))
+            .contains("not a PyTorch legacy checkpoint")
+        );
         assert!(msg(b"\x80\x02\xffjunk").contains("unsupported pickle opcode 0xff"));
         // An object that is not a plain tensor.
         let mut evil = good.clone();

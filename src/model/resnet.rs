@@ -123,8 +123,8 @@ mod tests {
 
     #[test]
     fn resnet_mini_shapes_and_names() {
-        let g = inference_graph(&ModelConfig { embed_dim: 16, ..ModelConfig::new(Arch::ResnetMini, 32, 1) }, 2)
-            .unwrap();
+        let g =
+            inference_graph(&ModelConfig { embed_dim: 16, ..ModelConfig::new(Arch::ResnetMini, 32, 1) }, 2).unwrap();
         let out = g.find("embeddings").unwrap();
         assert_eq!(g.shape(out), [2, 16]);
         for name in [

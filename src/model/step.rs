@@ -96,7 +96,11 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     if !cfg.head && cfg.embed_dim != cfg.arch.feature_dim() {
         return Err(Error::InvalidArgument {
             name: "embed_dim",
-            reason: format!("without a head the embedding is the {}-d feature, not {}", cfg.arch.feature_dim(), cfg.embed_dim),
+            reason: format!(
+                "without a head the embedding is the {}-d feature, not {}",
+                cfg.arch.feature_dim(),
+                cfg.embed_dim
+            ),
         });
     }
     if cfg.image_size < min {
@@ -111,14 +115,19 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// The arch's backbone with its BatchNorm settings, `cfg.freeze` units frozen.
+fn backbone(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
+    if cfg.arch.is_efficientnet() {
+        net.set_batch_norm(crate::graph::BatchNorm { eps: efficientnet::BN_EPS, momentum: efficientnet::BN_MOMENTUM });
+        efficientnet::backbone(net, cfg.arch, images, cfg.freeze)
+    } else {
+        resnet::backbone(net, cfg.arch, images, cfg.freeze)
+    }
+}
+
 /// Backbone, head (if any) and L2 normalisation: images → unit embeddings.
 fn encoder(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
-    let f = if cfg.arch.is_efficientnet() {
-        net.set_batch_norm(crate::graph::BatchNorm { eps: efficientnet::BN_EPS, momentum: efficientnet::BN_MOMENTUM });
-        efficientnet::backbone(net, cfg.arch, images, cfg.freeze)?
-    } else {
-        resnet::backbone(net, cfg.arch, images, cfg.freeze)?
-    };
+    let f = backbone(net, cfg, images)?;
     if cfg.head { head(net, f, cfg.embed_dim) } else { l2_normalize(net.g, f) }
 }
 
@@ -187,6 +196,21 @@ pub fn inference_graph(cfg: &ModelConfig, batch: usize) -> Result<Graph> {
     inference_graph_with(cfg, batch, None)
 }
 
+/// The backbone alone in inference form: `images` `[batch, 3, S, S]` → `features`
+/// `[batch, arch.feature_dim()]`, the pooled feature before any head or normalisation (what a
+/// classifier on top of the pretrained backbone sees; tests compare it with an independent
+/// implementation).
+pub fn feature_graph(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
+    let cfg = ModelConfig { freeze: 0, head: false, embed_dim: cfg.arch.feature_dim(), ..*cfg };
+    check_config(&cfg)?;
+    let mut g = Graph::new();
+    let s = cfg.image_size;
+    let images = g.input("images", DType::F32, &[batch, 3, s, s])?;
+    let f = backbone(&mut Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init), &cfg, images)?;
+    g.output("features", f)?;
+    Ok(g)
+}
+
 /// [`inference_graph`] with initial values from `init` (e.g. pretrained weights).
 pub fn inference_graph_with(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
     let cfg = ModelConfig { freeze: 0, ..*cfg };
@@ -240,6 +264,44 @@ pub(crate) mod tests {
         let images = uniform(&mut r, DType::F32, &[2 * n, 3, s, s]);
         let labels = Tensor::i64(&[n, k], (0..n * k).map(|_| r.random_range(0..3)).collect()).unwrap();
         (images, labels)
+    }
+
+    #[test]
+    fn frozen_units_are_constants_and_the_rest_trains() {
+        // Lite0 at 32 px with the stem and stages 1-5 frozen: only blocks 11-15 (stages 6, 7),
+        // the head conv and the projection head are parameters; frozen BatchNorms feed nothing
+        // back; one SGD step moves every parameter and leaves the loss finite.
+        let cfg = ModelConfig { freeze: 6, embed_dim: 8, ..ModelConfig::new(Arch::EfficientnetLite0, 32, 1) };
+        let opt = Optimizer::Sgd(Sgd::default());
+        let sg = step_graph(&cfg, None, 2, 2, &opt, &GradOptions::default(), test_loss).unwrap();
+        let g = &sg.graph;
+        let params: Vec<&str> = g.params().iter().map(|&p| g.name(p)).collect();
+        assert!(params.contains(&"_blocks.11._expand_conv.weight") && params.contains(&"_conv_head.weight"));
+        assert!(params.contains(&"head.fc2.bias"));
+        for frozen in ["_conv_stem.weight", "_bn0.weight", "_blocks.0._depthwise_conv.weight", "_blocks.10._bn2.bias"] {
+            assert!(g.find(frozen).is_none(), "{frozen} should be a constant");
+        }
+        assert!(g.find("_blocks.10._bn2.running_mean.next").is_none());
+        assert!(g.find("_blocks.11._bn2.running_mean.next").is_some());
+        let mut run = Runner::cpu(g).unwrap();
+        let (images, labels) = batch(&cfg, 2, 2, 4);
+        let lr = Tensor::F32(ndarray::arr0(0.1f32).into_dyn());
+        let mut feeds: Vec<(&str, &Tensor)> = vec![("images", &images), ("labels", &labels), ("lr", &lr)];
+        let state = sg.initial_state();
+        feeds.extend(state.iter().map(|(n, t)| (n.as_str(), t)));
+        let out = run.run(&feeds).unwrap();
+        assert!(out.f32("loss").unwrap().iter().all(|v| v.is_finite()));
+        for name in ["_blocks.11._expand_conv.weight", "_conv_head.weight", "head.fc1.weight"] {
+            let after = out.get(&format!("{name}.next")).unwrap();
+            assert_ne!(after, &state[name], "{name} did not move");
+        }
+        // Everything frozen is refused.
+        let all = ModelConfig { freeze: 9, head: false, embed_dim: 1280, ..cfg };
+        let e = step_graph(&all, None, 2, 2, &opt, &GradOptions::default(), test_loss).unwrap_err();
+        assert!(e.to_string().contains("nothing to train"), "{e}");
+        let e = step_graph(&ModelConfig { freeze: 10, ..cfg }, None, 2, 2, &opt, &GradOptions::default(), test_loss)
+            .unwrap_err();
+        assert!(e.to_string().contains("9 units"), "{e}");
     }
 
     #[test]
@@ -367,7 +429,8 @@ pub(crate) mod tests {
         let lr = Tensor::F32(ndarray::arr0(0.1f32).into_dyn());
         let step = |batch_norm| {
             let sg =
-                step_graph(&cfg, None, n, k, &opt, &GradOptions { batch_norm, ..GradOptions::default() }, test_loss).unwrap();
+                step_graph(&cfg, None, n, k, &opt, &GradOptions { batch_norm, ..GradOptions::default() }, test_loss)
+                    .unwrap();
             let mut run = Runner::cpu(&sg.graph).unwrap();
             let out = run.run(&[("images", &images), ("labels", &labels), ("lr", &lr)]).unwrap();
             let names: Vec<String> = sg.graph.outputs().iter().map(|&v| sg.graph.name(v).to_string()).collect();

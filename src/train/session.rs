@@ -354,8 +354,8 @@ mod tests {
     #[test]
     fn bad_state_and_feeds_are_named() {
         let cfg = tiny();
-        let sg =
-            step_graph(&cfg, None, 2, 1, &Optimizer::AdamW(AdamW::default()), &GradOptions::default(), test_loss).unwrap();
+        let sg = step_graph(&cfg, None, 2, 1, &Optimizer::AdamW(AdamW::default()), &GradOptions::default(), test_loss)
+            .unwrap();
         let mut state = sg.initial_state();
         state.remove("head.fc1.bias");
         let e = TrainSession::new(&sg, &RuntimeOptions::default(), Some(state)).unwrap_err();

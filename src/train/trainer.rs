@@ -230,6 +230,11 @@ impl RunDir {
     pub fn model(&self) -> PathBuf {
         self.dir.join("model.onnx")
     }
+    /// The trained backbone's own normalised pooled feature, without the projection head (the
+    /// representation SupCon-style training usually keeps; compared with `model.onnx` by eval).
+    pub fn backbone_model(&self) -> PathBuf {
+        self.dir.join("backbone.onnx")
+    }
 }
 
 /// Hooks for tests and tooling: stop after a step as if killed (no checkpoint, no export).
@@ -432,7 +437,9 @@ pub fn train(
         }),
     );
     extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));
-    model::export(&model_cfg, &state, &run.model(), extra)?;
+    model::export(&model_cfg, &state, &run.model(), extra.clone())?;
+    let feature_cfg = ModelConfig { head: false, embed_dim: cfg.arch.feature_dim(), ..model_cfg };
+    model::export(&feature_cfg, &state, &run.backbone_model(), extra)?;
     Ok(TrainOutcome { steps: cfg.steps, final_loss, seconds, model: run.model() })
 }
 

@@ -6,5 +6,6 @@ mod eval;
 mod http;
 mod index;
 mod loss;
+mod pretrained;
 mod serve;
 mod train;

@@ -9,7 +9,7 @@ use hiercon::Error;
 use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder};
 use hiercon::image::{Augment, Limits};
 use hiercon::loss::{LossKind, LossOptions};
-use hiercon::model::Arch;
+use hiercon::model::{Arch, Init};
 use hiercon::runtime::RuntimeOptions;
 use hiercon::train::{self, Checkpoint, OptimizerKind, SamplerKind, TrainConfig, TrainHooks, read_metrics};
 
@@ -186,4 +186,55 @@ fn the_binary_trains_resumes_and_reports() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/manifest.jsonl"));
+}
+
+#[test]
+fn a_pretrained_lite0_with_frozen_stages_resumes_and_exports_its_frozen_weights() {
+    // EfficientNet-Lite0 from its ImageNet weights (make pretrained) at 32 px, stem + stages 1-5
+    // frozen: halted and resumed it takes the same steps as an uninterrupted run, and the exported
+    // model holds the pretrained values of the frozen layers and trained ones elsewhere.
+    let c = Catalogue::new(2);
+    let cfg = TrainConfig {
+        arch: Arch::EfficientnetLite0,
+        image_size: 32,
+        init: Init::Pretrained,
+        freeze: 6,
+        lr: 0.01,
+        ..config(&c, LossKind::Hmce, 5)
+    };
+    let (whole, cut) = (c.dir.path().join("runs/whole"), c.dir.path().join("runs/cut"));
+    train::train(&cfg, &whole, false, &rt(), &TrainHooks::default()).unwrap();
+    let err = train::train(&cfg, &cut, false, &rt(), &TrainHooks { halt_after: Some(4) }).unwrap_err();
+    assert!(matches!(err, Error::TrainHalted { step: 4 }), "{err}");
+    train::train(&cfg, &cut, true, &rt(), &TrainHooks::default()).unwrap();
+    let (a, b) = (losses(&whole), losses(&cut));
+    assert_eq!(b.len(), 5);
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {}: {x} vs {y}", step + 1);
+    }
+    let meta = ModelMeta::read(&whole.join("model.json")).unwrap();
+    assert_eq!(meta.arch, "efficientnet-lite0");
+    assert_eq!(meta.extra["training"]["freeze"], 6);
+    assert!((meta.input.mean[0] - 127.0 / 255.0).abs() < 1e-6);
+    // The checkpoint holds only what trains.
+    let ckpt = Checkpoint::load(&whole.join("checkpoint.safetensors")).unwrap();
+    assert!(!ckpt.state.contains_key("_conv_stem.weight") && ckpt.state.contains_key("_conv_head.weight"));
+    // Frozen values in the exported model are the pretrained ones, byte for byte (the
+    // initializers are raw little-endian f32); trained ones are not.
+    let pth = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pretrained/efficientnet-lite0.pth");
+    let w = hiercon::model::pretrained::load(&pth).unwrap();
+    let bytes = std::fs::read(whole.join("model.onnx")).unwrap();
+    let stem = w["_conv_stem.weight"].as_f32().unwrap();
+    let needle: Vec<u8> = stem.iter().take(16).flat_map(|x| x.to_le_bytes()).collect();
+    assert!(bytes.windows(needle.len()).any(|win| win == needle.as_slice()), "frozen stem weights not exported as is");
+    let head = w["_conv_head.weight"].as_f32().unwrap();
+    let needle: Vec<u8> = head.iter().take(16).flat_map(|x| x.to_le_bytes()).collect();
+    assert!(!bytes.windows(needle.len()).any(|win| win == needle.as_slice()), "the trained head conv did not change");
+    let enc = OrtEncoder::load(&whole.join("model.onnx"), &rt()).unwrap();
+    assert_eq!(embed(&enc, &c.image_path(&c.items[0].id)).shape(), [1, 128]);
+
+    // --freeze without a pretrained start is refused.
+    let bad = TrainConfig { init: Init::Random, ..cfg };
+    let e = train::train(&bad, &c.dir.path().join("runs/bad"), false, &rt(), &TrainHooks::default()).unwrap_err();
+    assert!(e.to_string().contains("--init pretrained"), "{e}");
 }

@@ -206,8 +206,10 @@ fn rule(
 ) -> Result<Vec<Option<Value>>> {
     let gy = || gys[0].ok_or_else(|| no_grad(node, "the first output has no gradient"));
     match node.op {
-        "Add" | "Sub" | "Mul" | "Div" | "Neg" | "Relu" | "Clip" | "Sigmoid" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Pow"
-        | "Max" | "Min" | "Where" | "Sum" | "Identity" | "Cast" | "Expand" => elementwise::rule(g, node, gy()?, need),
+        "Add" | "Sub" | "Mul" | "Div" | "Neg" | "Relu" | "Clip" | "Sigmoid" | "Exp" | "Log" | "Sqrt" | "Reciprocal"
+        | "Pow" | "Max" | "Min" | "Where" | "Sum" | "Identity" | "Cast" | "Expand" => {
+            elementwise::rule(g, node, gy()?, need)
+        }
         "ReduceSum" | "ReduceMean" | "ReduceMax" | "ReduceSumSquare" | "Reshape" | "Flatten" | "Squeeze"
         | "Unsqueeze" | "Transpose" | "Concat" | "Slice" | "Gather" | "Pad" => shape::rule(g, node, gy()?, need),
         "Split" => shape::split(g, node, gys),

@@ -1,5 +1,5 @@
 //! The index on a real catalogue with the shipped model: the emoji catalogue (7,572 images, 64 px)
-//! embedded by `models/emoji-hmce.onnx`. Reports embedding throughput (decode + preprocess +
+//! embedded by `models/emoji-lite0-hmce.onnx`. Reports embedding throughput (decode + preprocess +
 //! ORT, images/s), HNSW build time, recall@10 of HNSW against exact search at the default
 //! `ef` (64) and at others, and index-only query latency p50 / p99 (one thread, every item's
 //! embedding as a query; the item itself is in both answers). Criterion also times one HNSW
@@ -35,7 +35,7 @@ fn bench(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let data = std::env::var_os("HIERCON_TEST_DATA").map_or(root.join("data"), PathBuf::from);
     let manifest_path = data.join("emoji/manifest.jsonl");
-    let model = root.join("models/emoji-hmce.onnx");
+    let model = root.join("models/emoji-lite0-hmce.onnx");
     if !manifest_path.is_file() || !model.is_file() {
         eprintln!("index_emoji: {} or {} missing (make data); skipped", manifest_path.display(), model.display());
         return;
@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
         );
     }
     let summary = serde_json::json!({
-        "bench": "index-emoji", "model": "models/emoji-hmce.onnx", "digest": encoder.digest(), "items": n,
+        "bench": "index-emoji", "model": "models/emoji-lite0-hmce.onnx", "digest": encoder.digest(), "items": n,
         "embedded": stats.embedded, "embed_seconds": embed_s, "images_per_s": stats.embedded as f64 / embed_s,
         "m": params.m, "ef_construction": params.ef_construction, "build_seconds": build_s,
         "default_ef": EF, "recall_at_10": recalls, "query_latency_1_thread": latency,

@@ -79,7 +79,7 @@ enum Command {
     /// Pretrained weights: where hiercon finds them, what they hold, conversion to safetensors.
     #[command(subcommand)]
     Pretrained(PretrainedCommand),
-    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-hmce.onnx
+    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-hmce.onnx
     /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
     Demo(DemoArgs),
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
@@ -299,7 +299,7 @@ impl From<SplitArgs> for SplitOptions {
 
 /// The demo catalogue `hiercon demo` summarises.
 const DEMO_MANIFEST: &str = "data/emoji/manifest.jsonl";
-const DEMO_MODEL: &str = "models/emoji-hmce.onnx";
+const DEMO_MODEL: &str = "models/emoji-lite0-hmce.onnx";
 const DEMO_INDEX: &str = "index/emoji";
 
 #[derive(Args, Debug)]

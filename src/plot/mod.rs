@@ -219,8 +219,13 @@ impl LineChart {
             }
         }
         // Title, axis labels, legend.
-        let tw = (font::text_width(&self.title) * TITLE_SCALE) as i64;
-        text(&mut img, (f.left + f.right) / 2 - tw / 2, 20, &self.title, TITLE_SCALE, BLACK);
+        // Centred over the plot area, moved right / down a size so that a long title stays whole.
+        let width = i64::from(self.width);
+        let scale =
+            if (font::text_width(&self.title) * TITLE_SCALE) as i64 <= width - 8 { TITLE_SCALE } else { TEXT_SCALE };
+        let tw = (font::text_width(&self.title) * scale) as i64;
+        let tx = ((f.left + f.right) / 2 - tw / 2).min(width - tw - 4).max(4);
+        text(&mut img, tx, 20, &self.title, scale, BLACK);
         let xw = (font::text_width(&self.x_label) * TEXT_SCALE) as i64;
         text(&mut img, (f.left + f.right) / 2 - xw / 2, f.bottom + 10 + text_h + 12, &self.x_label, TEXT_SCALE, BLACK);
         let yw = (font::text_width(&self.y_label) * TEXT_SCALE) as i64;
@@ -433,6 +438,24 @@ mod tests {
                 assert!(x as i64 > f.right, "series colour outside the area at ({x}, {y})");
             }
         }
+    }
+
+    #[test]
+    fn a_long_title_stays_inside_the_image() {
+        // The trainer's titles name the loss and the arch; centred at full size this one ran
+        // off the left edge.
+        let mut chart = LineChart::new("training loss: hmce / efficientnet-lite0 (mean of 15 steps)", "step", "loss");
+        chart.series.push(Series::new("total", vec![(0.0, 5.0), (1500.0, 3.0)]));
+        let img = chart.render();
+        let top = chart.frame().top as u32;
+        let xs: Vec<u32> = (0..top)
+            .flat_map(|y| (0..img.width()).map(move |x| (x, y)))
+            .filter(|&(x, y)| *img.get_pixel(x, y) == BLACK)
+            .map(|(x, _)| x)
+            .collect();
+        assert!(xs.len() > 100, "title drawn");
+        let (lo, hi) = (*xs.iter().min().unwrap(), *xs.iter().max().unwrap());
+        assert!(lo >= 4 && hi < img.width() - 3, "title spans x {lo}..={hi} of {}", img.width());
     }
 
     #[test]

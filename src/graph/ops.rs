@@ -243,7 +243,8 @@ impl Graph {
     /// `min(max(x, lo), hi)` (ONNX Clip with the bounds as constant inputs); ReLU6 is `clip(x, 0, 6)`.
     pub fn clip(&mut self, x: Value, lo: f64, hi: f64) -> Result<Value> {
         let dt = self.float("Clip", x)?;
-        if !(lo <= hi) {
+        // NaN bounds are refused too: they compare as neither order.
+        if lo.partial_cmp(&hi).is_none_or(|o| o == std::cmp::Ordering::Greater) {
             return Err(Error::GraphShape { op: "Clip".into(), detail: format!("bounds [{lo}, {hi}] are empty") });
         }
         let (l, h) = (self.scalar_like(x, lo), self.scalar_like(x, hi));

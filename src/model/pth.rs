@@ -478,7 +478,7 @@ impl<'a> Machine<'a> {
 }
 
 fn pairs(items: Vec<Obj>) -> Option<Vec<(Obj, Obj)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return None;
     }
     let mut it = items.into_iter();

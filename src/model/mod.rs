@@ -184,7 +184,12 @@ impl ModelConfig {
 
     /// The pretrained backbone's own normalised pooled feature (no head): the zero-shot model.
     pub fn feature_only(arch: Arch, image_size: usize) -> ModelConfig {
-        ModelConfig { embed_dim: arch.feature_dim(), head: false, ..ModelConfig::new(arch, image_size, 0) }
+        ModelConfig::new(arch, image_size, 0).without_head()
+    }
+
+    /// The same backbone with its normalised pooled feature as the embedding (no projection head).
+    pub fn without_head(self) -> ModelConfig {
+        ModelConfig { embed_dim: self.arch.feature_dim(), head: false, ..self }
     }
 }
 

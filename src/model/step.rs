@@ -201,28 +201,30 @@ pub fn inference_graph(cfg: &ModelConfig, batch: usize) -> Result<Graph> {
 /// classifier on top of the pretrained backbone sees; tests compare it with an independent
 /// implementation).
 pub fn feature_graph(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
-    let cfg = ModelConfig { freeze: 0, head: false, embed_dim: cfg.arch.feature_dim(), ..*cfg };
-    check_config(&cfg)?;
-    let mut g = Graph::new();
-    let s = cfg.image_size;
-    let images = g.input("images", DType::F32, &[batch, 3, s, s])?;
-    let f = backbone(&mut Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init), &cfg, images)?;
-    g.output("features", f)?;
-    Ok(g)
+    forward_graph(&cfg.without_head(), batch, init, "features", backbone)
 }
 
 /// [`inference_graph`] with initial values from `init` (e.g. pretrained weights).
 pub fn inference_graph_with(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
+    forward_graph(cfg, batch, init, "embeddings", encoder)
+}
+
+/// An inference-mode graph, nothing frozen: input `images` `[batch, 3, S, S]`, output `output`
+/// = `body(images)`.
+fn forward_graph(
+    cfg: &ModelConfig,
+    batch: usize,
+    init: Option<&Weights>,
+    output: &str,
+    body: fn(&mut Net, &ModelConfig, Value) -> Result<Value>,
+) -> Result<Graph> {
     let cfg = ModelConfig { freeze: 0, ..*cfg };
     check_config(&cfg)?;
     let mut g = Graph::new();
     let s = cfg.image_size;
     let images = g.input("images", DType::F32, &[batch, 3, s, s])?;
-    let emb = {
-        let mut net = Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init);
-        encoder(&mut net, &cfg, images)?
-    };
-    g.output("embeddings", emb)?;
+    let out = body(&mut Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init), &cfg, images)?;
+    g.output(output, out)?;
     Ok(g)
 }
 

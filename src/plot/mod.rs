@@ -220,10 +220,9 @@ impl LineChart {
         }
         // Title, axis labels, legend.
         // Centred over the plot area, moved right / down a size so that a long title stays whole.
-        let width = i64::from(self.width);
-        let scale =
-            if (font::text_width(&self.title) * TITLE_SCALE) as i64 <= width - 8 { TITLE_SCALE } else { TEXT_SCALE };
-        let tw = (font::text_width(&self.title) * scale) as i64;
+        let (width, glyphs) = (i64::from(self.width), font::text_width(&self.title));
+        let scale = if (glyphs * TITLE_SCALE) as i64 <= width - 8 { TITLE_SCALE } else { TEXT_SCALE };
+        let tw = (glyphs * scale) as i64;
         let tx = ((f.left + f.right) / 2 - tw / 2).min(width - tw - 4).max(4);
         text(&mut img, tx, 20, &self.title, scale, BLACK);
         let xw = (font::text_width(&self.x_label) * TEXT_SCALE) as i64;

@@ -438,8 +438,7 @@ pub fn train(
     );
     extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));
     model::export(&model_cfg, &state, &run.model(), extra.clone())?;
-    let feature_cfg = ModelConfig { head: false, embed_dim: cfg.arch.feature_dim(), ..model_cfg };
-    model::export(&feature_cfg, &state, &run.backbone_model(), extra)?;
+    model::export(&model_cfg.without_head(), &state, &run.backbone_model(), extra)?;
     Ok(TrainOutcome { steps: cfg.steps, final_loss, seconds, model: run.model() })
 }
 

@@ -6,20 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::python;
+
 use hiercon::loss::reference::{ce_loss_and_grad, loss_and_grad};
 use hiercon::loss::{Dedup, LossKind, LossOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const TOL: f64 = 2e-5;
-
-/// The venv Python named by `HIERCON_PYTHON` (set by `make test`), else `.cache/venv`'s.
-fn python() -> PathBuf {
-    match std::env::var_os("HIERCON_PYTHON").filter(|p| !p.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python"),
-    }
-}
 
 /// Checks the model with `onnx.checker.check_model(full_check=True)`, runs it with
 /// onnxruntime on the JSON inputs and prints `{"loss": .., "features_grad": [..], "inputs": [..]}`.

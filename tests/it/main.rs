@@ -9,3 +9,11 @@ mod loss;
 mod pretrained;
 mod serve;
 mod train;
+
+/// The venv Python named by `HIERCON_PYTHON` (set by `make test`), else `.cache/venv`'s.
+fn python() -> std::path::PathBuf {
+    match std::env::var_os("HIERCON_PYTHON").filter(|p| !p.is_empty()) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache/venv/bin/python"),
+    }
+}

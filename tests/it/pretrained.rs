@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::python;
+
 use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder};
 use hiercon::graph::{Runner, Tensor};
 use hiercon::image::{Limits, Preprocess, tensor_from_bytes};
@@ -19,13 +21,6 @@ use rand_chacha::ChaCha8Rng;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python() -> PathBuf {
-    match std::env::var_os("HIERCON_PYTHON").filter(|p| !p.is_empty()) {
-        Some(p) => PathBuf::from(p),
-        None => root().join(".cache/venv/bin/python"),
-    }
 }
 
 fn weights_file(arch: Arch) -> PathBuf {

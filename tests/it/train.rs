@@ -221,7 +221,8 @@ fn a_pretrained_lite0_with_frozen_stages_resumes_and_exports_its_frozen_weights(
     assert!(!ckpt.state.contains_key("_conv_stem.weight") && ckpt.state.contains_key("_conv_head.weight"));
     // Frozen values in the exported model are the pretrained ones, byte for byte (the
     // initializers are raw little-endian f32); trained ones are not.
-    let pth = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/pretrained/efficientnet-lite0.pth");
+    // The file the trainer loaded: the library's own search.
+    let pth = hiercon::model::pretrained::locate(Arch::EfficientnetLite0, None).unwrap();
     let w = hiercon::model::pretrained::load(&pth).unwrap();
     let bytes = std::fs::read(whole.join("model.onnx")).unwrap();
     let stem = w["_conv_stem.weight"].as_f32().unwrap();

@@ -30,22 +30,10 @@ PARTS=${PARTS:-scratch pretrained}
 OUT=runs/paper
 mkdir -p "$OUT" reports
 
-# run NAME MANIFEST IMAGE_SIZE STEPS MAX_QUERIES LOSS [TRAIN FLAGS...]
-run() {
-  local name=$1 manifest=$2 size=$3 steps=$4 maxq=$5 loss=$6
-  shift 6
-  local arch=(--arch resnet-mini) extra=("$@")
-  (( ${#extra[@]} )) && arch=()
-  local dir=$OUT/$name-$loss
-  local t0 worked=0
-  t0=$(date +%s)
-  if [[ ! -f $dir/model.onnx ]]; then
-    worked=1
-    local resume=()
-    [[ -f $dir/checkpoint.safetensors ]] && resume=(--resume)
-    "$HIERCON" train --manifest "$manifest" --loss "$loss" "${arch[@]}" "${extra[@]}" --image-size "$size" \
-      --batch-size 32 --steps "$steps" --seed "$SEED" --checkpoint-every 200 --out "$dir" "${resume[@]}"
-  fi
+# evaluate DIR MANIFEST MAX_QUERIES T0 WORKED: DIR/model.onnx on both splits (each report
+# reused when present), then the wall seconds since T0 of whatever this call did.
+evaluate() {
+  local dir=$1 manifest=$2 maxq=$3 t0=$4 worked=$5
   for split in train test; do
     if [[ ! -f $dir/eval-$split.json ]]; then
       worked=1
@@ -55,6 +43,23 @@ run() {
   done
   # Wall seconds of this run's training + evaluation, kept when a later call reuses the run.
   if (( worked )); then echo $(( $(date +%s) - t0 )) > "$dir/wall-seconds"; fi
+}
+
+# run NAME MANIFEST IMAGE_SIZE STEPS MAX_QUERIES LOSS TRAIN FLAGS... (--arch and what it needs)
+run() {
+  local name=$1 manifest=$2 size=$3 steps=$4 maxq=$5 loss=$6
+  shift 6
+  local dir=$OUT/$name-$loss
+  local t0 worked=0
+  t0=$(date +%s)
+  if [[ ! -f $dir/model.onnx ]]; then
+    worked=1
+    local resume=()
+    [[ -f $dir/checkpoint.safetensors ]] && resume=(--resume)
+    "$HIERCON" train --manifest "$manifest" --loss "$loss" "$@" --image-size "$size" \
+      --batch-size 32 --steps "$steps" --seed "$SEED" --checkpoint-every 200 --out "$dir" "${resume[@]}"
+  fi
+  evaluate "$dir" "$manifest" "$maxq" "$t0" "$worked"
 }
 
 has() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -69,14 +74,7 @@ zero_shot() {
     worked=1
     "$HIERCON" export --arch efficientnet-lite0 --no-head --image-size "$PRE_SIZE" --out "$dir/model.onnx" > /dev/null
   fi
-  for split in train test; do
-    if [[ ! -f $dir/eval-$split.json ]]; then
-      worked=1
-      "$HIERCON" eval --model "$dir/model.onnx" --manifest data/emoji/manifest.jsonl --split "$split" \
-        --seed "$SEED" --report "$dir/eval-$split" > /dev/null
-    fi
-  done
-  if (( worked )); then echo $(( $(date +%s) - t0 )) > "$dir/wall-seconds"; fi
+  evaluate "$dir" data/emoji/manifest.jsonl "" "$t0" "$worked"
 }
 
 PRE_RUNS=("$OUT/emoji-lite0-zeroshot" "${PRE_LOSSES[@]/#/$OUT/emoji-lite0-}")
@@ -101,8 +99,8 @@ pretrained_section() {
 }
 
 if has scratch; then
-  for loss in "${LOSSES[@]}"; do run emoji data/emoji/manifest.jsonl 64 "$EMOJI_STEPS" "" "$loss"; done
-  for loss in "${LOSSES[@]}"; do run fmnist data/fashion-mnist/manifest.jsonl 28 "$FMNIST_STEPS" 5000 "$loss"; done
+  for loss in "${LOSSES[@]}"; do run emoji data/emoji/manifest.jsonl 64 "$EMOJI_STEPS" "" "$loss" --arch resnet-mini; done
+  for loss in "${LOSSES[@]}"; do run fmnist data/fashion-mnist/manifest.jsonl 28 "$FMNIST_STEPS" 5000 "$loss" --arch resnet-mini; done
 fi
 if has pretrained; then
   zero_shot

@@ -100,6 +100,10 @@ pub enum Error {
     GraphFeed { name: String, reason: String },
 
     // --- model / loss / train -------------------------------------------------------------------
+    /// An ONNX model that cannot be imported: `reason` names the node, the op and what is supported.
+    #[error("ONNX model {path}: {reason}")]
+    OnnxImport { path: PathBuf, reason: String },
+
     /// A model's parameter or buffer is missing or does not fit (export, checkpoint restore).
     #[error("model state `{name}`: {reason}")]
     ModelState { name: String, reason: String },

@@ -14,6 +14,8 @@ use hiercon::http::{self, EncoderSource, ServeConfig};
 use hiercon::image::{Augment, Limits};
 use hiercon::index::{self, IndexConfig};
 use hiercon::loss::{self, LossOptions, LossShape};
+use hiercon::model::describe::DescribeOptions;
+use hiercon::model::imported::{ImportOptions, Imported};
 use hiercon::model::{self as hmodel, Arch, Init, ModelConfig};
 use hiercon::runtime::{self, Device, RuntimeOptions};
 use hiercon::search::{SearchConfig, Service};
@@ -79,6 +81,13 @@ enum Command {
     /// Pretrained weights: where hiercon finds them, what they hold, conversion to safetensors.
     #[command(subcommand)]
     Pretrained(PretrainedCommand),
+    /// Read an ONNX image model as a backbone for `train --init-onnx`: report its input, the cut
+    /// before its classifier, the feature width and the weight layers `--freeze` counts, and
+    /// check the replayed graph against ONNX Runtime on the file itself.
+    Import(ImportArgs),
+    /// Foreign ONNX models: `model describe` makes one servable without training.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-hmce.onnx
     /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
     Demo(DemoArgs),
@@ -113,9 +122,26 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     freeze: usize,
     /// Side of the square training images, in pixels (default: 64; EfficientNet-Lite: its
-    /// native 224 / 240 / 260).
+    /// native 224 / 240 / 260; --init-onnx: the file's fixed size, or 224).
     #[arg(long)]
     image_size: Option<usize>,
+    /// Fine-tune an imported ONNX model (see `hiercon import`): its graph cut before the
+    /// classifier is the backbone, its initializers the start; --freeze N then counts its
+    /// weight layers (Conv, Gemm, MatMul).
+    #[arg(long, conflicts_with_all = ["arch", "init", "weights"])]
+    init_onnx: Option<PathBuf>,
+    /// With --init-onnx: where to cut (a value or node name; default: the classifier's input).
+    #[arg(long, requires = "init_onnx")]
+    cut: Option<String>,
+    /// With --init-onnx: per-channel mean on 0..1 RGB pixels (default: ImageNet's).
+    #[arg(long, value_delimiter = ',', requires = "init_onnx", value_name = "R,G,B")]
+    mean: Option<Vec<f32>>,
+    /// With --init-onnx: per-channel std on 0..1 RGB pixels (default: ImageNet's).
+    #[arg(long, value_delimiter = ',', requires = "init_onnx", value_name = "R,G,B")]
+    std: Option<Vec<f32>>,
+    /// With --init-onnx: the model wants BGR channels (reversed after normalisation).
+    #[arg(long, requires = "init_onnx")]
+    bgr: bool,
     /// Samples per batch (each gives two augmented views).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -180,6 +206,65 @@ struct ExportArgs {
     #[arg(long)]
     image_size: Option<usize>,
     /// Output model file `X.onnx` (`X.json` is written beside it).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// The ONNX model (opset 9 or later; external data is read from beside it).
+    model: PathBuf,
+    /// Image side the shapes are folded at (default: the file's fixed size, or 224).
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// The feature: a value name, or a node name meaning its first output; `output` for the
+    /// graph's output (default: the input of the last Gemm / MatMul after the global pooling).
+    #[arg(long)]
+    cut: Option<String>,
+    /// The model wants BGR channels (reversed in front of it).
+    #[arg(long)]
+    bgr: bool,
+    /// Skip the comparison with ONNX Runtime.
+    #[arg(long)]
+    no_check: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelCommand {
+    /// Write a servable copy of any ONNX image embedder (`OUT` + `OUT.json`) for `index`,
+    /// `serve` and `eval`: input `images` [batch, 3, S, S] (a Transpose in front of NHWC
+    /// models), the chosen output or inner value flattened (and L2-normalised with
+    /// --normalize) as `embeddings`. Runs it once to learn the width.
+    Describe(DescribeArgs),
+}
+
+#[derive(Args, Debug)]
+struct DescribeArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Input side in pixels (default: the file's fixed size, or 224).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Per-channel mean on 0..1 RGB pixels (default: ImageNet's).
+    #[arg(long, value_delimiter = ',', default_values_t = hmodel::IMAGENET_MEAN, value_name = "R,G,B")]
+    mean: Vec<f32>,
+    /// Per-channel std on 0..1 RGB pixels (default: ImageNet's).
+    #[arg(long, value_delimiter = ',', default_values_t = hmodel::IMAGENET_STD, value_name = "R,G,B")]
+    std: Vec<f32>,
+    /// The model wants BGR channels (Caffe models): the channels are reversed after
+    /// normalisation, so --mean / --std stay in RGB order.
+    #[arg(long)]
+    bgr: bool,
+    /// The graph output to embed with (default: the only one).
+    #[arg(long, conflicts_with = "cut")]
+    output: Option<String>,
+    /// An inner value (or node name) to embed with instead, e.g. the classifier's input.
+    #[arg(long)]
+    cut: Option<String>,
+    /// Also divide by the L2 norm inside the graph (the encoder normalises rows either way).
+    #[arg(long)]
+    normalize: bool,
+    /// The servable model to write (`OUT.json` beside it).
     #[arg(long)]
     out: PathBuf,
 }
@@ -558,7 +643,78 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo(args, &rt_opts),
         Command::Export(args) => export_model(args),
         Command::Pretrained(cmd) => pretrained(cmd),
+        Command::Import(args) => import_model(args),
+        Command::Model(ModelCommand::Describe(args)) => describe_model(args),
     }
+}
+
+/// `--mean` / `--std`: three values, positive std.
+fn rgb3(name: &str, v: Option<&[f32]>, default: [f32; 3]) -> Result<[f32; 3]> {
+    match v {
+        None => Ok(default),
+        Some([r, g, b]) if name != "std" || [r, g, b].iter().all(|x| **x > 0.0) => Ok([*r, *g, *b]),
+        Some([_, _, _]) => anyhow::bail!("--std values must be positive"),
+        Some(v) => anyhow::bail!("--{name} takes three comma-separated values (R,G,B), got {}", v.len()),
+    }
+}
+
+fn import_model(args: ImportArgs) -> Result<()> {
+    let o = ImportOptions { cut: args.cut, size: args.image_size, bgr: args.bgr };
+    let m = Imported::load(&args.model, &o)?;
+    let f = &m.file;
+    let input = f.image_input()?;
+    let dims: Vec<String> = input.dims.iter().map(|d| d.map_or("?".into(), |v| v.to_string())).collect();
+    println!("model    {} ({}, opset {}, sha256 {})", args.model.display(), f.producer, f.opset, &m.sha256[..16]);
+    println!(
+        "input    `{}` [{}] {:?}, fed from images [N, 3, {s}, {s}]",
+        input.name,
+        dims.join(", "),
+        m.layout,
+        s = m.size
+    );
+    println!("cut      `{}`: {}", m.cut, m.cut_reason);
+    println!("feature  {}-d", m.feature_dim);
+    let ops: Vec<String> = m.op_counts().iter().map(|(o, n)| format!("{o} {n}")).collect();
+    println!("nodes    {} of {} ({})", m.needed.len(), f.nodes.len(), ops.join(", "));
+    let w = m.weights();
+    let params: usize = w.values().map(|t| t.shape().iter().product::<usize>()).sum();
+    println!("weights  {} tensors, {:.2} M values", w.len(), params as f64 / 1e6);
+    println!("layers   {} weight layers; --freeze N keeps the first N (and what precedes them) frozen:", m.units.len());
+    for (k, name, op, shape) in m.layers() {
+        println!("  {k:>4}  {op:<6} {shape:<18} {name}", shape = format!("{shape:?}"));
+    }
+    if !args.no_check {
+        let (diff, rms) = m.check_against_ort(2)?;
+        println!("check    replay vs ONNX Runtime on the file, 2 images: max |diff| {diff:.2e} (feature RMS {rms:.3})");
+        if diff > 1e-3 * rms.max(1.0) {
+            anyhow::bail!("the replayed graph differs from ONNX Runtime by {diff:.2e}; please report this model");
+        }
+    }
+    Ok(())
+}
+
+fn describe_model(args: DescribeArgs) -> Result<()> {
+    let o = DescribeOptions {
+        size: args.size,
+        mean: rgb3("mean", Some(&args.mean), hmodel::IMAGENET_MEAN)?,
+        std: rgb3("std", Some(&args.std), hmodel::IMAGENET_STD)?,
+        bgr: args.bgr,
+        output: args.output,
+        cut: args.cut,
+        normalize: args.normalize,
+    };
+    let meta = hmodel::describe::describe(&args.model, &args.out, &o)?;
+    println!(
+        "wrote {} + {}: `{}` [batch, 3, {s}, {s}] -> `{}` [batch, {}], digest {}",
+        args.out.display(),
+        ModelMeta::path_for(&args.out).display(),
+        meta.input.name,
+        meta.output.name,
+        meta.output.dim,
+        &meta.digest[..16],
+        s = meta.input.size
+    );
+    Ok(())
 }
 
 fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
@@ -575,12 +731,32 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         (Some(s), _) => s,
         (None, e) => (e.unwrap_or(10.0) * items as f64 / args.batch_size.max(1) as f64).ceil() as usize,
     };
+    let (arch, image_size, normalization) = match &args.init_onnx {
+        Some(path) => {
+            let size = match args.image_size {
+                Some(s) => s,
+                None => {
+                    let o = ImportOptions { cut: args.cut.clone(), size: None, bgr: args.bgr };
+                    Imported::load(path, &o)?.size
+                }
+            };
+            let norm = (
+                rgb3("mean", args.mean.as_deref(), hmodel::IMAGENET_MEAN)?,
+                rgb3("std", args.std.as_deref(), hmodel::IMAGENET_STD)?,
+            );
+            (Arch::Onnx, size, Some(norm))
+        }
+        None => {
+            let a = args.arch;
+            (a, args.image_size.unwrap_or(if a.is_efficientnet() { a.native_size() } else { 64 }), None)
+        }
+    };
     let cfg = TrainConfig {
         manifest: args.manifest,
         split: args.split,
         loss: args.loss,
-        arch: args.arch,
-        image_size: args.image_size.unwrap_or(if args.arch.is_efficientnet() { args.arch.native_size() } else { 64 }),
+        arch,
+        image_size,
         batch_size: args.batch_size,
         steps,
         optimizer: args.optimizer,
@@ -591,9 +767,13 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         augment: Augment::default(),
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
-        init: args.init.unwrap_or(Init::default_for(args.arch)),
+        init: if args.init_onnx.is_some() { Init::Pretrained } else { args.init.unwrap_or(Init::default_for(arch)) },
         weights: args.weights,
         freeze: args.freeze,
+        init_onnx: args.init_onnx,
+        cut: args.cut,
+        normalization,
+        bgr: args.bgr,
     };
     let hooks = TrainHooks { halt_after: args.halt_after };
     let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &hooks)?;

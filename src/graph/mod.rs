@@ -69,6 +69,7 @@
 //! ```
 
 pub mod autodiff;
+pub mod import;
 pub mod ir;
 pub mod nchwc;
 pub mod nn;

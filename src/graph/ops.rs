@@ -434,6 +434,43 @@ impl Graph {
         Ok(self.push1("Transpose", vec![x], vec![("perm", Attr::Ints(to_i64(perm)))], dt, out))
     }
 
+    /// Transpose as one node even when only size-1 dimensions move ([`Graph::transpose`] writes
+    /// those as a Reshape, which bakes the batch size into a constant).
+    pub fn transpose_node(&mut self, x: Value, perm: &[usize]) -> Result<Value> {
+        let s = self.shape(x).to_vec();
+        let mut seen = vec![false; s.len()];
+        if perm.len() != s.len() || perm.iter().any(|&p| p >= s.len() || std::mem::replace(&mut seen[p], true)) {
+            return Err(shape_err("Transpose", format!("perm {perm:?} is not a permutation of the axes of {s:?}")));
+        }
+        let out: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+        let dt = self.dtype(x);
+        Ok(self.push1("Transpose", vec![x], vec![("perm", Attr::Ints(to_i64(perm)))], dt, out))
+    }
+
+    /// Reshape that keeps dimension 0 (the batch) symbolic: the node's shape constant is
+    /// `[0, rest...]`, so a model written with a dynamic batch still runs at any batch size.
+    /// `rest` may hold one `-1`.
+    pub fn reshape_keep_batch(&mut self, x: Value, rest: &[i64]) -> Result<Value> {
+        let ins = self.shape(x).to_vec();
+        let Some(&b) = ins.first() else {
+            return Err(shape_err("Reshape", "a rank-0 input has no batch dimension"));
+        };
+        let mut shape = vec![b as i64];
+        shape.extend_from_slice(rest);
+        // Resolve (and check) the full shape, then write the batch as 0 ("copy").
+        let probe = self.reshape(x, &shape)?;
+        if probe == x {
+            return Ok(x);
+        }
+        let out = self.shape(probe).to_vec();
+        let mut written = to_i64(&out);
+        written[0] = 0;
+        let s = self.const_i64(&written);
+        let node = self.nodes.len() - 1;
+        self.node_mut(node).inputs[1] = s;
+        Ok(probe)
+    }
+
     /// Joins tensors along `axis`; all other dimensions must agree.
     pub fn concat(&mut self, xs: &[Value], axis: i64) -> Result<Value> {
         let Some(&first) = xs.first() else {
@@ -571,6 +608,19 @@ impl Graph {
         let p = self.const_i64(&to_i64(pads));
         let dt = self.dtype(x);
         Ok(self.push1("Pad", vec![x, p], vec![], dt, out))
+    }
+
+    /// Constant padding with fill value `value` (e.g. `-inf` before a max pool); `pads` as in
+    /// [`Graph::pad`].
+    pub fn pad_value(&mut self, x: Value, pads: &[usize], value: f64) -> Result<Value> {
+        if value == 0.0 {
+            return self.pad(x, pads);
+        }
+        let y = self.pad(x, pads)?;
+        let fill = self.scalar_like(x, value);
+        let node = self.nodes.len() - 1;
+        self.node_mut(node).inputs.push(fill);
+        Ok(y)
     }
 
     /// `data` with `updates` written (or, with `add`, accumulated) at `indices` along `axis`.

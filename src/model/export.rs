@@ -78,8 +78,8 @@ pub fn export(
         input: InputMeta {
             name: "images".into(),
             size: cfg.image_size as u32,
-            mean: cfg.arch.normalization().0,
-            std: cfg.arch.normalization().1,
+            mean: cfg.normalization().0,
+            std: cfg.normalization().1,
         },
         output: OutputMeta { name: "embeddings".into(), dim: cfg.embed_dim },
         digest,

@@ -17,9 +17,11 @@
 //! (`_conv_stem.weight`, `_blocks.3._depthwise_conv.weight`, ...); the head is `head.fc1.*`,
 //! `head.fc2.*`; parameters a loss adds must start with [`LOSS_PREFIX`] so export leaves them out.
 
+pub mod describe;
 pub mod efficientnet;
 mod export;
 mod head;
+pub mod imported;
 mod net;
 pub mod pretrained;
 pub mod pth;
@@ -64,6 +66,11 @@ pub enum Arch {
     #[value(name = "efficientnet-lite2")]
     #[serde(rename = "efficientnet-lite2")]
     EfficientnetLite2,
+    /// A backbone imported from an ONNX file (`train --init-onnx`); its layers, feature width and
+    /// preprocessing come from [`ModelConfig::imported`].
+    #[value(skip)]
+    #[serde(rename = "onnx")]
+    Onnx,
 }
 
 /// Every architecture, in CLI order.
@@ -86,15 +93,18 @@ impl Arch {
             Arch::EfficientnetLite0 => "efficientnet-lite0",
             Arch::EfficientnetLite1 => "efficientnet-lite1",
             Arch::EfficientnetLite2 => "efficientnet-lite2",
+            Arch::Onnx => "onnx",
         }
     }
 
-    /// Width of the pooled backbone feature (the head's input).
+    /// Width of the pooled backbone feature (the head's input); 0 for [`Arch::Onnx`], whose
+    /// width is the imported model's ([`ModelConfig::feature_dim`]).
     pub fn feature_dim(self) -> usize {
         match self {
             Arch::ResnetMini => 128,
             Arch::Resnet18 => 512,
             Arch::Resnet50 => 2048,
+            Arch::Onnx => 0,
             _ => efficientnet::HEAD,
         }
     }
@@ -103,11 +113,13 @@ impl Arch {
         matches!(self, Arch::EfficientnetLite0 | Arch::EfficientnetLite1 | Arch::EfficientnetLite2)
     }
 
-    /// Units `--freeze N` counts from the input: the stem, each stage, (Lite) the head conv.
+    /// Units `--freeze N` counts from the input: the stem, each stage, (Lite) the head conv;
+    /// for [`Arch::Onnx`] the imported model's weight layers ([`ModelConfig::freeze_units`]).
     pub fn freeze_units(self) -> usize {
         match self {
             Arch::ResnetMini => 4,
             Arch::Resnet18 | Arch::Resnet50 => 5,
+            Arch::Onnx => 0,
             _ => efficientnet::UNITS,
         }
     }
@@ -153,7 +165,7 @@ impl Init {
 }
 
 /// What model to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub arch: Arch,
     /// Side of the square input images in pixels.
@@ -170,6 +182,12 @@ pub struct ModelConfig {
     /// L2-normalised feature itself (`embed_dim` is then the feature width).
     #[serde(default = "yes")]
     pub head: bool,
+    /// The imported ONNX backbone of [`Arch::Onnx`].
+    #[serde(skip)]
+    pub imported: Option<std::sync::Arc<imported::Imported>>,
+    /// Per-channel mean and std on 0..1 pixels when they are not the arch's (imported models).
+    #[serde(default)]
+    pub normalization: Option<([f32; 3], [f32; 3])>,
 }
 
 fn yes() -> bool {
@@ -179,7 +197,33 @@ fn yes() -> bool {
 impl ModelConfig {
     /// A configuration with the paper's 128-d embedding, nothing frozen.
     pub fn new(arch: Arch, image_size: usize, seed: u64) -> ModelConfig {
-        ModelConfig { arch, image_size, embed_dim: 128, seed, freeze: 0, head: true }
+        ModelConfig { arch, image_size, embed_dim: 128, seed, freeze: 0, head: true, imported: None, normalization: None }
+    }
+
+    /// An imported backbone at its import size, normalised with `mean` / `std`, with the
+    /// paper's 128-d head.
+    pub fn imported(m: std::sync::Arc<imported::Imported>, mean: [f32; 3], std: [f32; 3], seed: u64) -> ModelConfig {
+        ModelConfig {
+            image_size: m.size,
+            imported: Some(m),
+            normalization: Some((mean, std)),
+            ..ModelConfig::new(Arch::Onnx, 0, seed)
+        }
+    }
+
+    /// Width of the backbone's pooled feature.
+    pub fn feature_dim(&self) -> usize {
+        self.imported.as_ref().map_or(self.arch.feature_dim(), |m| m.feature_dim)
+    }
+
+    /// How many units `freeze` may count.
+    pub fn freeze_units(&self) -> usize {
+        self.imported.as_ref().map_or(self.arch.freeze_units(), |m| m.units.len())
+    }
+
+    /// Mean and std on 0..1 pixels the model expects.
+    pub fn normalization(&self) -> ([f32; 3], [f32; 3]) {
+        self.normalization.unwrap_or(self.arch.normalization())
     }
 
     /// The pretrained backbone's own normalised pooled feature (no head): the zero-shot model.
@@ -188,8 +232,8 @@ impl ModelConfig {
     }
 
     /// The same backbone with its normalised pooled feature as the embedding (no projection head).
-    pub fn without_head(self) -> ModelConfig {
-        ModelConfig { embed_dim: self.arch.feature_dim(), head: false, ..self }
+    pub fn without_head(&self) -> ModelConfig {
+        ModelConfig { embed_dim: self.feature_dim(), head: false, ..self.clone() }
     }
 }
 

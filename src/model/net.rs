@@ -127,6 +127,35 @@ impl<'g> Net<'g> {
         self.g.input_of(name, kind, DType::F32, shape, Some(t))
     }
 
+    /// A parameter or buffer whose initial value is given (an imported model's initializer):
+    /// a graph input of `kind`, or a constant while frozen.
+    pub fn given(&mut self, name: &str, kind: InputKind, t: Tensor) -> Result<Value> {
+        if self.frozen {
+            return Ok(self.g.constant(t));
+        }
+        let (dt, shape) = (t.dtype(), t.shape().to_vec());
+        self.g.input_of(name, kind, dt, &shape, Some(t))
+    }
+
+    /// BatchNorm over channels with given scale, bias and running statistics (already made by
+    /// [`Net::given`] or as constants): training form (statistics fed back) unless frozen or in
+    /// inference mode.
+    pub fn bn_with(&mut self, x: Value, [gamma, beta, rm, rv]: [Value; 4], o: BatchNorm) -> Result<Value> {
+        let mode = if self.frozen { Mode::Infer } else { self.mode };
+        match mode {
+            Mode::Train(lowering) => {
+                let out = match lowering {
+                    BatchNormLowering::Fused => self.g.batch_norm_train_fused(x, gamma, beta, rm, rv, o)?,
+                    BatchNormLowering::Composed => self.g.batch_norm_train(x, gamma, beta, rm, rv, o)?,
+                };
+                self.g.feed_back(rm, out.running_mean)?;
+                self.g.feed_back(rv, out.running_var)?;
+                Ok(out.y)
+            }
+            Mode::Infer => self.g.batch_norm_infer(x, gamma, beta, rm, rv, o.eps as f32),
+        }
+    }
+
     /// Conv without bias, weight `{name}.weight` `[cout, cin, k, k]`, Kaiming-normal
     /// (fan_out, ReLU gain: std = sqrt(2 / (cout·k·k))), as torchvision's ResNet.
     pub fn conv(&mut self, x: Value, name: &str, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Value> {
@@ -160,19 +189,7 @@ impl<'g> Net<'g> {
         let rm = self.state(&format!("{name}.running_mean"), InputKind::Buffer, &[c], || vec![0.0; c])?;
         let rv = self.state(&format!("{name}.running_var"), InputKind::Buffer, &[c], || vec![1.0; c])?;
         let o = self.bn;
-        let mode = if self.frozen { Mode::Infer } else { self.mode };
-        match mode {
-            Mode::Train(lowering) => {
-                let out = match lowering {
-                    BatchNormLowering::Fused => self.g.batch_norm_train_fused(x, gamma, beta, rm, rv, o)?,
-                    BatchNormLowering::Composed => self.g.batch_norm_train(x, gamma, beta, rm, rv, o)?,
-                };
-                self.g.feed_back(rm, out.running_mean)?;
-                self.g.feed_back(rv, out.running_var)?;
-                Ok(out.y)
-            }
-            Mode::Infer => self.g.batch_norm_infer(x, gamma, beta, rm, rv, o.eps as f32),
-        }
+        self.bn_with(x, [gamma, beta, rm, rv], o)
     }
 
     /// `relu(bn(conv(x)))`.

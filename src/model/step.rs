@@ -78,29 +78,35 @@ impl StepGraph {
 
 fn check_config(cfg: &ModelConfig) -> Result<()> {
     let min = match cfg.arch {
-        super::Arch::ResnetMini => 8,
+        super::Arch::ResnetMini | super::Arch::Onnx => 8,
         _ => 32,
     };
-    if cfg.freeze > cfg.arch.freeze_units() {
+    if cfg.arch == super::Arch::Onnx && cfg.imported.is_none() {
+        return Err(Error::InvalidArgument { name: "arch", reason: "`onnx` needs an imported model".into() });
+    }
+    if let Some(m) = &cfg.imported
+        && m.size != cfg.image_size
+    {
         return Err(Error::InvalidArgument {
-            name: "freeze",
-            reason: format!(
-                "{} has {} units to freeze (stem, stages{}), got {}",
-                cfg.arch,
-                cfg.arch.freeze_units(),
-                if cfg.arch.is_efficientnet() { ", head conv" } else { "" },
-                cfg.freeze
-            ),
+            name: "image_size",
+            reason: format!("{} was imported at {} pixels, not {}", m.path().display(), m.size, cfg.image_size),
         });
     }
-    if !cfg.head && cfg.embed_dim != cfg.arch.feature_dim() {
+    if cfg.freeze > cfg.freeze_units() {
+        let units = match cfg.arch {
+            super::Arch::Onnx => " weight layers (Conv, Gemm, MatMul; `hiercon import` lists them)",
+            a if a.is_efficientnet() => " units to freeze (stem, stages, head conv)",
+            _ => " units to freeze (stem, stages)",
+        };
+        return Err(Error::InvalidArgument {
+            name: "freeze",
+            reason: format!("{} has {}{units}, got {}", cfg.arch, cfg.freeze_units(), cfg.freeze),
+        });
+    }
+    if !cfg.head && cfg.embed_dim != cfg.feature_dim() {
         return Err(Error::InvalidArgument {
             name: "embed_dim",
-            reason: format!(
-                "without a head the embedding is the {}-d feature, not {}",
-                cfg.arch.feature_dim(),
-                cfg.embed_dim
-            ),
+            reason: format!("without a head the embedding is the {}-d feature, not {}", cfg.feature_dim(), cfg.embed_dim),
         });
     }
     if cfg.image_size < min {
@@ -117,6 +123,9 @@ fn check_config(cfg: &ModelConfig) -> Result<()> {
 
 /// The arch's backbone with its BatchNorm settings, `cfg.freeze` units frozen.
 fn backbone(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
+    if let Some(m) = &cfg.imported {
+        return m.replay(net, images, cfg.freeze);
+    }
     if cfg.arch.is_efficientnet() {
         net.set_batch_norm(crate::graph::BatchNorm { eps: efficientnet::BN_EPS, momentum: efficientnet::BN_MOMENTUM });
         efficientnet::backbone(net, cfg.arch, images, cfg.freeze)
@@ -180,7 +189,7 @@ pub fn step_graph(
         report: train.report.clone(),
         graph: g,
         train,
-        config: *cfg,
+        config: cfg.clone(),
         n,
         k,
         levels: parts.level_losses.len(),
@@ -218,7 +227,7 @@ fn forward_graph(
     output: &str,
     body: fn(&mut Net, &ModelConfig, Value) -> Result<Value>,
 ) -> Result<Graph> {
-    let cfg = ModelConfig { freeze: 0, ..*cfg };
+    let cfg = ModelConfig { freeze: 0, ..cfg.clone() };
     check_config(&cfg)?;
     let mut g = Graph::new();
     let s = cfg.image_size;
@@ -298,7 +307,7 @@ pub(crate) mod tests {
             assert_ne!(after, &state[name], "{name} did not move");
         }
         // Everything frozen is refused.
-        let all = ModelConfig { freeze: 9, head: false, embed_dim: 1280, ..cfg };
+        let all = ModelConfig { freeze: 9, head: false, embed_dim: 1280, ..cfg.clone() };
         let e = step_graph(&all, None, 2, 2, &opt, &GradOptions::default(), test_loss).unwrap_err();
         assert!(e.to_string().contains("nothing to train"), "{e}");
         let e = step_graph(&ModelConfig { freeze: 10, ..cfg }, None, 2, 2, &opt, &GradOptions::default(), test_loss)

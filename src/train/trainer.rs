@@ -15,6 +15,7 @@
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::{Array2, Array4, Axis};
@@ -32,6 +33,7 @@ use crate::catalogue::{Labels, Manifest, Split};
 use crate::graph::{AdamW, GradOptions, Optimizer, Sgd, Tensor};
 use crate::image::{Augment, Limits, Preprocess, augment, decode_file};
 use crate::loss::LossOptions;
+use crate::model::imported::{ImportOptions, Imported};
 use crate::model::{self, Arch, Init, ModelConfig, Weights};
 use crate::plot::{LineChart, Series};
 use crate::progress::Progress;
@@ -83,6 +85,19 @@ pub struct TrainConfig {
     /// BatchNorm in inference form.
     #[serde(default)]
     pub freeze: usize,
+    /// An imported ONNX backbone (`--init-onnx`, with `arch` = `onnx`): its weights are the
+    /// start and `freeze` counts its weight layers.
+    #[serde(default)]
+    pub init_onnx: Option<PathBuf>,
+    /// Where the imported model is cut (`--cut`); `None` finds the input of its classifier.
+    #[serde(default)]
+    pub cut: Option<String>,
+    /// Per-channel mean and std on 0..1 pixels for an imported model.
+    #[serde(default)]
+    pub normalization: Option<([f32; 3], [f32; 3])>,
+    /// The imported model wants BGR channels.
+    #[serde(default)]
+    pub bgr: bool,
 }
 
 impl TrainConfig {
@@ -128,6 +143,15 @@ impl TrainConfig {
         if self.weights.is_some() && self.init == Init::Random {
             return bad("--weights is a pretrained start: it needs --init pretrained".into());
         }
+        if (self.init_onnx.is_some()) != (self.arch == Arch::Onnx) {
+            return bad("an imported model (--init-onnx) and arch `onnx` go together".into());
+        }
+        if self.init_onnx.is_some() && (self.init == Init::Random || self.weights.is_some()) {
+            return bad("--init-onnx starts from the file's own weights: drop --init random / --weights".into());
+        }
+        if self.init_onnx.is_none() && (self.cut.is_some() || self.normalization.is_some() || self.bgr) {
+            return bad("--cut, --mean, --std and --bgr apply to an imported model: they need --init-onnx".into());
+        }
         self.loss.validate()?;
         self.augment.validate()
     }
@@ -145,8 +169,31 @@ impl TrainConfig {
         Schedule { base: self.lr, warmup: self.warmup.min(self.steps.saturating_sub(1)), total: self.steps }
     }
 
-    fn model(&self) -> ModelConfig {
-        ModelConfig { freeze: self.freeze, ..ModelConfig::new(self.arch, self.image_size, self.seed) }
+    fn model(&self, imported: Option<Arc<Imported>>) -> ModelConfig {
+        match imported {
+            Some(m) => {
+                let (mean, std) = self.normalization.unwrap_or((model::IMAGENET_MEAN, model::IMAGENET_STD));
+                ModelConfig { freeze: self.freeze, ..ModelConfig::imported(m, mean, std, self.seed) }
+            }
+            None => ModelConfig { freeze: self.freeze, ..ModelConfig::new(self.arch, self.image_size, self.seed) },
+        }
+    }
+
+    /// The imported backbone of `--init-onnx`, read and checked.
+    fn import(&self) -> Result<Option<Arc<Imported>>> {
+        let Some(path) = &self.init_onnx else { return Ok(None) };
+        let o = ImportOptions { cut: self.cut.clone(), size: Some(self.image_size), bgr: self.bgr };
+        let m = Imported::load(path, &o)?;
+        tracing::info!(
+            "imported {} ({} nodes up to `{}`, {}; {}-d feature, {} weight layers)",
+            path.display(),
+            m.needed.len(),
+            m.cut,
+            m.cut_reason,
+            m.feature_dim,
+            m.units.len()
+        );
+        Ok(Some(Arc::new(m)))
     }
 
     /// Everything but `steps` must match for a run to be resumed with this configuration.
@@ -274,7 +321,9 @@ pub fn train(
     };
 
     // Pretrained weights: the start of a new run, and on resume the frozen layers' values.
+    let imported = cfg.import()?;
     let pretrained: Option<(Weights, PathBuf, String)> = match cfg.init {
+        _ if imported.is_some() => imported.as_ref().map(|m| (m.weights(), m.path().clone(), m.sha256.clone())),
         Init::Random => None,
         Init::Pretrained => {
             let path = model::pretrained::locate(cfg.arch, cfg.weights.as_deref())?;
@@ -332,11 +381,11 @@ pub fn train(
     }
 
     let images = load_images(&manifest, &items)?;
-    let model_cfg = cfg.model();
+    let model_cfg = cfg.model(imported);
     let loss_opts = cfg.loss.clone();
     let step_graph = model::step_graph(
         &model_cfg,
-        pretrained.as_ref().map(|p| &p.0),
+        pretrained.as_ref().filter(|_| model_cfg.imported.is_none()).map(|p| &p.0),
         cfg.batch_size,
         k,
         &cfg.optimizer(),
@@ -351,7 +400,7 @@ pub fn train(
         tracing::info!("convolutions on ONNX Runtime's NCHWc kernels (block {b})");
     }
     session.set_steps_done(start as u64);
-    let (mean, std) = cfg.arch.normalization();
+    let (mean, std) = model_cfg.normalization();
     let pre = Preprocess { size: cfg.image_size as u32, mean, std };
     let schedule = cfg.schedule();
 
@@ -434,6 +483,9 @@ pub fn train(
             "init": cfg.init,
             "freeze": cfg.freeze,
             "weights": pretrained.as_ref().map(|p| serde_json::json!({"path": p.1, "sha256": p.2})),
+            "imported": model_cfg.imported.as_ref().map(|m| serde_json::json!({
+                "path": m.path(), "sha256": m.sha256, "cut": m.cut, "feature_dim": m.feature_dim,
+            })),
         }),
     );
     extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));

@@ -57,8 +57,10 @@ pub(super) fn rule(g: &mut Graph, node: &Node, gy: Value, need: &[bool]) -> Resu
         "Slice" => slice(g, node, gy, &xs)?,
         "Gather" => gather(g, node, gy, &xs)?,
         "Pad" => {
-            if node.attr("mode").is_some() || node.inputs.len() > 2 {
-                return Err(no_grad(node, "only constant zero padding is differentiated"));
+            // Constant padding (any fill value, e.g. -inf before a max pool): the input's
+            // gradient is the output gradient's centre; the fill value is a constant.
+            if node.attr("mode").is_some() || node.inputs.len() > 3 || (need.len() > 2 && need[2]) {
+                return Err(no_grad(node, "only constant padding with a constant fill value is differentiated"));
             }
             let pads = const_ints(g, node, node.inputs[1])?;
             let r = xs.len();

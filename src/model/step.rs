@@ -76,7 +76,7 @@ impl StepGraph {
     }
 }
 
-fn check_config(cfg: &ModelConfig) -> Result<()> {
+pub(crate) fn check_config(cfg: &ModelConfig) -> Result<()> {
     let min = match cfg.arch {
         super::Arch::ResnetMini | super::Arch::Onnx => 8,
         _ => 32,

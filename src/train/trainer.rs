@@ -322,6 +322,8 @@ pub fn train(
 
     // Pretrained weights: the start of a new run, and on resume the frozen layers' values.
     let imported = cfg.import()?;
+    let model_cfg = cfg.model(imported.clone());
+    model_cfg.validate()?;
     let pretrained: Option<(Weights, PathBuf, String)> = match cfg.init {
         _ if imported.is_some() => imported.as_ref().map(|m| (m.weights(), m.path().clone(), m.sha256.clone())),
         Init::Random => None,
@@ -381,7 +383,6 @@ pub fn train(
     }
 
     let images = load_images(&manifest, &items)?;
-    let model_cfg = cfg.model(imported);
     let loss_opts = cfg.loss.clone();
     let step_graph = model::step_graph(
         &model_cfg,

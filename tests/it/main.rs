@@ -4,6 +4,7 @@
 mod catalogue;
 mod eval;
 mod http;
+mod imported;
 mod index;
 mod loss;
 mod pretrained;

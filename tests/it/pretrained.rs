@@ -19,7 +19,7 @@ use hiercon::runtime::RuntimeOptions;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-fn root() -> &'static Path {
+pub(crate) fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
@@ -30,7 +30,7 @@ fn weights_file(arch: Arch) -> PathBuf {
 }
 
 /// scikit-learn's two sample photos (a Chinese palace, a dahlia), from the test venv.
-fn photos() -> Vec<PathBuf> {
+pub(crate) fn photos() -> Vec<PathBuf> {
     let out = Command::new(python())
         .args([
             "-c",
@@ -44,7 +44,7 @@ fn photos() -> Vec<PathBuf> {
 }
 
 /// Writes a float32 C-order `.npy` file.
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+pub(crate) fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", dims.join(", "));
     while (10 + header.len() + 1) % 64 != 0 {

@@ -16,9 +16,9 @@ use crate::http::{KEY, corrupt_generation, hit_ids, item, next_generation, png};
 use crate::index::{Catalogue, DIM, encoder};
 
 /// `hiercon serve` on a free loopback port; killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
 }
 
 impl Drop for Server {
@@ -36,7 +36,7 @@ fn spawn_server(index: &Path, extra: &[&str]) -> Server {
 }
 
 /// `hiercon serve --port 0 --index INDEX ARGS` (admin key set), once it printed its address.
-fn spawn_serve(index: &Path, args: &[&str]) -> Server {
+pub(crate) fn spawn_serve(index: &Path, args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
         .args(["serve", "--port", "0", "--index"])
         .arg(index)

@@ -35,6 +35,10 @@ fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
         init: Init::Random,
         weights: None,
         freeze: 0,
+        init_onnx: None,
+        cut: None,
+        normalization: None,
+        bgr: false,
     }
 }
 

@@ -366,7 +366,10 @@ pub(crate) fn read_tensor(t: &TensorProto, dir: &Path) -> std::result::Result<Te
         return Err(format!("negative dimension in {:?}", t.dims));
     }
     let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d).filter(|&v| v <= 1 << 34))
+        .ok_or_else(|| format!("dimensions {:?} are too large", t.dims))?;
     let code = t.data_type.unwrap_or(0);
     let raw = if t.data_location == Some(1) { Some(external_bytes(t, dir)?) } else { t.raw_data.clone() };
     let width = match code {

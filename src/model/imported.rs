@@ -857,7 +857,7 @@ impl Replay<'_, '_, '_> {
         };
         let ws = self.net.g.shape(w).to_vec();
         let xs = self.net.g.shape(x).to_vec();
-        if ws.len() != 4 || xs.len() != 4 {
+        if ws.len() != 4 || xs.len() != 4 || ws.contains(&0) {
             return Err(self.err(unsupported(node, &format!("only 2-D convolutions are supported (weight {ws:?})"))));
         }
         let stride = square(node, "strides", 1).map_err(|r| self.err(r))?;
@@ -919,6 +919,9 @@ impl Replay<'_, '_, '_> {
         let [kh, kw] = k.as_slice() else {
             return Err(self.err(unsupported(node, &format!("kernel_shape {k:?} is not 2-D"))));
         };
+        if *kh < 1 || *kw < 1 {
+            return Err(self.err(unsupported(node, &format!("kernel_shape {k:?} is not positive"))));
+        }
         let (kh, kw) = (*kh as usize, *kw as usize);
         let stride = square(node, "strides", 1).map_err(|r| self.err(r))?;
         let dilation = square(node, "dilations", 1).map_err(|r| self.err(r))?;
@@ -1277,7 +1280,9 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
                 )
             };
             let n = a.shape()[0] as i64;
-            let (s, e, st) = (starts[0], ends[0], steps[0]);
+            let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first()) else {
+                return Err("folding Slice needs starts, ends and steps".into());
+            };
             if st <= 0 {
                 return Err("folding Slice needs a positive step".into());
             }
@@ -1295,7 +1300,10 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
             Tensor::full(dt, &shape, v)
         }
         "Range" => {
-            let (s, l, d) = (need(0)?.to_f64_vec()[0], need(1)?.to_f64_vec()[0], need(2)?.to_f64_vec()[0]);
+            let first = |i: usize| -> std::result::Result<f64, String> {
+                need(i)?.to_f64_vec().first().copied().ok_or_else(|| format!("input {i} is empty"))
+            };
+            let (s, l, d) = (first(0)?, first(1)?, first(2)?);
             let n = if d == 0.0 { 0 } else { ((l - s) / d).ceil().max(0.0) as usize };
             let v: Vec<f64> = (0..n).map(|i| s + i as f64 * d).collect();
             like(ArrayD::from_shape_vec(IxDyn(&[n]), v).expect("1-D"), need(0)?.dtype())

@@ -412,3 +412,78 @@ fn unsupported_models_are_errors_that_name_the_node_and_op() {
     // A feature that is not pooled.
     assert!(err(&p, "y").contains("[N, D] or [N, D, 1, 1]"), "{}", err(&p, "y"));
 }
+
+#[test]
+fn external_data_is_followed_by_import_and_inlined_by_describe() {
+    // The many-op model with its first convolution's weights in a file beside it: the import
+    // reads them (and matches ONNX Runtime), `describe` writes a self-contained copy.
+    let dir = tempfile::tempdir().unwrap();
+    let path = zoo_model(dir.path());
+    let mut proto = ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    let w1 = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("w1")).unwrap();
+    let raw = w1.raw_data.take().unwrap();
+    std::fs::write(dir.path().join("w1.bin"), [vec![7u8; 16], raw.clone()].concat()).unwrap();
+    let kv = |k: &str, v: &str| crate::graph::proto::StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+    w1.data_location = Some(1);
+    w1.external_data = vec![kv("location", "w1.bin"), kv("offset", "16"), kv("length", &raw.len().to_string())];
+    let ext = dir.path().join("zoo-ext.onnx");
+    std::fs::write(&ext, proto.encode_to_vec()).unwrap();
+    let m = Imported::load(&ext, &ImportOptions::default()).unwrap();
+    assert_eq!(m.weights()["w1"].shape(), [8, 3, 3, 3]);
+    let (d, rms) = m.check_against_ort(2).unwrap();
+    assert!(d <= 1e-5 * rms.max(1.0), "{d}");
+    let out = dir.path().join("served/zoo.onnx");
+    let o = crate::model::describe::DescribeOptions {
+        size: None,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        output: None,
+        cut: Some("feat".into()),
+        normalize: true,
+        bgr: false,
+    };
+    let meta = crate::model::describe::describe(&ext, &out, &o).unwrap();
+    assert_eq!((meta.output.dim, meta.input.size), (8, 12));
+    std::fs::remove_file(dir.path().join("w1.bin")).unwrap();
+    let enc = crate::encoder::OrtEncoder::load(&out, &Default::default()).unwrap();
+    use crate::encoder::Encoder;
+    let x = uniform(&mut rng(2), DType::F32, &[2, 3, 12, 12]);
+    let e = enc.embed(x.as_f32().unwrap().view().into_dimensionality().unwrap()).unwrap();
+    for row in e.rows() {
+        assert!((row.dot(&row) - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn damaged_files_are_errors_never_panics() {
+    // 400 seeded mutations of the many-op model (bytes flipped, truncated): every load returns
+    // Ok or an error, none panics.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(zoo_model(dir.path())).unwrap();
+    let mut r = rng(77);
+    let path = dir.path().join("bad.onnx");
+    let (mut ok, mut err) = (0, 0);
+    for i in 0..400 {
+        let mut b = bytes.clone();
+        if i % 4 == 0 {
+            b.truncate(r.random_range(0..b.len()));
+        } else {
+            for _ in 0..r.random_range(1..8) {
+                let at = r.random_range(0..b.len());
+                b[at] = r.random();
+            }
+        }
+        std::fs::write(&path, &b).unwrap();
+        let res = std::panic::catch_unwind(|| Imported::load(&path, &ImportOptions::default()).map(|_| ()));
+        match res {
+            Ok(Ok(())) => ok += 1,
+            Ok(Err(e)) => {
+                assert!(!e.to_string().is_empty());
+                err += 1
+            }
+            Err(_) => panic!("mutation {i} panicked"),
+        }
+    }
+    assert!(err > 100, "most mutations are rejected ({ok} loaded, {err} refused)");
+}

@@ -6,8 +6,11 @@
 //! {"format": "hiercon-model/1", "arch": "resnet-mini",
 //!  "input": {"name": "images", "size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
 //!  "output": {"name": "embeddings", "dim": 128},
-//!  "digest": "<hex sha256 of the parameters>"}
+//!  "digest": "<model_digest: hex sha256 over the .onnx file's initializers>"}
 //! ```
+//!
+//! [`OrtEncoder`] recomputes the digest from the `.onnx` file and refuses a description that
+//! belongs to another model ([`Error::ModelDigestMismatch`]).
 //!
 //! Input is NCHW f32 `[batch, 3, size, size]` (dynamic batch), output `[batch, dim]`. Other fields
 //! are allowed and kept in [`ModelMeta::extra`].
@@ -39,7 +42,8 @@ pub struct ModelMeta {
     pub arch: String,
     pub input: InputMeta,
     pub output: OutputMeta,
-    /// Hex sha256 of the parameters: the model's fingerprint. Embedding caches are keyed by it.
+    /// [`crate::model::model_digest`] of the `.onnx` file (its initializers): the model's
+    /// fingerprint, checked on load. Embedding caches are keyed by it.
     pub digest: String,
     /// Any other fields (training run, loss, ...), kept as they are.
     #[serde(flatten)]
@@ -183,6 +187,16 @@ impl OrtEncoder {
         }
         let meta_path = ModelMeta::path_for(model_path);
         let meta = ModelMeta::read(&meta_path)?;
+        let bytes = std::fs::read(model_path).map_err(|e| Error::io(model_path, e))?;
+        let found = crate::model::model_digest(model_path, &bytes)?;
+        if found != meta.digest {
+            return Err(Error::ModelDigestMismatch {
+                model: model_path.to_path_buf(),
+                meta: meta_path,
+                found,
+                expected: meta.digest.clone(),
+            });
+        }
         let rt = runtime::init()?;
         let mut pool = Vec::with_capacity(sessions);
         for _ in 0..sessions {
@@ -479,9 +493,12 @@ mod tests {
         }
     }
 
+    /// Writes the model and `meta` with the model's real digest.
     fn write_model(dir: &Path, size: u32, w: &Array2<f32>, meta: &ModelMeta) -> PathBuf {
         let path = dir.join("model.onnx");
-        std::fs::write(&path, pooled_projection_model(size as i64, w)).unwrap();
+        let bytes = pooled_projection_model(size as i64, w);
+        std::fs::write(&path, &bytes).unwrap();
+        let meta = ModelMeta { digest: crate::model::model_digest(&path, &bytes).unwrap(), ..meta.clone() };
         meta.write(&ModelMeta::path_for(&path)).unwrap();
         path
     }
@@ -499,7 +516,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write_model(dir.path(), size as u32, &w, &meta(size as u32, dim));
         let enc = OrtEncoder::load(&path, &RuntimeOptions::default()).expect("model loads");
-        assert_eq!((enc.dim(), enc.digest()), (dim, "00ff"));
+        assert_eq!(enc.dim(), dim);
+        assert_eq!(enc.digest().len(), 64, "the real sha256 of the initializers");
         let batch = random_batch(3, size, 1);
         let got = enc.embed(batch.view()).unwrap();
         // Reference in f64: channel means, times w, divided by the norm.
@@ -565,6 +583,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let mut m = meta(8, 4);
             let path = write_model(dir.path(), 8, &w, &m);
+            m.digest = ModelMeta::read(&ModelMeta::path_for(&path)).unwrap().digest;
             edit(&mut m);
             m.write(&ModelMeta::path_for(&path)).unwrap();
             let err = OrtEncoder::load(&path, &RuntimeOptions::default()).expect_err(needle).to_string();
@@ -574,6 +593,25 @@ mod tests {
         let path = dir.path().join("lonely.onnx");
         std::fs::write(&path, pooled_projection_model(8, &w)).unwrap();
         assert!(matches!(OrtEncoder::load(&path, &RuntimeOptions::default()), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn a_description_of_another_model_is_refused_with_what_to_do() {
+        // Two models of the same shape; model A's description beside model B's weights.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (wa, wb) = (
+            Array2::from_shape_fn((3, 4), |_| rng.random_range(-1.0f32..1.0)),
+            Array2::from_shape_fn((3, 4), |_| rng.random_range(-1.0f32..1.0)),
+        );
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = write_model(da.path(), 8, &wa, &meta(8, 4));
+        let b = write_model(db.path(), 8, &wb, &meta(8, 4));
+        assert!(OrtEncoder::load(&a, &RuntimeOptions::default()).is_ok());
+        std::fs::copy(ModelMeta::path_for(&a), ModelMeta::path_for(&b)).unwrap();
+        let err = OrtEncoder::load(&b, &RuntimeOptions::default()).unwrap_err();
+        assert!(matches!(err, Error::ModelDigestMismatch { .. }), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("does not belong to") && text.contains("re-export both"), "{text}");
     }
 
     #[test]

@@ -104,6 +104,15 @@ pub enum Error {
     #[error("ONNX model {path}: {reason}")]
     OnnxImport { path: PathBuf, reason: String },
 
+    /// A model file and a description that are not a pair: the initializers' digest differs.
+    #[error(
+        "{model} does not belong to {meta}: its initializers' digest is {found}, the description says {expected}. \
+         Keep each .onnx with the .json written with it (re-export both: `hiercon train --resume` on the finished \
+         run, `hiercon export`, or `hiercon model describe`; a pair exported before digests covered every \
+         initializer: `hiercon model rehash MODEL.onnx`)"
+    )]
+    ModelDigestMismatch { model: PathBuf, meta: PathBuf, found: String, expected: String },
+
     /// A model's parameter or buffer is missing or does not fit (export, checkpoint restore).
     #[error("model state `{name}`: {reason}")]
     ModelState { name: String, reason: String },

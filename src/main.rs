@@ -236,6 +236,13 @@ enum ModelCommand {
     /// models), the chosen output or inner value flattened (and L2-normalised with
     /// --normalize) as `embeddings`. Runs it once to learn the width.
     Describe(DescribeArgs),
+    /// Record MODEL.onnx's digest (sha256 over its initializers) in MODEL.json: for a pair
+    /// exported before digests covered every initializer. Only for a pair known to belong
+    /// together — the digest is what lets the encoder refuse mismatched files.
+    Rehash {
+        /// The model; its description is the `.json` beside it.
+        model: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -645,6 +652,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrained(cmd) => pretrained(cmd),
         Command::Import(args) => import_model(args),
         Command::Model(ModelCommand::Describe(args)) => describe_model(args),
+        Command::Model(ModelCommand::Rehash { model }) => {
+            let bytes = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
+            let digest = hmodel::model_digest(&model, &bytes)?;
+            let path = ModelMeta::path_for(&model);
+            let mut meta = ModelMeta::read(&path)?;
+            if meta.digest == digest {
+                println!("{}: digest already {}", path.display(), &digest[..16]);
+            } else {
+                println!("{}: digest {} -> {}", path.display(), &meta.digest[..meta.digest.len().min(16)], &digest[..16]);
+                meta.digest = digest;
+                meta.write(&path)?;
+            }
+            Ok(())
+        }
     }
 }
 

@@ -190,10 +190,16 @@ impl Manifest {
     pub fn read_with(path: impl AsRef<Path>, opts: &ReadOptions) -> Result<Manifest> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        Manifest::from_reader(BufReader::new(file), path, opts)
+    }
+
+    /// Parses manifest text from `reader` as if it were the file `path` (which names it in
+    /// errors and anchors relative image paths).
+    pub fn from_reader(reader: impl BufRead, path: &Path, opts: &ReadOptions) -> Result<Manifest> {
         let dir = parent_dir(path);
         let mut checker = Checker::new(&dir, opts.check_images);
         let mut items = Vec::new();
-        for (i, line) in BufReader::new(file).lines().enumerate() {
+        for (i, line) in reader.lines().enumerate() {
             let line_no = i + 1;
             let text = line.map_err(|e| Error::io(path, e))?;
             if text.trim().is_empty() {

@@ -285,7 +285,8 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
             "normalized_in_graph": o.normalize, "bgr": o.bgr, "producer": file.producer, "opset": file.opset,
         }),
     );
-    let digest = crate::model::state_digest(file.initializers.iter().map(|(n, t)| (n.as_str(), t)));
+    let bytes = proto.encode_to_vec();
+    let digest = crate::model::model_digest(out, &bytes)?;
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),
         arch: "onnx".into(),
@@ -297,7 +298,7 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    write_atomic(out, &proto.encode_to_vec())?;
+    write_atomic(out, &bytes)?;
     let text = serde_json::to_string_pretty(&meta).expect("ModelMeta serialises") + "\n";
     write_atomic(&ModelMeta::path_for(out), text.as_bytes())?;
     Ok(meta)

@@ -44,13 +44,21 @@ pub fn state_digest<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>
     hex::encode(h.finalize())
 }
 
+/// The model digest of ONNX model bytes: [`state_digest`] over every initializer of the file, as
+/// [`crate::graph::import`] reads it. `model.json` records it; [`OrtEncoder`](crate::encoder::OrtEncoder)
+/// recomputes it from the `.onnx` file and refuses a pair that disagrees.
+pub fn model_digest(path: &Path, bytes: &[u8]) -> Result<String> {
+    let f = crate::graph::import::OnnxFile::from_bytes(path, bytes)?;
+    Ok(state_digest(f.initializers.iter().map(|(n, t)| (n.as_str(), t))))
+}
+
 /// Writes the inference model of `cfg` with the parameters and buffers in `state` (other entries,
 /// such as optimizer state or loss parameters, are ignored) to `onnx_path`, and its description
 /// to `onnx_path` with extension `.json`. The model has one input `images` f32
 /// `[batch, 3, S, S]` (symbolic batch), normalised with [`IMAGENET_MEAN`] / [`IMAGENET_STD`], and
 /// one output `embeddings` `[batch, embed_dim]` with unit rows. (`cfg.arch`'s own normalisation:
-/// EfficientNet-Lite's weights expect `(x·255 - 127) / 128`, recorded in the description.) `digest` is [`state_digest`] of
-/// the exported tensors; `extra` goes into the description as extra fields.
+/// EfficientNet-Lite's weights expect `(x·255 - 127) / 128`, recorded in the description.) `digest` is [`model_digest`] of
+/// the written file (every initializer: the exported tensors and the graph's constants); `extra` goes into the description as extra fields.
 pub fn export(
     cfg: &ModelConfig,
     state: &BTreeMap<String, Tensor>,
@@ -69,9 +77,10 @@ pub fn export(
         g.set_init(name, t.clone()).map_err(|e| Error::ModelState { name: name.clone(), reason: e.to_string() })?;
         exported.push((name.as_str(), t));
     }
-    let digest = state_digest(exported);
+    drop(exported);
     let opts = WriteOptions { annotate: false, dynamic_batch: true, freeze_state: true, nchwc_block: None };
     let bytes = crate::graph::onnx::to_model_with(&g, "hiercon", opts)?.encode_to_vec();
+    let digest = model_digest(onnx_path, &bytes)?;
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),
         arch: cfg.arch.name().to_string(),

@@ -28,7 +28,7 @@ pub mod pth;
 mod resnet;
 mod step;
 
-pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, state_digest};
+pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, model_digest, state_digest};
 pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.
 #[cfg(test)]

@@ -257,13 +257,15 @@ fn write_pooled_model(dir: &Path, dim: usize) -> std::path::PathBuf {
         ..Default::default()
     };
     let path = dir.join("pooled.onnx");
-    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let bytes = model.encode_to_vec();
+    std::fs::write(&path, &bytes).unwrap();
+    let digest = hiercon::model::model_digest(&path, &bytes).unwrap();
     let meta = ModelMeta {
         format: MODEL_FORMAT.into(),
         arch: "pooled-projection".into(),
         input: InputMeta { name: "images".into(), size: 16, mean: [0.5; 3], std: [0.25; 3] },
         output: OutputMeta { name: "embeddings".into(), dim },
-        digest: "pooled-test-model".into(),
+        digest,
         extra: Default::default(),
     };
     meta.write(&ModelMeta::path_for(&path)).unwrap();
@@ -291,7 +293,8 @@ fn the_binary_serves_with_the_onnx_model_the_index_records() {
     let server = spawn_serve(&c.index_dir(), &["--poll-secs", "0"]);
     let ready: Value =
         serde_json::from_slice(&load::request(server.addr, "GET", "/readyz", &[], b"").unwrap().body).unwrap();
-    assert_eq!(ready["model_digest"], "pooled-test-model");
+    let meta = hiercon::encoder::ModelMeta::read(&hiercon::encoder::ModelMeta::path_for(&model)).unwrap();
+    assert_eq!(ready["model_digest"].as_str(), Some(meta.digest.as_str()));
     for id in ["p1-v0-w1", "p6-v1-w0"] {
         let r = load::request(server.addr, "POST", "/v1/search?k=3", &[("Content-Type", "image/png")], &png(&c, id))
             .unwrap();

@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv foreign paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
+        pyenv foreign fuzz paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -32,6 +32,7 @@ help:
 	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
+	@echo "make fuzz   - the fuzz campaign: 1,000,000 mutated inputs per target (decoder, manifest, upload) -> bench/results/fuzz.json"
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
@@ -186,6 +187,12 @@ LOAD_INDEX    ?= index/emoji
 LOAD_MODEL    ?=
 LOAD_MANIFEST ?= data/emoji/manifest.jsonl
 LOAD_ARGS     ?=
+
+# The seeded mutational fuzz campaign (fuzz/harness.rs); `make test` runs a short version of it.
+FUZZ_INPUTS ?= 1000000
+FUZZ_SEED   ?= 1
+fuzz:
+	$(CARGO) run --locked --release --example fuzz -- --inputs $(FUZZ_INPUTS) --seed $(FUZZ_SEED)
 
 bench-load: ort
 	$(CARGO) build --locked --release

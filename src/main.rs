@@ -660,7 +660,12 @@ fn run(cli: Cli) -> Result<()> {
             if meta.digest == digest {
                 println!("{}: digest already {}", path.display(), &digest[..16]);
             } else {
-                println!("{}: digest {} -> {}", path.display(), &meta.digest[..meta.digest.len().min(16)], &digest[..16]);
+                println!(
+                    "{}: digest {} -> {}",
+                    path.display(),
+                    &meta.digest[..meta.digest.len().min(16)],
+                    &digest[..16]
+                );
                 meta.digest = digest;
                 meta.write(&path)?;
             }

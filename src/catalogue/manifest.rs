@@ -199,9 +199,23 @@ impl Manifest {
         let dir = parent_dir(path);
         let mut checker = Checker::new(&dir, opts.check_images);
         let mut items = Vec::new();
-        for (i, line) in reader.lines().enumerate() {
+        for (i, line) in reader.split(b'\n').enumerate() {
             let line_no = i + 1;
-            let text = line.map_err(|e| Error::io(path, e))?;
+            let bytes = line.map_err(|e| Error::io(path, e))?;
+            // A line that is not UTF-8 is that line's problem, not an unreadable file.
+            let text = match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    let at = e.utf8_error().valid_up_to();
+                    let problem = Problem::Malformed(format!("not valid UTF-8 (byte {} of the line)", at + 1));
+                    checker.issues.push(LineIssue { line: line_no, field: "json", problem });
+                    if checker.issues.len() >= MAX_ISSUES {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let text = text.strip_suffix('\r').unwrap_or(&text).to_string();
             if text.trim().is_empty() {
                 continue;
             }
@@ -489,6 +503,26 @@ mod tests {
         assert!(matches!(issue.problem, Problem::Malformed(_)));
         let issue = only(issues_with_line2("[1, 2]"));
         assert_eq!((issue.line, issue.field), (2, "json"));
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_that_lines_issue() {
+        // Found by the fuzz harness: invalid UTF-8 used to fail the whole read as an I/O error.
+        let good = item("a", "x/y", "p");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/a.png"), b"png").unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let mut bytes = (line(&good) + "\r\n").into_bytes();
+        bytes.extend_from_slice(b"{\"id\": \"b\xff\"}\n");
+        std::fs::write(&path, bytes).unwrap();
+        let Err(Error::Manifest { issues, .. }) = Manifest::read(&path) else { panic!("expected a manifest error") };
+        let issue = only(issues);
+        assert_eq!((issue.line, issue.field), (2, "json"));
+        assert!(
+            matches!(&issue.problem, Problem::Malformed(m) if m.contains("UTF-8") && m.contains("byte 10")),
+            "{issue}"
+        );
     }
 
     #[test]

@@ -221,7 +221,10 @@ impl OnnxFile {
             let names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
             return Err(import_err(
                 &self.path,
-                format!("the model has {} inputs ({names:?}); hiercon imports image models with exactly one", names.len()),
+                format!(
+                    "the model has {} inputs ({names:?}); hiercon imports image models with exactly one",
+                    names.len()
+                ),
             ));
         };
         if input.elem_type != dtype::FLOAT {
@@ -237,7 +240,11 @@ impl OnnxFile {
         if input.dims.len() != 4 {
             return Err(import_err(
                 &self.path,
-                format!("input `{}` has rank {}; an image input is [N, 3, H, W] or [N, H, W, 3]", input.name, input.dims.len()),
+                format!(
+                    "input `{}` has rank {}; an image input is [N, 3, H, W] or [N, H, W, 3]",
+                    input.name,
+                    input.dims.len()
+                ),
             ));
         }
         Ok(input)
@@ -255,7 +262,11 @@ impl OnnxFile {
             return Ok(name.to_string());
         }
         if let Some(n) = self.nodes.iter().find(|n| n.name == name) {
-            return n.outputs.first().cloned().ok_or_else(|| import_err(&self.path, format!("node `{name}` has no outputs")));
+            return n
+                .outputs
+                .first()
+                .cloned()
+                .ok_or_else(|| import_err(&self.path, format!("node `{name}` has no outputs")));
         }
         Err(import_err(&self.path, format!("`{name}` is neither a value nor a node of the graph")))
     }
@@ -331,7 +342,9 @@ fn read_attr(a: &AttributeProto, dir: &Path) -> std::result::Result<Attr, String
         None if a.t.is_some() => Attr::Tensor(read_tensor(a.t.as_ref().expect("checked"), dir)?),
         None if !a.ints.is_empty() => Attr::Ints(a.ints.clone()),
         None if !a.floats.is_empty() => Attr::Floats(a.floats.clone()),
-        other => return Err(format!("attribute type {other:?} is not supported (graphs, sparse tensors, strings lists)")),
+        other => {
+            return Err(format!("attribute type {other:?} is not supported (graphs, sparse tensors, strings lists)"));
+        }
     })
 }
 
@@ -519,7 +532,9 @@ mod tests {
     #[test]
     fn malformed_files_are_errors_that_name_the_problem() {
         let p = Path::new("m.onnx");
-        assert!(OnnxFile::from_bytes(p, b"\xff\xff\xff garbage").unwrap_err().to_string().contains("not an ONNX model"));
+        assert!(
+            OnnxFile::from_bytes(p, b"\xff\xff\xff garbage").unwrap_err().to_string().contains("not an ONNX model")
+        );
         let model = |nodes: Vec<NodeProto>| ModelProto {
             opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
             graph: Some(GraphProto { node: nodes, ..Default::default() }),

@@ -60,7 +60,12 @@ fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 
 fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
@@ -137,7 +142,9 @@ fn derive(
         first = flipped;
     }
     match layout {
-        Layout::Nhwc => nodes.push(node("Transpose", "hiercon.to_nhwc", &[&first], &orig, vec![attr_ints("perm", &[0, 2, 3, 1])])),
+        Layout::Nhwc => {
+            nodes.push(node("Transpose", "hiercon.to_nhwc", &[&first], &orig, vec![attr_ints("perm", &[0, 2, 3, 1])]))
+        }
         Layout::Nchw => nodes.push(node("Identity", "hiercon.input", &[&first], &orig, vec![])),
     }
     nodes.extend(keep.iter().map(|&i| graph.node[i].clone()));
@@ -168,7 +175,13 @@ fn derive(
             ));
             node("ReduceSumSquare", "hiercon.reduce", &[&cur, &axes], &sq, vec![attr_int("keepdims", 1)])
         } else {
-            node("ReduceSumSquare", "hiercon.reduce", &[&cur], &sq, vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)])
+            node(
+                "ReduceSumSquare",
+                "hiercon.reduce",
+                &[&cur],
+                &sq,
+                vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+            )
         };
         nodes.push(reduce);
         initializer.push(crate::graph::onnx::tensor_proto(
@@ -236,7 +249,10 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
     let (layout, fixed) = input_layout(&file)?;
     let size = o.size.or(fixed).unwrap_or(224);
     if fixed.is_some_and(|f| f != size) {
-        return Err(import_err(src, format!("the input is fixed at {0}x{0} pixels; --size {size} does not fit it", fixed.unwrap_or(0))));
+        return Err(import_err(
+            src,
+            format!("the input is fixed at {0}x{0} pixels; --size {size} does not fit it", fixed.unwrap_or(0)),
+        ));
     }
     let (target, what) = match (&o.cut, &o.output) {
         (Some(_), Some(_)) => {
@@ -260,7 +276,9 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
     };
     // Probe: the feature's shape at batch 2.
     let (probe, pin, pout) = with_output(&file, layout, o.bgr, size, &target)?;
-    let x = ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 3, size, size]), |i| ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 / 11.0);
+    let x = ArrayD::from_shape_fn(ndarray::IxDyn(&[2, 3, size, size]), |i| {
+        ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 / 11.0
+    });
     let y = run_bytes(&probe, &pin, &x, &pout)
         .map_err(|e| import_err(src, format!("{what} does not run at batch 2 and {size} px: {e}")))?;
     let flatten = match y.shape() {
@@ -269,7 +287,9 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
         s => {
             return Err(import_err(
                 src,
-                format!("{what} is {s:?} at batch 2: an embedding must be [N, D] or [N, D, 1, 1] (cut after the pooling)"),
+                format!(
+                    "{what} is {s:?} at batch 2: an embedding must be [N, D] or [N, D, 1, 1] (cut after the pooling)"
+                ),
             ));
         }
     };

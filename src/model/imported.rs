@@ -255,11 +255,7 @@ impl Imported {
                 format!("imported at {0}x{0} pixels, the graph feeds images {s:?}", self.size),
             ));
         }
-        let frozen_until = if freeze == 0 {
-            0
-        } else {
-            self.units.get(freeze).copied().unwrap_or(usize::MAX)
-        };
+        let frozen_until = if freeze == 0 { 0 } else { self.units.get(freeze).copied().unwrap_or(usize::MAX) };
         let batch = s[0];
         let mut r = Replay {
             m: self,
@@ -369,6 +365,7 @@ fn find_cut(file: &OnnxFile) -> Result<(String, String)> {
 /// A value during replay: computed by the graph, or known at import time (initializers, folded
 /// shape arithmetic). `probe` is the same value computed for batch + 1.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per value of one import; boxing would buy nothing
 enum Val {
     Live(Value),
     Known { t: Tensor, probe: Tensor },
@@ -716,9 +713,8 @@ impl Replay<'_, '_, '_> {
                 let axes = if opset >= 13 { self.ints_in(node, 1)? } else { node.attr_ints("axes") };
                 let shape = self.g().shape(x).to_vec();
                 let (y, touches_batch) = if op == "Squeeze" {
-                    let axes = axes.unwrap_or_else(|| {
-                        (0..shape.len() as i64).filter(|&i| shape[i as usize] == 1).collect()
-                    });
+                    let axes =
+                        axes.unwrap_or_else(|| (0..shape.len() as i64).filter(|&i| shape[i as usize] == 1).collect());
                     let zero = axes_of(&axes, shape.len()).map_err(|r| self.err(unsupported(node, &r)))?.contains(&0);
                     (self.g().squeeze(x, &axes)?, zero)
                 } else {
@@ -754,7 +750,9 @@ impl Replay<'_, '_, '_> {
                 let x = self.float_in(node, 0)?;
                 let mode = node.attr_str("mode").unwrap_or("constant");
                 if mode != "constant" {
-                    return Err(self.err(unsupported(node, &format!("mode `{mode}`; only constant padding is supported"))));
+                    return Err(
+                        self.err(unsupported(node, &format!("mode `{mode}`; only constant padding is supported")))
+                    );
                 }
                 let (pads, value) = if opset < 11 {
                     (node.attr_ints("pads"), node.attr_float("value", 0.0) as f64)
@@ -785,7 +783,8 @@ impl Replay<'_, '_, '_> {
             }
             "Gather" => {
                 let x = self.float_in(node, 0)?;
-                let idx = self.known(node, 1)?.ok_or_else(|| self.err(unsupported(node, "indices must be constant")))?;
+                let idx =
+                    self.known(node, 1)?.ok_or_else(|| self.err(unsupported(node, "indices must be constant")))?;
                 let idx = self.g().constant(idx.0.cast(DType::I64));
                 let axis = node.attr_int("axis", 0);
                 let bm = self.bm(x) && axis != 0;
@@ -886,7 +885,9 @@ impl Replay<'_, '_, '_> {
         }
         let x = self.float_in(node, 0)?;
         let mut p = [x; 4];
-        for (i, kind) in [InputKind::Param, InputKind::Param, InputKind::Buffer, InputKind::Buffer].into_iter().enumerate() {
+        for (i, kind) in
+            [InputKind::Param, InputKind::Param, InputKind::Buffer, InputKind::Buffer].into_iter().enumerate()
+        {
             let name = node.input(i + 1).unwrap_or_default();
             if !self.is_init(name) {
                 return Err(self.err(unsupported(
@@ -944,7 +945,9 @@ impl Replay<'_, '_, '_> {
                 let need = (out - 1) * stride + kk;
                 if need > span {
                     if node.op == "AveragePool" {
-                        return Err(self.err(unsupported(node, "ceil_mode that adds a partial window is not supported")));
+                        return Err(
+                            self.err(unsupported(node, "ceil_mode that adds a partial window is not supported"))
+                        );
                     }
                     pads[d + 2] += need - span;
                 }
@@ -998,9 +1001,9 @@ impl Replay<'_, '_, '_> {
 
     fn reshape(&mut self, node: &OnnxNode) -> Result<()> {
         let x = self.float_in(node, 0)?;
-        let (t, probe) = self
-            .known(node, 1)?
-            .ok_or_else(|| self.err(unsupported(node, "the target shape is computed from the data and does not fold")))?;
+        let (t, probe) = self.known(node, 1)?.ok_or_else(|| {
+            self.err(unsupported(node, "the target shape is computed from the data and does not fold"))
+        })?;
         if node.attr_int("allowzero", 0) != 0 && t.to_f64_vec().contains(&0.0) {
             return Err(self.err(unsupported(node, "allowzero with a 0 in the shape is not supported")));
         }
@@ -1038,7 +1041,7 @@ impl Replay<'_, '_, '_> {
         Ok(())
     }
 
-    fn slice_args(&self, node: &OnnxNode) -> Result<(Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>)> {
+    fn slice_args(&self, node: &OnnxNode) -> Result<SliceArgs> {
         if self.m.file.opset < 10 {
             let s = node.attr_ints("starts").unwrap_or_default();
             let e = node.attr_ints("ends").unwrap_or_default();
@@ -1073,6 +1076,9 @@ impl Replay<'_, '_, '_> {
         Ok(())
     }
 }
+
+/// Slice's starts, ends, axes and steps.
+type SliceArgs = (Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>);
 
 /// A pair attribute (`strides`, `dilations`) that must have equal entries.
 fn square(node: &OnnxNode, name: &str, default: usize) -> std::result::Result<usize, String> {
@@ -1115,7 +1121,11 @@ fn axes_of(v: &[i64], rank: usize) -> std::result::Result<Vec<usize>, String> {
     v.iter()
         .map(|&a| {
             let r = if a < 0 { a + rank as i64 } else { a };
-            if r < 0 || r >= rank as i64 { Err(format!("axis {a} out of range for rank {rank}")) } else { Ok(r as usize) }
+            if r < 0 || r >= rank as i64 {
+                Err(format!("axis {a} out of range for rank {rank}"))
+            } else {
+                Ok(r as usize)
+            }
         })
         .collect()
 }
@@ -1162,7 +1172,8 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
             let (a, b) = (need(0)?, need(1)?);
             let out = crate::graph::ops::broadcast(op, a.shape(), b.shape()).map_err(|e| e.to_string())?;
             let (fa, fb) = (f64s(a), f64s(b));
-            let (va, vb) = (fa.broadcast(IxDyn(&out)).expect("broadcasts"), fb.broadcast(IxDyn(&out)).expect("broadcasts"));
+            let (va, vb) =
+                (fa.broadcast(IxDyn(&out)).expect("broadcasts"), fb.broadcast(IxDyn(&out)).expect("broadcasts"));
             let int = a.dtype() == DType::I64;
             let r: Vec<f64> = va
                 .iter()
@@ -1219,7 +1230,9 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
                 "Unsqueeze" => {
                     let axes = axes.ok_or("no axes")?;
                     let mut out = s.clone();
-                    for a in axes_of(&axes, s.len() + axes.len())?.into_iter().collect::<std::collections::BTreeSet<_>>() {
+                    for a in
+                        axes_of(&axes, s.len() + axes.len())?.into_iter().collect::<std::collections::BTreeSet<_>>()
+                    {
                         out.insert(a, 1);
                     }
                     out
@@ -1246,7 +1259,7 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
                         .collect();
                     if let Some(i) = target.iter().position(|&d| d == -1) {
                         let known: usize = out.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, &d)| d).product();
-                        out[i] = if known == 0 { 0 } else { n / known };
+                        out[i] = n.checked_div(known).unwrap_or(0);
                     }
                     out
                 }

@@ -197,7 +197,16 @@ fn yes() -> bool {
 impl ModelConfig {
     /// A configuration with the paper's 128-d embedding, nothing frozen.
     pub fn new(arch: Arch, image_size: usize, seed: u64) -> ModelConfig {
-        ModelConfig { arch, image_size, embed_dim: 128, seed, freeze: 0, head: true, imported: None, normalization: None }
+        ModelConfig {
+            arch,
+            image_size,
+            embed_dim: 128,
+            seed,
+            freeze: 0,
+            head: true,
+            imported: None,
+            normalization: None,
+        }
     }
 
     /// An imported backbone at its import size, normalised with `mean` / `std`, with the

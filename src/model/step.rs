@@ -106,7 +106,11 @@ pub(crate) fn check_config(cfg: &ModelConfig) -> Result<()> {
     if !cfg.head && cfg.embed_dim != cfg.feature_dim() {
         return Err(Error::InvalidArgument {
             name: "embed_dim",
-            reason: format!("without a head the embedding is the {}-d feature, not {}", cfg.feature_dim(), cfg.embed_dim),
+            reason: format!(
+                "without a head the embedding is the {}-d feature, not {}",
+                cfg.feature_dim(),
+                cfg.embed_dim
+            ),
         });
     }
     if cfg.image_size < min {

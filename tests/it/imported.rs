@@ -78,7 +78,14 @@ fn reference(value: &str, images: &Tensor, dir: &Path) -> (Vec<usize>, Vec<f32>)
     let r = Command::new(python())
         .arg(root().join("scripts/onnx_value_ref.py"))
         .args(["--model".as_ref(), nsfw().as_os_str(), "--value".as_ref(), value.as_ref()])
-        .args(["--images".as_ref(), inp.as_os_str(), "--out".as_ref(), out.as_os_str(), "--nhwc".as_ref(), "--bgr".as_ref()])
+        .args([
+            "--images".as_ref(),
+            inp.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--nhwc".as_ref(),
+            "--bgr".as_ref(),
+        ])
         .output()
         .unwrap();
     assert!(r.status.success(), "reference failed: {}", String::from_utf8_lossy(&r.stderr));
@@ -110,7 +117,8 @@ fn the_foreign_model_replays_as_python_onnxruntime_runs_it() {
     assert!(d <= 1e-4, "feature: max |diff| {d}");
     assert!(theirs.iter().any(|v| v.abs() > 0.1), "the feature is not trivially small");
     // The whole graph, softmax included.
-    let whole = Imported::load(&nsfw(), &ImportOptions { cut: Some("output".into()), bgr: true, ..Default::default() }).unwrap();
+    let whole = Imported::load(&nsfw(), &ImportOptions { cut: Some("output".into()), bgr: true, ..Default::default() })
+        .unwrap();
     let cfg = ModelConfig::imported(Arc::new(whole), MEAN, STD, 0);
     let g = feature_graph(&cfg, 3, None).unwrap();
     let ours = Runner::cpu(&g).unwrap().run(&[("images", &x)]).unwrap().f32("features").unwrap().clone();
@@ -177,7 +185,15 @@ fn the_foreign_model_fine_tunes_resumes_and_exports() {
     assert!(e.contains("not the file the run started from"), "{e}");
     // And an unsupported freeze count names the layer count.
     let mut cmd = hiercon();
-    cmd.args(["train", "--init-onnx"]).arg(nsfw()).args(["--freeze", "60", "--steps", "1", "--batch-size", "4", "--manifest"]);
+    cmd.args(["train", "--init-onnx"]).arg(nsfw()).args([
+        "--freeze",
+        "60",
+        "--steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--manifest",
+    ]);
     let r = cmd.arg(c.manifest()).arg("--out").arg(c.dir.path().join("runs/x")).output().unwrap();
     let e = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success() && e.contains("53 weight layers"), "{e}");
@@ -232,9 +248,25 @@ fn the_foreign_model_serves_zero_shot_after_describe() {
         assert_eq!(hit_ids(&j)[0], id);
     }
     // Bad requests for describe are clear errors.
-    let out = hiercon().args(["model", "describe"]).arg(nsfw()).args(["--output", "nope", "--out"]).arg(dir.path().join("x.onnx")).output().unwrap();
+    let out = hiercon()
+        .args(["model", "describe"])
+        .arg(nsfw())
+        .args(["--output", "nope", "--out"])
+        .arg(dir.path().join("x.onnx"))
+        .output()
+        .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is not an output"));
-    let out = hiercon().args(["model", "describe"]).arg(nsfw()).args(["--cut", "conv_1/Conv2D__7:0", "--out"]).arg(dir.path().join("x.onnx")).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("[N, D] or [N, D, 1, 1]"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = hiercon()
+        .args(["model", "describe"])
+        .arg(nsfw())
+        .args(["--cut", "conv_1/Conv2D__7:0", "--out"])
+        .arg(dir.path().join("x.onnx"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("[N, D] or [N, D, 1, 1]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = inference_graph;
 }

@@ -3,6 +3,7 @@
 
 mod catalogue;
 mod eval;
+mod fuzz;
 mod http;
 mod imported;
 mod index;

@@ -136,7 +136,11 @@ fn the_imported_step_graph_takes_the_native_training_steps() {
                 losses.push(out.get("loss").unwrap().to_f64_vec()[0]);
                 carried.update(&out).unwrap();
             }
-            assert!((losses[0] - losses[1]).abs() <= 1e-4 * (1.0 + losses[0].abs()), "{} step {step}: {losses:?}", cfg.arch);
+            assert!(
+                (losses[0] - losses[1]).abs() <= 1e-4 * (1.0 + losses[0].abs()),
+                "{} step {step}: {losses:?}",
+                cfg.arch
+            );
         }
         for name in ["head.fc1.weight", "head.fc2.bias"] {
             let (x, y) = (a.1.get(name).unwrap().to_f64_vec(), b.1.get(name).unwrap().to_f64_vec());
@@ -149,13 +153,28 @@ fn the_imported_step_graph_takes_the_native_training_steps() {
 // --- hand-built models ------------------------------------------------------------------------
 
 fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Ints as i32), ints: v.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
 }
 fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Int as i32), i: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
 }
 fn float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), r#type: Some(AttributeType::Float as i32), f: Some(v), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Float as i32),
+        f: Some(v),
+        ..Default::default()
+    }
 }
 fn string(name: &str, v: &str) -> AttributeProto {
     AttributeProto {
@@ -250,7 +269,12 @@ fn zoo_model(dir: &std::path::Path) -> std::path::PathBuf {
         n("Conv", &["t", "w1"], "c1", vec![string("auto_pad", "SAME_UPPER"), ints("strides", &[2, 2])]),
         n("BatchNormalization", &["c1", "bn.s", "bn.b", "bn.m", "bn.v"], "bn", vec![float("epsilon", 1e-3)]),
         n("HardSwish", &["bn"], "hs", vec![]),
-        n("MaxPool", &["hs"], "mp", vec![ints("kernel_shape", &[2, 2]), ints("pads", &[0, 0, 1, 1]), ints("strides", &[1, 1])]),
+        n(
+            "MaxPool",
+            &["hs"],
+            "mp",
+            vec![ints("kernel_shape", &[2, 2]), ints("pads", &[0, 0, 1, 1]), ints("strides", &[1, 1])],
+        ),
         n("AveragePool", &["mp"], "ap", vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])]),
         n("Conv", &["ap", "w2", "b2"], "c2", vec![int("group", 8), ints("pads", &[1, 1, 1, 1])]),
         n("LeakyRelu", &["c2"], "lr", vec![float("alpha", 0.1)]),
@@ -351,7 +375,10 @@ fn gradients_through_imported_ops_match_finite_differences() {
         };
         let fd = (at(1.0) - at(-1.0)) / (2.0 * eps);
         assert!(ad.abs() > 1e-6, "{name}: no gradient reaches it");
-        assert!((ad - fd).abs() <= 3e-2 * ad.abs().max(fd.abs()) + 1e-3, "{name}: autodiff {ad} vs finite difference {fd}");
+        assert!(
+            (ad - fd).abs() <= 3e-2 * ad.abs().max(fd.abs()) + 1e-3,
+            "{name}: autodiff {ad} vs finite difference {fd}"
+        );
     }
 }
 
@@ -369,7 +396,16 @@ fn unsupported_models_are_errors_that_name_the_node_and_op() {
         Imported::load(p, &ImportOptions { cut: Some(cut.into()), ..Default::default() }).unwrap_err().to_string()
     };
     // An op hiercon does not know.
-    let p = write("lrn.onnx", model(13, vec![n("Conv", &["x", "w"], "c", vec![]), n("LRN", &["c"], "y", vec![int("size", 3)])], vec![w.clone()], x(), "y"));
+    let p = write(
+        "lrn.onnx",
+        model(
+            13,
+            vec![n("Conv", &["x", "w"], "c", vec![]), n("LRN", &["c"], "y", vec![int("size", 3)])],
+            vec![w.clone()],
+            x(),
+            "y",
+        ),
+    );
     let e = err(&p, "y");
     assert!(e.contains("node `LRN:y` (LRN)") && e.contains("not supported") && e.contains("Conv"), "{e}");
     // A reshape target computed from the data.
@@ -392,17 +428,33 @@ fn unsupported_models_are_errors_that_name_the_node_and_op() {
     let e = err(&p, "y");
     assert!(e.contains("Cast") && e.contains("not supported"), "{e}");
     // A non-float input.
-    let p = write("int.onnx", model(13, vec![n("Identity", &["x"], "y", vec![])], vec![], info("x", 7, &[-1, 3, 8, 8]), "y"));
+    let p = write(
+        "int.onnx",
+        model(13, vec![n("Identity", &["x"], "y", vec![])], vec![], info("x", 7, &[-1, 3, 8, 8]), "y"),
+    );
     assert!(err(&p, "y").contains("input `x` is int64"), "{}", err(&p, "y"));
     // Weights computed in the graph.
     let p = write(
         "wcalc.onnx",
-        model(13, vec![n("Mul", &["w", "w"], "nw", vec![]), n("Relu", &["x"], "rx", vec![]), n("Conv", &["rx", "nw"], "y", vec![])], vec![w.clone()], x(), "y"),
+        model(
+            13,
+            vec![
+                n("Mul", &["w", "w"], "nw", vec![]),
+                n("Relu", &["x"], "rx", vec![]),
+                n("Conv", &["rx", "nw"], "y", vec![]),
+            ],
+            vec![w.clone()],
+            x(),
+            "y",
+        ),
     );
     let e = err(&p, "y");
     assert!(e.contains("(Conv)") && e.contains("weights computed in the graph"), "{e}");
     // Unequal strides.
-    let p = write("stride.onnx", model(13, vec![n("Conv", &["x", "w"], "y", vec![ints("strides", &[1, 2])])], vec![w.clone()], x(), "y"));
+    let p = write(
+        "stride.onnx",
+        model(13, vec![n("Conv", &["x", "w"], "y", vec![ints("strides", &[1, 2])])], vec![w.clone()], x(), "y"),
+    );
     assert!(err(&p, "y").contains("strides [1, 2]"), "{}", err(&p, "y"));
     // No classifier to find, and a cut that names nothing.
     let p = write("noclf.onnx", model(13, vec![n("Conv", &["x", "w"], "y", vec![])], vec![w], x(), "y"));
@@ -424,7 +476,8 @@ fn external_data_is_followed_by_import_and_inlined_by_describe() {
     let w1 = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("w1")).unwrap();
     let raw = w1.raw_data.take().unwrap();
     std::fs::write(dir.path().join("w1.bin"), [vec![7u8; 16], raw.clone()].concat()).unwrap();
-    let kv = |k: &str, v: &str| crate::graph::proto::StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
+    let kv =
+        |k: &str, v: &str| crate::graph::proto::StringStringEntryProto { key: Some(k.into()), value: Some(v.into()) };
     w1.data_location = Some(1);
     w1.external_data = vec![kv("location", "w1.bin"), kv("offset", "16"), kv("length", &raw.len().to_string())];
     let ext = dir.path().join("zoo-ext.onnx");

@@ -118,7 +118,8 @@ struct TrainArgs {
     weights: Option<PathBuf>,
     /// Keep the first N backbone units frozen (constants, BatchNorm in inference form): the stem,
     /// then each stage (EfficientNet-Lite: stem, 7 block stages, head conv = 9 units; ResNet:
-    /// stem + 4 layers). Needs a pretrained start.
+    /// stem + 4 layers; --init-onnx: the first N weight layers, as `hiercon import` numbers
+    /// them). Needs a pretrained start.
     #[arg(long, default_value_t = 0)]
     freeze: usize,
     /// Side of the square training images, in pixels (default: 64; EfficientNet-Lite: its

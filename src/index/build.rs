@@ -353,8 +353,9 @@ pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
     let name = store::generation_name(n);
     tracing::info!(generation = %name, m = cfg.hnsw.m, ef_construction = cfg.hnsw.ef_construction, "phase: building graph");
     let progress = Progress::new("building graph", records.len() as u64, "items");
-    let hnsw = HnswIndex::build(embeddings.view(), &cfg.hnsw, &progress)?;
+    let mut hnsw = HnswIndex::build(embeddings.view(), &cfg.hnsw, &progress)?;
     progress.finish();
+    let hnsw_orphans = hnsw.find_orphans(embeddings.view(), cfg.ef_search);
     tracing::info!(generation = %name, "phase: writing generation");
     let meta = GenerationMeta {
         format: store::INDEX_FORMAT.into(),
@@ -370,6 +371,7 @@ pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
         ef_search: cfg.ef_search,
         stats,
         files: Default::default(),
+        hnsw_orphans,
     };
     let meta = store::write_generation(&dir, meta, &records, &embeddings, &hnsw)?;
     drop((hnsw, embeddings));

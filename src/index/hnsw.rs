@@ -67,6 +67,8 @@ impl HnswParams {
 const MAX_LAYER: usize = 16;
 /// Rows inserted serially before parallel insertion starts (see [`HnswIndex::build`]).
 const SERIAL_PREFIX: usize = 64;
+/// Hits a row's self-search may return before it counts as not reached (room for identical rows).
+pub const ORPHAN_K: usize = 8;
 /// Rows per insertion chunk (progress granularity; large enough to keep rayon busy).
 const INSERT_CHUNK: usize = 8192;
 
@@ -81,10 +83,19 @@ self_cell::self_cell!(
 );
 
 /// An owning HNSW index over `len` unit vectors of width `dim`; row ids are the HNSW data ids.
+///
+/// Rows the graph does not reach ([`HnswIndex::orphans`], found by [`HnswIndex::find_orphans`]
+/// and recorded in `generation.json`) are kept beside it and scored exactly on every search.
+/// `hnsw_rs` shrinks a node's neighbour list by dropping its farthest entry when a closer point
+/// links in, so an outlier can lose every in-link while keeping its out-links, and then no
+/// search reaches it; an outlier whose in-links come only from points off its search path is
+/// missed the same way. Verification found such rows on the emoji catalogue; serial insertion
+/// shows them too, so they are not the parallel-insertion race.
 pub struct HnswIndex {
     cell: GraphCell,
     len: usize,
     dim: usize,
+    orphans: Vec<(u32, Vec<f32>)>,
 }
 
 impl std::fmt::Debug for HnswIndex {
@@ -118,7 +129,45 @@ impl HnswIndex {
             g.set_searching_mode(true);
             g
         });
-        Ok(HnswIndex { cell, len, dim })
+        Ok(HnswIndex { cell, len, dim, orphans: Vec::new() })
+    }
+
+    /// Rows searched exactly beside the graph (see the type's docs).
+    pub fn orphans(&self) -> Vec<u32> {
+        self.orphans.iter().map(|(r, _)| *r).collect()
+    }
+
+    /// Searches every row of `data` (the indexed vectors) for itself at breadth `ef`; the rows
+    /// the graph does not return among the first [`ORPHAN_K`] become orphans, searched exactly
+    /// from now on. Returns them (for `generation.json`).
+    pub fn find_orphans(&mut self, data: ArrayView2<f32>, ef: usize) -> Vec<u32> {
+        use rayon::prelude::*;
+        let data = data.as_standard_layout();
+        let k = ORPHAN_K.min(self.len);
+        let missed: Vec<u32> = self.cell.with_dependent(|_, g| {
+            (0..data.nrows())
+                .into_par_iter()
+                .filter(|&r| {
+                    let q = data.row(r);
+                    !g.search(q.as_slice().expect("standard layout"), k, ef.max(k)).iter().any(|h| h.d_id == r)
+                })
+                .map(|r| r as u32)
+                .collect()
+        });
+        self.set_orphans(&missed, data.view());
+        if !missed.is_empty() {
+            tracing::info!(rows = missed.len(), "rows the HNSW graph does not reach are searched exactly");
+        }
+        missed
+    }
+
+    /// Marks `rows` of `data` as orphans (as recorded in `generation.json`).
+    pub fn set_orphans(&mut self, rows: &[u32], data: ArrayView2<f32>) {
+        self.orphans = rows
+            .iter()
+            .filter(|&&r| (r as usize) < data.nrows())
+            .map(|&r| (r, data.row(r as usize).to_vec()))
+            .collect();
     }
 
     /// Writes `<basename>.hnsw.graph` and `<basename>.hnsw.data` into `dir` (which must exist;
@@ -159,7 +208,7 @@ impl HnswIndex {
             return Err(corrupt(format!("the graph's vectors have width {data_dim}, expected {dim}")));
         }
         cell.with_dependent_mut(|_, g| g.set_searching_mode(true));
-        Ok(HnswIndex { cell, len, dim })
+        Ok(HnswIndex { cell, len, dim, orphans: Vec::new() })
     }
 }
 
@@ -197,6 +246,12 @@ impl AnnIndex for HnswIndex {
         });
         let mut hits: Vec<Hit> =
             found.into_iter().map(|n| Hit { row: n.d_id as u32, score: 1.0 - n.distance }).collect();
+        // Rows the graph cannot reach, scored exactly (see the type's docs).
+        for (row, v) in &self.orphans {
+            if filter.is_none_or(|f| f(*row)) && !hits.iter().any(|h| h.row == *row) {
+                hits.push(Hit { row: *row, score: super::exact::dot(query, v) });
+            }
+        }
         // hnsw_rs returns by increasing distance; make ties deterministic like the exact scan.
         hits.sort_by(Hit::ranking);
         hits.truncate(k);
@@ -262,6 +317,70 @@ mod tests {
         assert!(matches!(err, Error::IndexCorrupt { .. }), "{err}");
         std::fs::remove_file(dir.path().join("graph.hnsw.graph")).unwrap();
         assert!(HnswIndex::load(dir.path(), "graph", 100, 8).is_err());
+    }
+
+    /// 60 outliers, each in its own direction, inserted among the first points of a tight
+    /// cluster of 3,000: as the cluster fills in, the cluster points' neighbour lists drop the
+    /// outliers (the farthest entries), leaving outliers (and, with few links, some cluster
+    /// points) without in-links.
+    fn outliers_and_cluster() -> (ndarray::Array2<f32>, Vec<u32>) {
+        use rand::{Rng, SeedableRng};
+        let (n_out, n_cluster, d) = (60usize, 3000usize, 16usize);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(21);
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let mut outliers = Vec::new();
+        let unit = |v: Vec<f32>| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        for i in 0..n_cluster + n_out {
+            if i >= 10 && i % 20 == 0 && outliers.len() < n_out {
+                outliers.push(rows.len() as u32);
+                rows.push(unit((0..d).map(|_| r.random_range(-1.0f32..1.0)).collect()));
+            } else {
+                let mut v = vec![0.0f32; d];
+                v[0] = 1.0;
+                v.iter_mut().for_each(|x| *x += r.random_range(-0.05f32..0.05));
+                rows.push(unit(v));
+            }
+        }
+        let flat: Vec<f32> = rows.concat();
+        (ndarray::Array2::from_shape_vec((rows.len(), d), flat).unwrap(), outliers)
+    }
+
+    #[test]
+    fn rows_the_graph_cannot_reach_are_still_found() {
+        // The graph alone does not find some rows (mostly the outliers) searched for themselves;
+        // after `find_orphans` the index finds every row first, also after a dump and a reload
+        // with the recorded orphans. (Without the exact fallback the checks below fail.)
+        let (data, outliers) = outliers_and_cluster();
+        // Few links per node (M = 4) make the effect frequent; the emoji catalogue showed it at
+        // the default M = 16 (1-3 rows of 7,572).
+        let params = HnswParams { m: 4, ef_construction: 32 };
+        let mut idx = HnswIndex::build(data.view(), &params, &Progress::hidden()).unwrap();
+        let missed_before: Vec<u32> = (0..data.nrows() as u32)
+            .filter(|&r| idx.search(data.row(r as usize).as_slice().unwrap(), 3, 64, None)[0].row != r)
+            .collect();
+        let orphans = idx.find_orphans(data.view(), 64);
+        assert!(orphans.iter().filter(|o| outliers.contains(o)).count() >= 10, "outliers are lost: {orphans:?}");
+        assert!(missed_before.iter().all(|r| orphans.contains(r)), "every row a search missed is an orphan");
+        assert!(!missed_before.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        idx.dump(dir.path(), "graph").unwrap();
+        let mut loaded = HnswIndex::load(dir.path(), "graph", data.nrows(), data.ncols()).unwrap();
+        loaded.set_orphans(&orphans, data.view());
+        assert_eq!(loaded.orphans(), orphans);
+        for ix in [&idx, &loaded] {
+            for r in (0..data.nrows() as u32).step_by(7).chain(orphans.iter().copied()) {
+                let hits = ix.search(data.row(r as usize).as_slice().unwrap(), 3, 64, None);
+                assert_eq!(hits[0].row, r, "row {r}");
+                assert!((hits[0].score - 1.0).abs() < 1e-5);
+            }
+        }
+        // A filter applies to them too.
+        let o = orphans[0];
+        let not_o = move |r: u32| r != o;
+        assert!(idx.search(data.row(o as usize).as_slice().unwrap(), 3, 64, Some(&not_o)).iter().all(|h| h.row != o));
     }
 
     #[test]

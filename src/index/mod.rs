@@ -185,6 +185,7 @@ pub(crate) mod testutil {
             ef_search: 64,
             stats: EmbedStats::default(),
             files: Default::default(),
+            hnsw_orphans: Vec::new(),
         }
     }
 

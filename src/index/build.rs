@@ -2,14 +2,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ndarray::{Array2, ArrayView1};
+use rand::SeedableRng;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::hnsw::{HnswIndex, HnswParams};
-use super::store::{self, EmbedStats, Generation, GenerationMeta, IndexDir, ItemRecord, ModelInfo};
+use super::store::{self, BuildInfo, BuildPath, EmbedStats, Generation, GenerationMeta, IndexDir, ItemRecord, ModelInfo};
 use super::verify::{self, VerifyConfig, VerifyReport};
 use crate::catalogue::{Item, Manifest, ReadOptions, Split};
 use crate::encoder::Encoder;
@@ -36,6 +37,30 @@ pub struct IndexConfig {
     pub keep: usize,
     pub verify: VerifyConfig,
     pub limits: Limits,
+    /// When the live generation's graph is reused instead of building one from nothing.
+    pub rebuild: RebuildPolicy,
+}
+
+/// When a run reuses the live generation's graph (an *incremental* build: the items kept
+/// keep their nodes, new and changed items are inserted, removed and changed items' old nodes
+/// become tombstones) and when it builds from nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RebuildPolicy {
+    /// Always build from nothing (`--full`).
+    pub full: bool,
+    /// Build from nothing once tombstones would pass this share of the graph's nodes.
+    pub max_tombstones: f64,
+    /// Build from nothing when more than this share of the rows is new.
+    pub max_inserted: f64,
+    /// Reused rows sampled (seeded) for the self-retrieval check of an incremental build,
+    /// besides every inserted row and every orphan.
+    pub self_sample: usize,
+}
+
+impl Default for RebuildPolicy {
+    fn default() -> Self {
+        RebuildPolicy { full: false, max_tombstones: 0.1, max_inserted: 0.3, self_sample: 2000 }
+    }
 }
 
 impl IndexConfig {
@@ -52,6 +77,7 @@ impl IndexConfig {
             keep: 3,
             verify: VerifyConfig::default(),
             limits: Limits::default(),
+            rebuild: RebuildPolicy::default(),
         }
     }
 
@@ -70,6 +96,12 @@ impl IndexConfig {
         if self.verify.recall_k == 0 || !self.verify.min_recall.is_finite() {
             return bad("min-recall", "recall@k needs k >= 1 and a finite threshold");
         }
+        if !(0.0..=1.0).contains(&self.rebuild.max_tombstones) {
+            return bad("max-tombstones", "must be a share between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.rebuild.max_inserted) {
+            return bad("max-new", "must be a share between 0 and 1");
+        }
         Ok(())
     }
 }
@@ -84,6 +116,11 @@ pub struct IndexOutcome {
     pub report: VerifyReport,
     /// Generation directories deleted by `--keep`.
     pub removed: Vec<PathBuf>,
+    /// Which path the build took, and why.
+    pub build: BuildInfo,
+    /// Wall seconds per phase: `embed`, `plan` (loading the live generation), `graph`, `write`,
+    /// `verify+switch` (loading the new generation back, checking it, switching CURRENT).
+    pub seconds: Vec<(&'static str, f64)>,
 }
 
 /// Embeddings of earlier generations made with the same model, by image sha256.
@@ -287,11 +324,11 @@ pub fn embed_items(
 
 /// Loads `dir` back from disk, verifies it and writes `verification.json` there. A generation
 /// that does not load, or fails a check, is an [`Error::IndexVerification`].
-pub fn verify_dir(dir: &Path, cfg: &VerifyConfig) -> Result<VerifyReport> {
+pub fn verify_dir(dir: &Path, cfg: &VerifyConfig, self_rows: Option<&[u32]>) -> Result<VerifyReport> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let g = Generation::load(dir)
         .map_err(|e| Error::IndexVerification { generation: name.clone(), reason: format!("does not load: {e}") })?;
-    let report = verify::verify(&g, cfg);
+    let report = verify::verify(&g, cfg, self_rows);
     if report.passed && report.ef_search != g.meta.ef_search {
         // Serve at the breadth that reached the recall threshold.
         tracing::info!(
@@ -315,10 +352,11 @@ pub fn verify_and_switch(
     dir: &Path,
     cfg: &VerifyConfig,
     keep: usize,
+    self_rows: Option<&[u32]>,
 ) -> Result<(VerifyReport, Vec<PathBuf>)> {
     let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     tracing::info!(generation = %name, "phase: verifying");
-    let report = verify_dir(dir, cfg)?;
+    let report = verify_dir(dir, cfg, self_rows)?;
     tracing::info!(
         generation = %name, recall = report.recall, duplicates = report.duplicate_items,
         "verified; phase: switching CURRENT"
@@ -331,6 +369,18 @@ pub fn verify_and_switch(
     Ok((report, removed))
 }
 
+/// What a run hands to [`write_and_switch`]: the embedded catalogue and where it came from.
+pub struct Embedded {
+    pub manifest: PathBuf,
+    pub image_root: PathBuf,
+    pub model: ModelInfo,
+    pub stats: EmbedStats,
+    /// The items, in row order.
+    pub records: Vec<ItemRecord>,
+    /// Their unit-norm embeddings, one row each.
+    pub embeddings: Array2<f32>,
+}
+
 /// The whole run (see the [module docs](super)).
 #[tracing::instrument(skip(cfg, encoder), fields(out = %cfg.out.display(), digest = %encoder.digest()))]
 pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
@@ -338,6 +388,7 @@ pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
     let root = IndexDir::new(&cfg.out);
     root.create()?;
     let _lock = root.lock()?;
+    let started = Instant::now();
     let items = read_items(cfg)?;
     let manifest = std::path::absolute(&cfg.manifest).map_err(|e| Error::io(&cfg.manifest, e))?;
     let image_root = manifest.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -349,33 +400,212 @@ pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
         return Err(Error::EmptyIndex { reason: format!("none of the {} images could be read", items.len()) });
     }
     drop(cache);
+    let model = ModelInfo { path: cfg.model_path.clone(), digest: encoder.digest().to_string(), dim: encoder.dim() };
+    let embedded = Embedded { manifest, image_root, model, stats, records, embeddings };
+    let mut out = write_and_switch(&root, cfg, embedded)?;
+    out.seconds.insert(0, ("embed", started.elapsed().as_secs_f64() - out.seconds.iter().map(|s| s.1).sum::<f64>()));
+    Ok(out)
+}
+
+/// How the next generation's graph is made (see [`RebuildPolicy`]).
+enum Plan {
+    Full { reason: String },
+    Incremental { prev: Box<Generation>, keep: Vec<Option<u32>>, inserted: usize, tombstones: usize, reason: String },
+}
+
+/// Decides between a full and an incremental build against the live generation.
+fn plan(root: &IndexDir, cfg: &IndexConfig, e: &Embedded) -> Plan {
+    let full = |reason: String| Plan::Full { reason };
+    let policy = &cfg.rebuild;
+    if policy.full {
+        return full("--full was given".into());
+    }
+    let live = match root.current() {
+        Ok(Some(name)) => name,
+        Ok(None) => return full("there is no live generation to reuse".into()),
+        Err(err) => return full(format!("CURRENT cannot be read ({err})")),
+    };
+    let prev = match Generation::load(&root.root.join(&live)) {
+        Ok(g) => g,
+        Err(err) => return full(format!("the live generation {live} does not load ({err})")),
+    };
+    if prev.meta.model.digest != e.model.digest || prev.meta.dim != e.embeddings.ncols() {
+        return full(format!("the model differs from the one {live} was embedded with"));
+    }
+    if prev.meta.hnsw != cfg.hnsw {
+        return full(format!(
+            "HNSW parameters changed (m {} -> {}, ef-construction {} -> {})",
+            prev.meta.hnsw.m, cfg.hnsw.m, prev.meta.hnsw.ef_construction, cfg.hnsw.ef_construction
+        ));
+    }
+    let node_of = |row: u32| prev.hnsw.node_map().map_or(row, |m| m.node_of()[row as usize]);
+    // A row keeps its node when the live generation has the same item with the same image and
+    // the same vector (the embedding cache guarantees the last; it is checked anyway).
+    let keep: Vec<Option<u32>> = e
+        .records
+        .par_iter()
+        .enumerate()
+        .map(|(r, rec)| {
+            let v = e.embeddings.row(r);
+            let row = prev.row_of(&rec.item.id)?;
+            let same = prev.item(row).sha256 == rec.sha256
+                && prev.exact.vector(row).iter().zip(v.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+            same.then(|| node_of(row))
+        })
+        .collect();
+    let n = keep.len();
+    let reused = keep.iter().flatten().count();
+    let inserted = n - reused;
+    let nodes = prev.hnsw.nodes() + inserted;
+    let tombstones = nodes - n;
+    let (share_new, share_dead) = (inserted as f64 / n as f64, tombstones as f64 / nodes as f64);
+    if share_new > policy.max_inserted {
+        return full(format!(
+            "{inserted} of {n} rows are new or changed ({:.1}%, a full build above {:.0}%)",
+            100.0 * share_new,
+            100.0 * policy.max_inserted
+        ));
+    }
+    if share_dead > policy.max_tombstones {
+        return full(format!(
+            "reusing {live} would leave {tombstones} tombstones ({:.1}% of {nodes} nodes, a full build above {:.0}%)",
+            100.0 * share_dead,
+            100.0 * policy.max_tombstones
+        ));
+    }
+    let reason = format!(
+        "{reused} rows reused from {live}, {inserted} new or changed, {tombstones} tombstones ({:.1}% of {nodes} nodes; a full build above {:.0}%)",
+        100.0 * share_dead,
+        100.0 * policy.max_tombstones
+    );
+    Plan::Incremental { prev: Box::new(prev), keep, inserted, tombstones, reason }
+}
+
+/// Builds the next generation from `e` (fully, or from the live one's graph, see [`plan`]),
+/// writes it, verifies it from disk and switches CURRENT to it. The caller holds the lock.
+pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Result<IndexOutcome> {
+    cfg.validate()?;
+    let mut laps = Laps { clock: Instant::now(), seconds: Vec::new() };
+    let plan = plan(root, cfg, &e);
+    laps.lap("plan");
     let (n, dir) = root.create_next()?;
     let name = store::generation_name(n);
-    tracing::info!(generation = %name, m = cfg.hnsw.m, ef_construction = cfg.hnsw.ef_construction, "phase: building graph");
-    let progress = Progress::new("building graph", records.len() as u64, "items");
-    let mut hnsw = HnswIndex::build(embeddings.view(), &cfg.hnsw, &progress)?;
-    progress.finish();
-    let hnsw_orphans = hnsw.find_orphans(embeddings.view(), cfg.ef_search);
+    let rows = e.records.len();
+    let graph_clock = Instant::now();
+    let progress_label = |what: &str| Progress::new(what, rows as u64, "items");
+    let (hnsw, build, graph_from, self_rows) = match plan {
+        Plan::Full { reason } => {
+            tracing::info!(generation = %name, path = "full", %reason, m = cfg.hnsw.m,
+                ef_construction = cfg.hnsw.ef_construction, "phase: building graph");
+            let progress = progress_label("building graph");
+            let mut hnsw = HnswIndex::build(e.embeddings.view(), &cfg.hnsw, &progress)?;
+            progress.finish();
+            let t = Instant::now();
+            hnsw.find_orphans(e.embeddings.view());
+            let orphan_seconds = t.elapsed().as_secs_f64();
+            let build = BuildInfo {
+                path: BuildPath::Full,
+                reason,
+                from: None,
+                reused: 0,
+                inserted: rows,
+                tombstones: 0,
+                graph_seconds: 0.0,
+                orphan_seconds,
+            };
+            (hnsw, build, None, None)
+        }
+        Plan::Incremental { prev, keep, inserted, tombstones, reason } => {
+            tracing::info!(generation = %name, path = "incremental", %reason, "phase: building graph");
+            let prev = *prev;
+            let prev_dir = prev.dir.clone();
+            let from = prev.name();
+            // Inserting needs hnsw_rs's own form of the graph, which a generation loaded for
+            // serving does not keep: load it again from the live generation's files.
+            let base = if inserted > 0 {
+                HnswIndex::load(
+                    &prev_dir,
+                    store::GRAPH,
+                    prev.hnsw.nodes(),
+                    prev.meta.dim,
+                    prev.hnsw.node_map().cloned(),
+                    true,
+                )?
+                .with_orphans_of(&prev.hnsw)
+            } else {
+                prev.hnsw
+            };
+            let progress = Progress::new("inserting", inserted as u64, "items");
+            let mut hnsw = base.extend(e.embeddings.view(), &keep, &progress)?;
+            progress.finish();
+            let new_rows: Vec<u32> = (0..rows as u32).filter(|&r| keep[r as usize].is_none()).collect();
+            let t = Instant::now();
+            let orphans = hnsw.find_orphans(e.embeddings.view());
+            let orphan_seconds = t.elapsed().as_secs_f64();
+            // Self-retrieval after the build: every inserted row and orphan, and a seeded sample
+            // of the reused rows (their links may have changed where new rows came in).
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.verify.seed ^ 0x5e1f);
+            let reused: Vec<u32> = (0..rows as u32).filter(|&r| keep[r as usize].is_some()).collect();
+            let mut check: Vec<u32> = rand::seq::index::sample(&mut rng, reused.len(), cfg.rebuild.self_sample.min(reused.len()))
+                .into_iter()
+                .map(|i| reused[i])
+                .chain(new_rows)
+                .chain(orphans)
+                .collect();
+            check.sort_unstable();
+            check.dedup();
+            let build = BuildInfo {
+                path: BuildPath::Incremental,
+                reason,
+                from: Some(from),
+                reused: rows - inserted,
+                inserted,
+                tombstones,
+                graph_seconds: 0.0,
+                orphan_seconds,
+            };
+            (hnsw, build, (inserted == 0).then_some(prev_dir), Some(check))
+        }
+    };
+    let build = BuildInfo { graph_seconds: graph_clock.elapsed().as_secs_f64(), ..build };
+    laps.lap("graph");
     tracing::info!(generation = %name, "phase: writing generation");
     let meta = GenerationMeta {
         format: store::INDEX_FORMAT.into(),
         generation: n,
         created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        manifest,
-        image_root,
+        manifest: e.manifest,
+        image_root: e.image_root,
         split: cfg.split,
-        model: ModelInfo { path: cfg.model_path.clone(), digest: encoder.digest().to_string(), dim: encoder.dim() },
+        model: e.model,
         count: 0,
         dim: 0,
         hnsw: cfg.hnsw,
         ef_search: cfg.ef_search,
-        stats,
+        stats: e.stats,
         files: Default::default(),
-        hnsw_orphans,
+        hnsw_orphans: hnsw.orphans(),
+        hnsw_nodes: None,
+        build: Some(build.clone()),
     };
-    let meta = store::write_generation(&dir, meta, &records, &embeddings, &hnsw)?;
-    drop((hnsw, embeddings));
-    let (report, removed) = verify_and_switch(&root, &dir, &cfg.verify, cfg.keep)?;
-    tracing::info!(generation = %name, items = meta.count, "live");
-    Ok(IndexOutcome { generation: name, dir, count: meta.count, stats, report, removed })
+    let meta = store::write_generation(&dir, meta, &e.records, &e.embeddings, &hnsw, graph_from.as_deref())?;
+    drop((hnsw, e.embeddings));
+    laps.lap("write");
+    let (report, removed) = verify_and_switch(root, &dir, &cfg.verify, cfg.keep, self_rows.as_deref())?;
+    laps.lap("verify+switch");
+    tracing::info!(generation = %name, items = meta.count, path = %build.path, "live");
+    Ok(IndexOutcome { generation: name, dir, count: meta.count, stats: meta.stats, report, removed, build, seconds: laps.seconds })
+}
+
+/// Wall seconds per phase.
+struct Laps {
+    clock: Instant,
+    seconds: Vec<(&'static str, f64)>,
+}
+
+impl Laps {
+    fn lap(&mut self, name: &'static str) {
+        self.seconds.push((name, self.clock.elapsed().as_secs_f64()));
+        self.clock = Instant::now();
+    }
 }

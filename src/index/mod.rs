@@ -50,6 +50,7 @@
 //! generation.
 
 pub mod build;
+pub mod compact;
 pub mod exact;
 pub mod filter;
 pub mod hnsw;
@@ -186,6 +187,8 @@ pub(crate) mod testutil {
             stats: EmbedStats::default(),
             files: Default::default(),
             hnsw_orphans: Vec::new(),
+            hnsw_nodes: None,
+            build: None,
         }
     }
 

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use ndarray::Array2;
 use rayon::prelude::*;
@@ -13,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::exact::ExactIndex;
 use super::filter::Labels;
-use super::hnsw::{HnswIndex, HnswParams};
+use super::hnsw::{HnswIndex, HnswParams, NodeMap};
 use crate::catalogue::{Item, Split};
 use crate::{Error, Result};
 
@@ -28,6 +27,8 @@ const EMBEDDINGS: &str = "embeddings.safetensors";
 const EMBEDDINGS_TENSOR: &str = "embeddings";
 /// Basename of the `hnsw_rs` dump inside a generation.
 pub const GRAPH: &str = "graph";
+/// The node map of a reused graph: the row of each node, u32 little-endian, `u32::MAX` for a tombstone.
+const NODES: &str = "graph.nodes";
 /// Written after verification, outside the checksummed set.
 pub const VERIFICATION: &str = "verification.json";
 
@@ -90,6 +91,53 @@ pub struct GenerationMeta {
     /// Rows the HNSW graph does not reach, searched exactly beside it ([`HnswIndex::find_orphans`]).
     #[serde(default)]
     pub hnsw_orphans: Vec<u32>,
+    /// Graph nodes when the graph was reused from an earlier generation (`graph.nodes` maps
+    /// them to rows; the others are tombstones); `None`: one node per row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hnsw_nodes: Option<usize>,
+    /// How this generation was built (absent in generations written before incremental builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildInfo>,
+}
+
+/// How `hiercon index` built a generation, and why that way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildInfo {
+    /// `full` (graph built from nothing) or `incremental` (the live generation's graph reused).
+    pub path: BuildPath,
+    /// Why this path was taken.
+    pub reason: String,
+    /// The generation whose graph was reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Rows whose node (and vector) was reused.
+    pub reused: usize,
+    /// Rows inserted as new nodes.
+    pub inserted: usize,
+    /// Nodes no row uses (removed or changed items), skipped by searches.
+    pub tombstones: usize,
+    /// Seconds spent building or extending the graph (including the orphan search).
+    pub graph_seconds: f64,
+    /// Of which the orphan search ([`HnswIndex::find_orphans`]).
+    #[serde(default)]
+    pub orphan_seconds: f64,
+}
+
+/// See [`BuildInfo::path`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BuildPath {
+    Full,
+    Incremental,
+}
+
+impl std::fmt::Display for BuildPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BuildPath::Full => "full",
+            BuildPath::Incremental => "incremental",
+        })
+    }
 }
 
 impl GenerationMeta {
@@ -172,20 +220,38 @@ fn write_embeddings(path: &Path, emb: &Array2<f32>) -> Result<()> {
 
 /// Writes a complete generation into the (existing, empty) `dir`: data files, each fsynced,
 /// then `generation.json` (with their sizes and sha256) atomically, then fsyncs `dir`.
-/// `meta.files`, `count` and `dim` are filled in here.
+/// `meta.files`, `count`, `dim` and `hnsw_nodes` are filled in here. With `graph_from`, the
+/// graph files are hard-linked (or copied) from that generation instead of dumped: the caller
+/// passes it when `hnsw` is that generation's graph unchanged (no node inserted).
 pub fn write_generation(
     dir: &Path,
     mut meta: GenerationMeta,
     items: &[ItemRecord],
     embeddings: &Array2<f32>,
     hnsw: &HnswIndex,
+    graph_from: Option<&Path>,
 ) -> Result<GenerationMeta> {
     assert_eq!(items.len(), embeddings.nrows());
     write_items(&dir.join(ITEMS), items)?;
     write_embeddings(&dir.join(EMBEDDINGS), embeddings)?;
-    hnsw.dump(dir, GRAPH)?;
-    let names =
-        [ITEMS.to_string(), EMBEDDINGS.to_string(), format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
+    let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
+    match graph_from {
+        Some(from) => {
+            for f in &graph_files {
+                link_or_copy(&from.join(f), &dir.join(f))?;
+            }
+        }
+        None => hnsw.dump(dir, GRAPH)?,
+    }
+    let mut names = vec![ITEMS.to_string(), EMBEDDINGS.to_string(), graph_files[0].clone(), graph_files[1].clone()];
+    meta.hnsw_nodes = None;
+    if let Some(map) = hnsw.node_map() {
+        let bytes: Vec<u8> = map.row_of().iter().flat_map(|r| r.to_le_bytes()).collect();
+        let path = dir.join(NODES);
+        fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+        names.push(NODES.to_string());
+        meta.hnsw_nodes = Some(map.nodes());
+    }
     let infos: Vec<(String, FileInfo)> = names
         .par_iter()
         .map(|n| {
@@ -200,6 +266,24 @@ pub fn write_generation(
     sync_dir(dir)?;
     write_meta(dir, &meta)?;
     Ok(meta)
+}
+
+/// A hard link of `from` at `to` (generation files are never modified once written, so two
+/// generations may share them), or a copy where the file system has no hard links.
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    if fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    fs::copy(from, to).map(|_| ()).map_err(|e| Error::io(from, e))
+}
+
+fn read_nodes(path: &Path, nodes: usize, rows: usize) -> Result<NodeMap> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.len() != nodes * 4 {
+        return Err(corrupt(path, format!("{} bytes for {nodes} nodes", bytes.len())));
+    }
+    let row_of: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    NodeMap::from_rows(row_of, rows).map_err(|e| corrupt(path, e))
 }
 
 /// Writes `generation.json` of `dir` atomically (the commit marker of a generation).
@@ -298,7 +382,11 @@ impl Generation {
     pub fn load(dir: &Path) -> Result<Self> {
         let meta = read_meta(dir)?;
         let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
-        check_files(dir, &meta, &[ITEMS, EMBEDDINGS, &graph_files[0], &graph_files[1]])?;
+        let mut names = vec![ITEMS, EMBEDDINGS, &graph_files[0], &graph_files[1]];
+        if meta.hnsw_nodes.is_some() {
+            names.push(NODES);
+        }
+        check_files(dir, &meta, &names)?;
         let items = read_items(&dir.join(ITEMS), meta.count)?;
         let mut rows_by_id = HashMap::with_capacity(items.len());
         for (row, it) in items.iter().enumerate() {
@@ -307,15 +395,31 @@ impl Generation {
             }
         }
         let emb = read_embeddings(&dir.join(EMBEDDINGS), meta.count, meta.dim)?;
-        let mut hnsw = HnswIndex::load(dir, GRAPH, meta.count, meta.dim)?;
+        let map = match meta.hnsw_nodes {
+            Some(nodes) => Some(read_nodes(&dir.join(NODES), nodes, meta.count)?),
+            None => None,
+        };
+        let mut hnsw = HnswIndex::load(dir, GRAPH, meta.hnsw_nodes.unwrap_or(meta.count), meta.dim, map, false)?;
         if let Some(&bad) = meta.hnsw_orphans.iter().find(|&&r| r as usize >= meta.count) {
             return Err(corrupt(&dir.join(META), format!("orphan row {bad} is past the {} items", meta.count)));
         }
         hnsw.set_orphans(&meta.hnsw_orphans, emb.view());
+        // The vectors are held once, the graph's; the embeddings file must hold the same bits.
+        let exact = hnsw.exact();
+        let differs = (0..meta.count).into_par_iter().find_any(|&r| {
+            exact.vector(r as u32).iter().zip(emb.row(r).iter()).any(|(a, b)| a.to_bits() != b.to_bits())
+        });
+        if let Some(r) = differs {
+            return Err(corrupt(
+                &dir.join(EMBEDDINGS),
+                format!("row {r}'s vector differs from the graph's (the graph and the embeddings are not of one build)"),
+            ));
+        }
+        drop(emb);
         let labels = Labels::new(&items);
         Ok(Generation {
             dir: dir.to_path_buf(),
-            exact: ExactIndex::new(Arc::new(emb)),
+            exact,
             meta,
             items,
             hnsw,
@@ -471,7 +575,7 @@ mod tests {
         let emb = random_unit_rows(count, 8, n);
         let items: Vec<_> = (0..count).map(item).collect();
         let h = HnswIndex::build(emb.view(), &HnswParams::default(), &Progress::hidden()).unwrap();
-        write_generation(&dir, meta(n), &items, &emb, &h).unwrap();
+        write_generation(&dir, meta(n), &items, &emb, &h, None).unwrap();
         (n, dir)
     }
 
@@ -482,7 +586,7 @@ mod tests {
         let (n, dir) = write_gen(&root, 50);
         let g = Generation::load(&dir).unwrap();
         assert_eq!((g.name(), g.meta.count, g.meta.dim), (format!("gen-{n}"), 50, 8));
-        assert_eq!(g.exact.data().as_ref(), &random_unit_rows(50, 8, n));
+        assert_eq!(g.exact.to_matrix(), random_unit_rows(50, 8, n));
         assert_eq!(g.items[7], item(7));
         assert_eq!(g.row_of("item-7"), Some(7));
         assert_eq!(g.image_path(7), PathBuf::from("/data/img/7.png"));

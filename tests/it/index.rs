@@ -13,7 +13,7 @@ use hiercon::catalogue::{Item, Split};
 use hiercon::encoder::{Encoder, TestEncoder};
 use hiercon::index::build::{self, IndexConfig};
 use hiercon::index::store::{Generation, IndexDir};
-use hiercon::index::{self, Answer};
+use hiercon::index::{self, AnnIndex, Answer};
 use hiercon::search::{Filter, GroupBy, SearchConfig, SearchRequest, Service};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -346,7 +346,7 @@ fn a_failed_verification_leaves_current_untouched() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
     std::fs::write(&data, bytes).unwrap();
-    let err = build::verify_and_switch(&root, &bad, &cfg.verify, 3).unwrap_err();
+    let err = build::verify_and_switch(&root, &bad, &cfg.verify, 3, None).unwrap_err();
     assert!(err.to_string().contains("does not load"), "{err}");
     assert_eq!(current(), "gen-1\n");
     assert_eq!(root.load_current().unwrap().name(), "gen-1");
@@ -445,6 +445,9 @@ fn killing_a_run_at_any_moment_leaves_a_loadable_current() {
         KillAt::After(Duration::from_secs(120)), // runs to completion
     ];
     let mut live = HashSet::new();
+    // Every run after the first changes one image of 601: the incremental path (tested below),
+    // so the kills land in it: while the live graph is loaded, extended, written, verified.
+    let mut incremental_kills = 0;
     for (i, at) in moments.iter().enumerate() {
         // Change one image each time so every run has embedding work to do.
         draw(1000 + i as u64, 0, 7).save(c.image_path("p4-v0-w0")).unwrap();
@@ -454,7 +457,9 @@ fn killing_a_run_at_any_moment_leaves_a_loadable_current() {
             KillAt::Marker(m) => {
                 let mut seen = false;
                 for line in BufReader::new(stderr).lines() {
-                    if line.unwrap().contains(m) {
+                    let line = line.unwrap();
+                    incremental_kills += usize::from(line.contains("incremental"));
+                    if line.contains(m) {
                         seen = true;
                         break;
                     }
@@ -484,6 +489,9 @@ fn killing_a_run_at_any_moment_leaves_a_loadable_current() {
     }
     // Kills after the switch make the new generation live; earlier kills keep the old one.
     assert!(live.len() >= 2, "kills landed in one place only: {live:?}");
+    assert!(incremental_kills >= 3, "the kills after the graph phase began hit incremental runs");
+    let last = IndexDir::new(c.index_dir()).load_current().unwrap();
+    assert_eq!(last.meta.build.as_ref().map(|b| b.path), Some(index::store::BuildPath::Incremental));
     // A complete run afterwards succeeds and cleans up interrupted directories.
     c.items.pop();
     c.write_manifest();
@@ -521,4 +529,85 @@ fn unreadable_images_are_skipped_and_counted() {
     let err = build::run(&c.config(), encoder().as_ref()).unwrap_err();
     assert_eq!(index::exit_code(&err), index::exit::BAD_INPUT, "{err}");
     assert_eq!(IndexDir::new(c.index_dir()).load_current().unwrap().name(), "gen-1");
+}
+
+/// The live generation's graph, reused by the next run when few items changed.
+#[test]
+fn a_small_change_reuses_the_live_graph_and_a_large_one_rebuilds_it() {
+    let mut c = Catalogue::new(12); // 241 items
+    let first = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(first.build.path, index::store::BuildPath::Full);
+    assert!(first.build.reason.contains("no live generation"), "{}", first.build.reason);
+    // Unchanged: the graph files are shared with the live generation (hard links), nothing inserted.
+    let same = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(same.build.path, index::store::BuildPath::Incremental, "{}", same.build.reason);
+    assert_eq!((same.build.inserted, same.build.tombstones, same.build.reused), (0, 0, c.items.len()));
+    assert_eq!(same.build.from.as_deref(), Some("gen-1"));
+    use std::os::unix::fs::MetadataExt;
+    let ino = |d: &std::path::Path| std::fs::metadata(d.join("graph.hnsw.graph")).unwrap().ino();
+    assert_eq!(ino(&first.dir), ino(&same.dir), "the unchanged graph is linked, not rewritten");
+    // One image redrawn, one item removed, two added (one in a new category).
+    draw(700, 0, 1).save(c.image_path("p1-v0-w0")).unwrap();
+    c.items.retain(|i| i.id != "p3-v1-w1");
+    c.add("added-1", "garden/pots", "p500", "v0", draw(701, 0, 2), 0);
+    c.add("added-2", "kitchen/pans", "p501", "v0", draw(702, 1, 3), 0);
+    c.write_manifest();
+    let third = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(third.build.path, index::store::BuildPath::Incremental, "{}", third.build.reason);
+    assert_eq!((third.build.inserted, third.build.tombstones), (3, 2), "{:?}", third.build);
+    assert!(third.build.reason.contains("2 tombstones"), "{}", third.build.reason);
+    assert!(third.report.passed && third.report.self_checked >= 3, "{:?}", third.report);
+    let meta = index::store::read_meta(&third.dir).unwrap();
+    assert_eq!(meta.hnsw_nodes, Some(c.items.len() + 2));
+    assert_eq!(meta.build.as_ref().map(|b| b.path), Some(index::store::BuildPath::Incremental));
+    // Served answers are those of a full build: every item finds itself first, HNSW agrees with
+    // the exact scan, removed items never come back, filters see the new category.
+    let s = service(&c);
+    assert!(s.item("p3-v1-w1").is_none());
+    let g = s.generation();
+    assert_eq!(g.items.len(), c.items.len());
+    for it in &c.items {
+        let r = search(&s, &it.id, &req(5, Filter::default(), None));
+        assert_eq!(r.answered_by, Answer::Approx);
+        assert!(r.hits.iter().all(|h| h.id != "p3-v1-w1"));
+        assert!(r.hits.iter().take(2).any(|h| h.id == it.id), "{} not first: {:?}", it.id, r.hits);
+        let q = g.exact.vector(g.row_of(&it.id).unwrap()).to_vec();
+        let exact = g.exact.search(&q, 5, 0, None);
+        let got: Vec<f32> = r.hits.iter().map(|h| h.score).collect();
+        let want: Vec<f32> = exact.iter().map(|h| h.score).collect();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{}: {got:?} vs exact {want:?}", it.id);
+        }
+    }
+    let bytes = std::fs::read(c.image_path("p1-v0-w0")).unwrap();
+    let r = s.search_image(&bytes, &req(1, Filter::default(), None)).unwrap();
+    assert_eq!(r.hits[0].id, "p1-v0-w0", "the redrawn image's new embedding is served");
+    let kitchen = Filter { category: Some("kitchen".into()), ..Default::default() };
+    let r = search(&s, "p0-v0-w0", &req(3, kitchen, None));
+    assert_eq!(r.hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), vec!["added-2"]);
+    drop((g, s));
+    // --full forces a rebuild; so does a change larger than --max-new.
+    let mut cfg = c.config();
+    cfg.rebuild.full = true;
+    let forced = build::run(&cfg, encoder().as_ref()).unwrap();
+    assert_eq!(forced.build.path, index::store::BuildPath::Full);
+    assert!(forced.build.reason.contains("--full"));
+    assert_eq!(index::store::read_meta(&forced.dir).unwrap().hnsw_nodes, None);
+    for (k, it) in c.items.iter().take(90).enumerate() {
+        draw(800 + k as u64, 0, 5).save(c.dir.path().join(&it.image)).unwrap();
+    }
+    let big = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(big.build.path, index::store::BuildPath::Full);
+    assert!(big.build.reason.contains("new or changed"), "{}", big.build.reason);
+    // Tombstones past --max-tombstones: a full build, which drops them.
+    let next = build::run(&c.config(), encoder().as_ref()).unwrap();
+    assert_eq!(next.build.path, index::store::BuildPath::Incremental);
+    c.items.truncate(c.items.len() - 30);
+    c.write_manifest();
+    let mut cfg = c.config();
+    cfg.rebuild.max_tombstones = 0.05;
+    let rebuilt = build::run(&cfg, encoder().as_ref()).unwrap();
+    assert_eq!(rebuilt.build.path, index::store::BuildPath::Full);
+    assert!(rebuilt.build.reason.contains("tombstones"), "{}", rebuilt.build.reason);
+    assert_eq!(rebuilt.count, c.items.len());
 }

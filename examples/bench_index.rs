@@ -117,7 +117,13 @@ fn config(index: &Path, m: usize, efc: usize) -> IndexConfig {
 fn rss_mib() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let get = |key: &str| {
-        status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse::<f64>().unwrap()
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
             / 1024.0
     };
     (get("VmRSS:"), get("VmHWM:"))
@@ -183,7 +189,8 @@ fn adopt(args: &[String]) -> Value {
     hiercon::index::store::write_meta(&dir, &meta).unwrap();
     let t = Instant::now();
     let cfg = config(&index, meta.hnsw.m, meta.hnsw.ef_construction);
-    let (report, _) = hiercon::index::build::verify_and_switch(&root, &dir, &cfg.verify, cfg.keep, None).expect("verified");
+    let (report, _) =
+        hiercon::index::build::verify_and_switch(&root, &dir, &cfg.verify, cfg.keep, None).expect("verified");
     let verify_s = t.elapsed().as_secs_f64();
     let data: Value = arg(args, "--dir")
         .map(|d| serde_json::from_str(&std::fs::read_to_string(Path::new(&d).join("data.json")).unwrap()).unwrap())
@@ -282,8 +289,15 @@ fn graph_rss(args: &[String]) -> Value {
     let meta = hiercon::index::store::read_meta(&dir).unwrap();
     let (before, _) = rss_mib();
     let t = Instant::now();
-    let h = hiercon::index::HnswIndex::load(&dir, "graph", meta.hnsw_nodes.unwrap_or(meta.count), meta.dim, None, args.iter().any(|a| a == "--hnsw-rs"))
-        .expect("graph loads");
+    let h = hiercon::index::HnswIndex::load(
+        &dir,
+        "graph",
+        meta.hnsw_nodes.unwrap_or(meta.count),
+        meta.dim,
+        None,
+        args.iter().any(|a| a == "--hnsw-rs"),
+    )
+    .expect("graph loads");
     let (after, _) = rss_mib();
     json!({"nodes": h.nodes(), "load_seconds": t.elapsed().as_secs_f64(), "rss_graph_mib": after - before})
 }

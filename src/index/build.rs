@@ -10,7 +10,9 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::hnsw::{HnswIndex, HnswParams};
-use super::store::{self, BuildInfo, BuildPath, EmbedStats, Generation, GenerationMeta, IndexDir, ItemRecord, ModelInfo};
+use super::store::{
+    self, BuildInfo, BuildPath, EmbedStats, Generation, GenerationMeta, IndexDir, ItemRecord, ModelInfo,
+};
 use super::verify::{self, VerifyConfig, VerifyReport};
 use crate::catalogue::{Item, Manifest, ReadOptions, Split};
 use crate::encoder::Encoder;
@@ -493,6 +495,10 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
     let rows = e.records.len();
     let graph_clock = Instant::now();
     let progress_label = |what: &str| Progress::new(what, rows as u64, "items");
+    let prev_ef = match &plan {
+        Plan::Incremental { prev, .. } => Some(prev.meta.ef_search),
+        Plan::Full { .. } => None,
+    };
     let (hnsw, build, graph_from, self_rows) = match plan {
         Plan::Full { reason } => {
             tracing::info!(generation = %name, path = "full", %reason, m = cfg.hnsw.m,
@@ -546,12 +552,13 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
             // of the reused rows (their links may have changed where new rows came in).
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.verify.seed ^ 0x5e1f);
             let reused: Vec<u32> = (0..rows as u32).filter(|&r| keep[r as usize].is_some()).collect();
-            let mut check: Vec<u32> = rand::seq::index::sample(&mut rng, reused.len(), cfg.rebuild.self_sample.min(reused.len()))
-                .into_iter()
-                .map(|i| reused[i])
-                .chain(new_rows)
-                .chain(orphans)
-                .collect();
+            let mut check: Vec<u32> =
+                rand::seq::index::sample(&mut rng, reused.len(), cfg.rebuild.self_sample.min(reused.len()))
+                    .into_iter()
+                    .map(|i| reused[i])
+                    .chain(new_rows)
+                    .chain(orphans)
+                    .collect();
             check.sort_unstable();
             check.dedup();
             let build = BuildInfo {
@@ -568,6 +575,9 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
         }
     };
     let build = BuildInfo { graph_seconds: graph_clock.elapsed().as_secs_f64(), ..build };
+    // Verification widens `ef` from here. A reused graph starts at the breadth the live
+    // generation needed (it only grew by a few rows), which saves re-measuring the narrower ones.
+    let start_ef = cfg.ef_search.max(prev_ef.unwrap_or(0)).min(cfg.verify.max_ef.max(cfg.ef_search));
     laps.lap("graph");
     tracing::info!(generation = %name, "phase: writing generation");
     let meta = GenerationMeta {
@@ -581,7 +591,7 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
         count: 0,
         dim: 0,
         hnsw: cfg.hnsw,
-        ef_search: cfg.ef_search,
+        ef_search: start_ef,
         stats: e.stats,
         files: Default::default(),
         hnsw_orphans: hnsw.orphans(),
@@ -594,7 +604,16 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
     let (report, removed) = verify_and_switch(root, &dir, &cfg.verify, cfg.keep, self_rows.as_deref())?;
     laps.lap("verify+switch");
     tracing::info!(generation = %name, items = meta.count, path = %build.path, "live");
-    Ok(IndexOutcome { generation: name, dir, count: meta.count, stats: meta.stats, report, removed, build, seconds: laps.seconds })
+    Ok(IndexOutcome {
+        generation: name,
+        dir,
+        count: meta.count,
+        stats: meta.stats,
+        report,
+        removed,
+        build,
+        seconds: laps.seconds,
+    })
 }
 
 /// Wall seconds per phase.

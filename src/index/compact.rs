@@ -274,7 +274,7 @@ impl CompactGraph {
                 }
             }
             let mut out: Vec<Scored> = found.into_iter().map(|w| w.0).collect();
-            out.sort_by(|a, b| Best(*b).cmp(&Best(*a)));
+            out.sort_by_key(|s| std::cmp::Reverse(Best(*s)));
             out.truncate(k);
             out
         })

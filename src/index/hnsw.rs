@@ -133,7 +133,8 @@ impl NodeMap {
             if row == TOMBSTONE {
                 continue;
             }
-            let slot = node_of.get_mut(row as usize).ok_or_else(|| format!("node {node} maps to row {row} of {rows}"))?;
+            let slot =
+                node_of.get_mut(row as usize).ok_or_else(|| format!("node {node} maps to row {row} of {rows}"))?;
             if *slot != TOMBSTONE {
                 return Err(format!("nodes {} and {node} both map to row {row}", *slot));
             }
@@ -230,16 +231,14 @@ impl HnswIndex {
             row_of[node] = r as u32;
         }
         // Orphans keep their status on the rows that keep their node.
-        let orphan_nodes: HashSet<u32> = self
-            .orphans
-            .iter()
-            .map(|(r, _)| self.map.as_ref().map_or(*r, |m| m.node_of[*r as usize]))
-            .collect();
+        let orphan_nodes: HashSet<u32> =
+            self.orphans.iter().map(|(r, _)| self.map.as_ref().map_or(*r, |m| m.node_of[*r as usize])).collect();
         if !inserts.is_empty() {
             let Some(cell) = self.cell.as_mut() else {
                 return Err(Error::InvalidArgument {
                     name: "graph",
-                    reason: "this graph was loaded for serving only; load it with its hnsw_rs graph to extend it".into(),
+                    reason: "this graph was loaded for serving only; load it with its hnsw_rs graph to extend it"
+                        .into(),
                 });
             };
             cell.with_dependent_mut(|_, g| {
@@ -250,8 +249,11 @@ impl HnswIndex {
             self.compact = compact_of(cell, row_of.len(), dim, Path::new("(extended graph)"))?;
         }
         let map = NodeMap::from_rows(row_of, rows).map_err(|reason| Error::InvalidArgument { name: "keep", reason })?;
-        let mut orphans: Vec<u32> =
-            orphan_nodes.iter().filter_map(|&n| map.row_of.get(n as usize).copied()).filter(|&r| r != TOMBSTONE).collect();
+        let mut orphans: Vec<u32> = orphan_nodes
+            .iter()
+            .filter_map(|&n| map.row_of.get(n as usize).copied())
+            .filter(|&r| r != TOMBSTONE)
+            .collect();
         orphans.sort_unstable();
         self.len = rows;
         if rows > 0 {
@@ -300,8 +302,7 @@ impl HnswIndex {
     /// ones it cannot reach — and every search then scored them all.)
     pub fn find_orphans(&mut self, data: ArrayView2<f32>) -> Vec<u32> {
         let row = |n: u32| self.map.as_ref().map_or(n, |m| m.row_of[n as usize]);
-        let missed: Vec<u32> =
-            self.compact.unreachable().into_iter().map(row).filter(|&r| r != TOMBSTONE).collect();
+        let missed: Vec<u32> = self.compact.unreachable().into_iter().map(row).filter(|&r| r != TOMBSTONE).collect();
         if !missed.is_empty() {
             tracing::info!(rows = missed.len(), "rows the HNSW graph does not reach are searched exactly");
         }
@@ -381,6 +382,9 @@ impl HnswIndex {
         cell.with_dependent_mut(|_, g| g.set_searching_mode(true));
         let compact = compact_of(&cell, nodes, dim, &dir.join(format!("{basename}.hnsw.graph")))?;
         let cell = keep_graph.then_some(cell);
+        if cell.is_none() {
+            release_freed_memory();
+        }
         let idx = HnswIndex { cell, compact, len: nodes, dim, orphans: Vec::new(), map: None };
         Ok(match map {
             Some(m) => idx.with_map(m),
@@ -393,7 +397,8 @@ impl HnswIndex {
         let hits = match &self.map {
             None => self.compact.search(query, k, ef, filter),
             Some(map) => {
-                let live = |n: u32| map.row_of.get(n as usize).is_some_and(|&r| r != TOMBSTONE && filter.is_none_or(|f| f(r)));
+                let live =
+                    |n: u32| map.row_of.get(n as usize).is_some_and(|&r| r != TOMBSTONE && filter.is_none_or(|f| f(r)));
                 self.compact.search(query, k, ef, Some(&live))
             }
         };
@@ -405,6 +410,24 @@ impl HnswIndex {
     pub fn exact(&self) -> ExactIndex {
         let node_of = self.map.as_ref().map(|m| Arc::from(m.node_of.as_slice()));
         ExactIndex::shared(self.compact.vectors().clone(), node_of)
+    }
+}
+
+/// Hands the memory hnsw_rs's dropped graph occupied back to the system. Its millions of small
+/// allocations are freed on drop, but glibc keeps freed heap pages mapped, so without this a
+/// server's resident memory would stay at the size of hnsw_rs's form (4.4 GiB instead of about
+/// 0.7 GiB for 1M vectors of width 128).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim only returns free heap memory to the system; it takes no
+        // pointers and is safe to call at any time from any thread.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
 
@@ -564,14 +587,18 @@ mod tests {
         let mut idx = HnswIndex::build(data.view(), &params, &Progress::hidden()).unwrap();
         let lost: Vec<u32> = idx.cell.as_ref().unwrap().with_dependent(|_, g| {
             (0..n as u32)
-                .filter(|&r| g.search(data.row(r as usize).as_slice().unwrap(), 3, 256).first().map(|h| h.d_id) != Some(r as usize))
+                .filter(|&r| {
+                    g.search(data.row(r as usize).as_slice().unwrap(), 3, 256).first().map(|h| h.d_id)
+                        != Some(r as usize)
+                })
                 .collect()
         });
         assert!(lost.iter().filter(|r| outliers.contains(r)).count() >= 10, "hnsw_rs loses outliers: {lost:?}");
         let orphans = idx.find_orphans(data.view());
         assert!(orphans.len() < lost.len(), "relinking leaves fewer rows unreachable: {orphans:?}");
-        let found_first =
-            |ix: &HnswIndex, r: u32, ef: usize| ix.search(data.row(r as usize).as_slice().unwrap(), 3, ef, None)[0].row == r;
+        let found_first = |ix: &HnswIndex, r: u32, ef: usize| {
+            ix.search(data.row(r as usize).as_slice().unwrap(), 3, ef, None)[0].row == r
+        };
         let dir = tempfile::tempdir().unwrap();
         idx.dump(dir.path(), "graph").unwrap();
         let mut loaded = HnswIndex::load(dir.path(), "graph", n, data.ncols(), None, false).unwrap();

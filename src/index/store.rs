@@ -412,20 +412,14 @@ impl Generation {
         if let Some(r) = differs {
             return Err(corrupt(
                 &dir.join(EMBEDDINGS),
-                format!("row {r}'s vector differs from the graph's (the graph and the embeddings are not of one build)"),
+                format!(
+                    "row {r}'s vector differs from the graph's (the graph and the embeddings are not of one build)"
+                ),
             ));
         }
         drop(emb);
         let labels = Labels::new(&items);
-        Ok(Generation {
-            dir: dir.to_path_buf(),
-            exact,
-            meta,
-            items,
-            hnsw,
-            labels,
-            rows_by_id,
-        })
+        Ok(Generation { dir: dir.to_path_buf(), exact, meta, items, hnsw, labels, rows_by_id })
     }
 
     /// `gen-<n>`.

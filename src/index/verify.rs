@@ -132,16 +132,28 @@ fn self_check(g: &Generation, row: u32, identical: usize, ef: usize) -> SelfChec
 
 /// Recall@k of HNSW against exact search over `queries` rows (tie-aware, see module docs).
 pub fn recall_at_k(g: &Generation, queries: &[u32], k: usize, ef: usize) -> f64 {
+    recall_against(g, &exact_kth(g, queries, k), queries, k, ef)
+}
+
+/// The exact k-th best score of each query row (computed once, reused at every `ef` tried).
+fn exact_kth(g: &Generation, queries: &[u32], k: usize) -> Vec<f32> {
+    let k = k.min(g.items.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    queries.par_iter().map(|&r| g.exact.search(g.exact.vector(r), k, 0, None)[k - 1].score).collect()
+}
+
+fn recall_against(g: &Generation, kth: &[f32], queries: &[u32], k: usize, ef: usize) -> f64 {
     let k = k.min(g.items.len());
     if k == 0 || queries.is_empty() {
         return 1.0;
     }
     let total: f64 = queries
         .par_iter()
-        .map(|&r| {
+        .zip(kth)
+        .map(|(&r, &kth)| {
             let q = g.exact.vector(r);
-            let exact = g.exact.search(q, k, 0, None);
-            let kth = exact[k - 1].score;
             let approx: Vec<Hit> = g.hnsw.search(q, k, ef, None);
             let good = approx.iter().filter(|h| super::exact::dot(q, g.exact.vector(h.row)) >= kth - TIE_EPS).count();
             good as f64 / k as f64
@@ -159,11 +171,12 @@ pub fn verify(g: &Generation, cfg: &VerifyConfig, self_rows: Option<&[u32]>) -> 
     let sample: Vec<u32> =
         rand::seq::index::sample(&mut rng, n, cfg.recall_sample.min(n)).into_iter().map(|i| i as u32).collect();
     let mut ef = g.meta.ef_search;
-    let mut recall = recall_at_k(g, &sample, cfg.recall_k, ef);
+    let kth = exact_kth(g, &sample, cfg.recall_k);
+    let mut recall = recall_against(g, &kth, &sample, cfg.recall_k, ef);
     let mut ef_tried = vec![(ef, recall)];
     while recall < cfg.min_recall && ef < cfg.max_ef {
         ef = (ef * 2).min(cfg.max_ef);
-        recall = recall_at_k(g, &sample, cfg.recall_k, ef);
+        recall = recall_against(g, &kth, &sample, cfg.recall_k, ef);
         ef_tried.push((ef, recall));
     }
     let identical = identical_counts(g);
@@ -265,8 +278,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let items: Vec<_> = (0..emb.nrows()).map(item).collect();
         let h = HnswIndex::build(graph_data.view(), &params, &Progress::hidden()).unwrap();
-        write_generation(tmp.path(), crate::index::store::GenerationMeta { ef_search, ..meta(1) }, &items, emb, &h, None)
-            .unwrap();
+        write_generation(
+            tmp.path(),
+            crate::index::store::GenerationMeta { ef_search, ..meta(1) },
+            &items,
+            emb,
+            &h,
+            None,
+        )
+        .unwrap();
         let g = Generation::load(tmp.path()).unwrap();
         (tmp, g)
     }

@@ -537,7 +537,6 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
                     prev.hnsw.node_map().cloned(),
                     true,
                 )?
-                .with_orphans_of(&prev.hnsw)
             } else {
                 prev.hnsw
             };

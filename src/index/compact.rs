@@ -14,50 +14,14 @@
 //! best-first beam of width `ef` on layer 0, with a per-thread visited table.
 
 use std::cell::RefCell;
-use std::cmp::Ordering;
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use ndarray::Array2;
 
-use super::exact::dot;
-
-/// A node and its cosine similarity to the query.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Scored {
-    pub node: u32,
-    pub score: f32,
-}
-
-/// Orders by score (then node, for determinism): `BinaryHeap<Best>` pops the best first.
-#[derive(PartialEq)]
-struct Best(Scored);
-impl Eq for Best {}
-impl PartialOrd for Best {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Best {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0.score.total_cmp(&other.0.score).then(other.0.node.cmp(&self.0.node))
-    }
-}
-
-/// The reverse order: `BinaryHeap<Worst>` keeps the worst on top.
-#[derive(PartialEq)]
-struct Worst(Scored);
-impl Eq for Worst {}
-impl PartialOrd for Worst {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Worst {
-    fn cmp(&self, other: &Self) -> Ordering {
-        Best(other.0).cmp(&Best(self.0))
-    }
-}
+use super::Hit;
+use super::exact::{Worst, dot};
 
 /// The nodes a breadth-first walk from `entry` over `links` does not reach, ascending.
 fn unreachable_from<'a>(nodes: usize, entry: u32, links: impl Fn(u32) -> &'a [u32]) -> Vec<u32> {
@@ -206,22 +170,23 @@ impl CompactGraph {
         unreachable_from(self.nodes(), self.entry, |c| self.neighbours(c, 0))
     }
 
-    /// Up to `k` nodes `allow` accepts (all when `None`), best first, from a beam of width
+    /// Up to `k` nodes `allow` accepts (all when `None`), best first (by [`Hit::ranking`]; a
+    /// hit's `row` is a graph node here), from a beam of width
     /// `ef.max(k)`. Rejected nodes are still walked through; a filter that rejects most nodes
     /// makes the search visit most of the graph.
-    pub fn search(&self, q: &[f32], k: usize, ef: usize, allow: Option<&dyn Fn(u32) -> bool>) -> Vec<Scored> {
+    pub fn search(&self, q: &[f32], k: usize, ef: usize, allow: Option<&dyn Fn(u32) -> bool>) -> Vec<Hit> {
         let n = self.nodes();
         if n == 0 || k == 0 {
             return Vec::new();
         }
         let ef = ef.max(k);
-        let score = |node: u32| Scored { node, score: dot(q, self.vector(node)) };
+        let score = |node: u32| Hit { row: node, score: dot(q, self.vector(node)) };
         // Greedy descent through the upper layers.
         let mut cur = score(self.entry);
         for layer in (1..=self.top).rev() {
             loop {
                 let mut moved = false;
-                for &m in self.neighbours(cur.node, layer) {
+                for &m in self.neighbours(cur.row, layer) {
                     let s = score(m);
                     if s.score > cur.score {
                         cur = s;
@@ -244,18 +209,18 @@ impl CompactGraph {
             }
             *stamp += 1;
             let stamp = *stamp;
-            marks[cur.node as usize] = stamp;
+            marks[cur.row as usize] = stamp;
             let mut candidates = BinaryHeap::with_capacity(ef * 2);
             let mut found: BinaryHeap<Worst> = BinaryHeap::with_capacity(ef + 1);
-            candidates.push(Best(cur));
-            if ok(cur.node) {
+            candidates.push(Reverse(Worst(cur)));
+            if ok(cur.row) {
                 found.push(Worst(cur));
             }
-            while let Some(Best(c)) = candidates.pop() {
+            while let Some(Reverse(Worst(c))) = candidates.pop() {
                 if found.len() >= ef && found.peek().is_some_and(|w| c.score < w.0.score) {
                     break;
                 }
-                for &m in self.neighbours(c.node, 0) {
+                for &m in self.neighbours(c.row, 0) {
                     if marks[m as usize] == stamp {
                         continue;
                     }
@@ -263,7 +228,7 @@ impl CompactGraph {
                     let s = score(m);
                     let worst = found.peek().map_or(f32::NEG_INFINITY, |w| w.0.score);
                     if found.len() < ef || s.score > worst {
-                        candidates.push(Best(s));
+                        candidates.push(Reverse(Worst(s)));
                         if ok(m) {
                             found.push(Worst(s));
                             if found.len() > ef {
@@ -273,8 +238,8 @@ impl CompactGraph {
                     }
                 }
             }
-            let mut out: Vec<Scored> = found.into_iter().map(|w| w.0).collect();
-            out.sort_by_key(|s| std::cmp::Reverse(Best(*s)));
+            let mut out: Vec<Hit> = found.into_iter().map(|w| w.0).collect();
+            out.sort_by(Hit::ranking);
             out.truncate(k);
             out
         })

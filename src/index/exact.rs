@@ -45,9 +45,10 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     half.iter().sum::<f32>() + tail
 }
 
-/// A candidate in the bounded heap: the heap's top is the worst kept hit.
+/// A hit ordered for heaps: a `BinaryHeap<Worst>` keeps the worst kept hit on top, a
+/// `BinaryHeap<Reverse<Worst>>` the best (both by [`Hit::ranking`]).
 #[derive(PartialEq)]
-struct Worst(Hit);
+pub(crate) struct Worst(pub(crate) Hit);
 
 impl Eq for Worst {}
 

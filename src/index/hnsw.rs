@@ -9,7 +9,6 @@
 //! [`CompactGraph`] copied from hnsw_rs's graph (see `index::compact`); a generation loaded for
 //! serving keeps only that copy.
 
-use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::Arc;
@@ -202,7 +201,8 @@ impl HnswIndex {
     /// Reuses this graph for a new generation of `data.nrows()` rows (incremental re-index):
     /// row `r` is the existing node `keep[r]` (whose vector must equal `data.row(r)`), or, where
     /// `keep[r]` is `None`, a new node inserted with `data.row(r)`. Nodes no row keeps become
-    /// tombstones. Orphans are carried over for the rows that keep their node.
+    /// tombstones. The extended graph has no orphans until [`HnswIndex::find_orphans`] finds
+    /// them (over the whole graph: new rows can change what is reachable).
     pub fn extend(mut self, data: ArrayView2<f32>, keep: &[Option<u32>], progress: &Progress) -> Result<Self> {
         let (rows, dim) = data.dim();
         assert_eq!(keep.len(), rows, "one entry per row");
@@ -230,9 +230,6 @@ impl HnswIndex {
             };
             row_of[node] = r as u32;
         }
-        // Orphans keep their status on the rows that keep their node.
-        let orphan_nodes: HashSet<u32> =
-            self.orphans.iter().map(|(r, _)| self.map.as_ref().map_or(*r, |m| m.node_of[*r as usize])).collect();
         if !inserts.is_empty() {
             let Some(cell) = self.cell.as_mut() else {
                 return Err(Error::InvalidArgument {
@@ -249,18 +246,12 @@ impl HnswIndex {
             self.compact = compact_of(cell, row_of.len(), dim, Path::new("(extended graph)"))?;
         }
         let map = NodeMap::from_rows(row_of, rows).map_err(|reason| Error::InvalidArgument { name: "keep", reason })?;
-        let mut orphans: Vec<u32> = orphan_nodes
-            .iter()
-            .filter_map(|&n| map.row_of.get(n as usize).copied())
-            .filter(|&r| r != TOMBSTONE)
-            .collect();
-        orphans.sort_unstable();
         self.len = rows;
         if rows > 0 {
             self.dim = dim;
         }
         self.map = Some(map);
-        self.set_orphans(&orphans, data.view());
+        self.orphans.clear();
         Ok(self)
     }
 
@@ -278,13 +269,6 @@ impl HnswIndex {
     fn with_map(mut self, map: NodeMap) -> Self {
         self.len = map.node_of.len();
         self.map = Some(map);
-        self
-    }
-
-    /// This index with `other`'s orphans (the same rows; used when a generation's graph is
-    /// loaded a second time, to be extended).
-    pub fn with_orphans_of(mut self, other: &HnswIndex) -> Self {
-        self.orphans = other.orphans.clone();
         self
     }
 
@@ -403,7 +387,7 @@ impl HnswIndex {
             }
         };
         let row = |n: u32| self.map.as_ref().map_or(n, |m| m.row_of[n as usize]);
-        hits.into_iter().map(|s| Hit { row: row(s.node), score: s.score }).collect()
+        hits.into_iter().map(|h| Hit { row: row(h.row), ..h }).collect()
     }
 
     /// The exact index over the same vectors (held once: the graph's, in node order).

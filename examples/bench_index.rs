@@ -6,6 +6,8 @@
 //! bench_index adopt   --index I [--dir D] --out F   re-verify an earlier build's graph with this code
 //! bench_index graph-rss --index I --out F                                  resident memory of the graph alone
 //! bench_index nightly --dir D --index I --out F [--changed 0.01]           unchanged and changed re-index
+//! bench_index graph   --dir D --m M --ef-construction E --out F             graph alone: build seconds, recall, q/s
+//! bench_index served  --dir D --index I --out F                             the live graph as served: recall, q/s
 //! ```
 //!
 //! `D` holds `base.f32`, `queries.f32`, `labels.u8`, `truth.json` and `data.json` (see the Python
@@ -336,6 +338,69 @@ fn nightly(args: &[String]) -> Value {
         "changed_share": changed, "changed_rows": picked, "changed": outcome_json(&some)})
 }
 
+/// The graph alone, in memory (no files, no verification): build seconds, then recall@10 and
+/// single-thread queries/s of `HnswIndex::search` at each ef. The quick loop for graph work.
+fn graph(args: &[String]) -> Value {
+    let dir = PathBuf::from(need(args, "--dir"));
+    let m: usize = need(args, "--m").parse().unwrap();
+    let efc: usize = need(args, "--ef-construction").parse().unwrap();
+    let d = load(&dir);
+    let t = Instant::now();
+    let params = HnswParams { m, ef_construction: efc };
+    let h = hiercon::index::HnswIndex::build(d.base.view(), &params, &hiercon::progress::Progress::hidden())
+        .expect("graph builds");
+    let build_s = t.elapsed().as_secs_f64();
+    let mut out = json!({"m": m, "ef_construction": efc, "threads": rayon::current_num_threads(),
+        "build_seconds": build_s, "data": d.desc});
+    out["recall"] = sweep(&h, &d);
+    out
+}
+
+/// recall@10 and single-thread queries/s of `h.search` at each ef in [`EFS`].
+fn sweep(h: &hiercon::index::HnswIndex, d: &Data) -> Value {
+    use hiercon::index::AnnIndex;
+    let all = d.truth["all"].as_array().unwrap();
+    let mut out = json!({});
+    for ef in EFS {
+        let (mut r, t) = (0.0, Instant::now());
+        for (q, want) in d.queries.rows().into_iter().zip(all) {
+            let hits = h.search(q.as_slice().unwrap(), K, ef, None);
+            r += recall(&hits.iter().map(|h| h.row).collect::<Vec<_>>(), want);
+        }
+        let s = t.elapsed().as_secs_f64();
+        out[format!("ef{ef}")] =
+            json!({"recall_at_10": r / d.queries.nrows() as f64, "qps_1_thread": d.queries.nrows() as f64 / s});
+        eprintln!("ef {ef}: {}", out[format!("ef{ef}")]);
+    }
+    out
+}
+
+/// The live generation's graph alone, loaded for serving: recall@10 and queries/s at each ef.
+fn served(args: &[String]) -> Value {
+    let dir = PathBuf::from(need(args, "--dir"));
+    let index = PathBuf::from(need(args, "--index"));
+    let d = load(&dir);
+    let root = IndexDir::new(&index);
+    let gen_dir = root.root.join(root.current().unwrap().expect("a live generation"));
+    let meta = hiercon::index::store::read_meta(&gen_dir).unwrap();
+    let t = Instant::now();
+    let h = hiercon::index::HnswIndex::load(
+        &gen_dir,
+        "graph",
+        meta.hnsw_nodes.unwrap_or(meta.count),
+        meta.dim,
+        None,
+        false,
+    )
+    .expect("graph loads");
+    let load_s = t.elapsed().as_secs_f64();
+    if args.iter().any(|a| a == "--write-compact") {
+        h.write_compact(&gen_dir, "graph").unwrap();
+    }
+    let _warm = sweep(&h, &d);
+    json!({"load_seconds": load_s, "recall": sweep(&h, &d)})
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let cmd = args.get(1).map(String::as_str).unwrap_or("");
@@ -345,6 +410,8 @@ fn main() {
         "nightly" => nightly(&args),
         "graph-rss" => graph_rss(&args),
         "adopt" => adopt(&args),
+        "graph" => graph(&args),
+        "served" => served(&args),
         _ => {
             eprintln!("usage: bench_index build|query|nightly --dir D --index I ... (see examples/bench_index.rs)");
             std::process::exit(2);

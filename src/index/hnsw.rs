@@ -19,7 +19,7 @@ use hnsw_rs::hnsw::Hnsw;
 use hnsw_rs::hnswio::HnswIo;
 use ndarray::ArrayView2;
 
-use super::compact::CompactGraph;
+use super::compact::{self, CompactGraph, Prior};
 use super::exact::ExactIndex;
 use super::{AnnIndex, Answer, Hit, RowFilter};
 use crate::progress::Progress;
@@ -194,7 +194,7 @@ impl HnswIndex {
             g.set_searching_mode(true);
             g
         });
-        let compact = compact_of(&cell, len, dim, Path::new("(new graph)"))?;
+        let compact = compact_of(&cell, len, dim, Path::new("(new graph)"), None)?;
         Ok(HnswIndex { cell: Some(cell), compact, len, dim, orphans: Vec::new(), map: None })
     }
 
@@ -238,12 +238,17 @@ impl HnswIndex {
                         .into(),
                 });
             };
+            let path = Path::new("(extended graph)");
+            let before = cell
+                .with_dependent(|_, g| compact::hnsw_level0(g, old_nodes))
+                .map_err(|reason| Error::IndexCorrupt { path: path.to_path_buf(), reason })?;
             cell.with_dependent_mut(|_, g| {
                 g.set_searching_mode(false);
                 insert_parallel(g, &inserts, progress);
                 g.set_searching_mode(true);
             });
-            self.compact = compact_of(cell, row_of.len(), dim, Path::new("(extended graph)"))?;
+            let prior = Prior { graph: &self.compact, hnsw_level0: &before };
+            self.compact = compact_of(cell, row_of.len(), dim, path, Some(&prior))?;
         }
         let map = NodeMap::from_rows(row_of, rows).map_err(|reason| Error::InvalidArgument { name: "keep", reason })?;
         self.len = rows;
@@ -305,8 +310,9 @@ impl HnswIndex {
             .collect();
     }
 
-    /// Writes `<basename>.hnsw.graph` and `<basename>.hnsw.data` into `dir` (which must exist;
-    /// existing files of that name are overwritten). The node map, if any, is the caller's to
+    /// Writes `<basename>.hnsw.graph` and `<basename>.hnsw.data` (hnsw_rs's dump) and
+    /// `<basename>.compact` (the served graph) into `dir` (which must exist; existing files of
+    /// that name are overwritten). The node map, if any, is the caller's to
     /// write ([`NodeMap::row_of`]).
     pub fn dump(&self, dir: &Path, basename: &str) -> Result<()> {
         let Some(cell) = &self.cell else {
@@ -324,15 +330,24 @@ impl HnswIndex {
                 reason: format!("hnsw_rs wrote `{written}` instead of `{basename}`"),
             });
         }
-        Ok(())
+        self.write_compact(dir, basename)
     }
 
-    /// Reloads a dump, checking it holds `nodes` points of width `dim`; `map` is the node map of
-    /// a reused graph (`None`: one node per row). A damaged dump is an [`Error::IndexCorrupt`],
-    /// never a panic (`hnsw_rs` asserts on some malformed input; the panic is caught here).
+    /// Writes the served graph alone, `<basename>.compact` ([`compact_file`]), into `dir`.
+    pub fn write_compact(&self, dir: &Path, basename: &str) -> Result<()> {
+        let path = dir.join(compact_file(basename));
+        self.compact.write(&path).map_err(|e| Error::io(&path, e))
+    }
+
+    /// Reloads a graph written by [`HnswIndex::dump`], checking it holds `nodes` points of
+    /// width `dim`; `map` is the node map of a reused graph (`None`: one node per row). A damaged
+    /// file is an [`Error::IndexCorrupt`], never a panic (`hnsw_rs` asserts on some malformed
+    /// input; the panic is caught here).
     ///
-    /// With `keep_graph` hnsw_rs's own form is kept too, so the graph can be extended and dumped;
-    /// otherwise only the [`CompactGraph`] is (a fraction of the memory).
+    /// The served graph is read from `<basename>.compact`. With `keep_graph` hnsw_rs's own form
+    /// is loaded too, so the graph can be extended and dumped; without it hnsw_rs's files are
+    /// not read at all. A directory without the `.compact` file (written by an earlier version)
+    /// has its served graph derived from hnsw_rs's dump, as a build does.
     pub fn load(
         dir: &Path,
         basename: &str,
@@ -341,6 +356,47 @@ impl HnswIndex {
         map: Option<NodeMap>,
         keep_graph: bool,
     ) -> Result<Self> {
+        if let Some(m) = &map
+            && m.nodes() != nodes
+        {
+            return Err(Error::IndexCorrupt {
+                path: dir.join(format!("{basename}.*")),
+                reason: format!("the node map has {} nodes, the graph {nodes}", m.nodes()),
+            });
+        }
+        let compact_path = dir.join(compact_file(basename));
+        let compact = match compact_path.exists() {
+            true => Some(
+                CompactGraph::read(&compact_path, nodes, dim)
+                    .map_err(|reason| Error::IndexCorrupt { path: compact_path.clone(), reason })?,
+            ),
+            false => None,
+        };
+        let cell = match (&compact, keep_graph) {
+            (Some(_), false) => None,
+            _ => Some(Self::load_hnsw_rs(dir, basename, nodes, dim)?),
+        };
+        let compact = match (compact, &cell) {
+            (Some(c), _) => c,
+            (None, Some(cell)) => {
+                tracing::info!(dir = %dir.display(), "no served graph file: deriving it from hnsw_rs's dump");
+                compact_of(cell, nodes, dim, &dir.join(format!("{basename}.hnsw.graph")), None)?
+            }
+            (None, None) => unreachable!("hnsw_rs's form is loaded when there is no served graph file"),
+        };
+        let cell = cell.filter(|_| keep_graph);
+        if cell.is_none() {
+            release_freed_memory();
+        }
+        let idx = HnswIndex { cell, compact, len: nodes, dim, orphans: Vec::new(), map: None };
+        Ok(match map {
+            Some(m) => idx.with_map(m),
+            None => idx,
+        })
+    }
+
+    /// hnsw_rs's form of the dump `basename` in `dir`, checked to hold `nodes` points of width `dim`.
+    fn load_hnsw_rs(dir: &Path, basename: &str, nodes: usize, dim: usize) -> Result<GraphCell> {
         let corrupt = |reason: String| Error::IndexCorrupt { path: dir.join(format!("{basename}.hnsw.*")), reason };
         let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
             GraphCell::try_new(HnswIo::new(dir, basename), |io| io.load_hnsw_with_dist(CosineDistance))
@@ -354,26 +410,12 @@ impl HnswIndex {
         if points != nodes {
             return Err(corrupt(format!("the graph holds {points} points, the generation has {nodes} nodes")));
         }
-        if let Some(m) = &map
-            && m.nodes() != nodes
-        {
-            return Err(corrupt(format!("the node map has {} nodes, the graph {nodes}", m.nodes())));
-        }
         let data_dim = cell.with_dependent(|_, g| g.get_point_indexation().get_data_dimension());
         if nodes > 0 && data_dim != dim {
             return Err(corrupt(format!("the graph's vectors have width {data_dim}, expected {dim}")));
         }
         cell.with_dependent_mut(|_, g| g.set_searching_mode(true));
-        let compact = compact_of(&cell, nodes, dim, &dir.join(format!("{basename}.hnsw.graph")))?;
-        let cell = keep_graph.then_some(cell);
-        if cell.is_none() {
-            release_freed_memory();
-        }
-        let idx = HnswIndex { cell, compact, len: nodes, dim, orphans: Vec::new(), map: None };
-        Ok(match map {
-            Some(m) => idx.with_map(m),
-            None => idx,
-        })
+        Ok(cell)
     }
 
     /// The graph's answer as rows (tombstones skipped, orphans not added), best first.
@@ -416,9 +458,20 @@ fn release_freed_memory() {
 }
 
 /// The [`CompactGraph`] of an hnsw_rs graph; a graph that does not convert is corrupt.
-fn compact_of(cell: &GraphCell, nodes: usize, dim: usize, path: &Path) -> Result<CompactGraph> {
-    cell.with_dependent(|_, g| CompactGraph::from_hnsw(g, nodes, dim))
+fn compact_of(
+    cell: &GraphCell,
+    nodes: usize,
+    dim: usize,
+    path: &Path,
+    prior: Option<&Prior<'_>>,
+) -> Result<CompactGraph> {
+    cell.with_dependent(|_, g| CompactGraph::from_hnsw(g, nodes, dim, prior))
         .map_err(|reason| Error::IndexCorrupt { path: path.to_path_buf(), reason })
+}
+
+/// The file of the served graph ([`CompactGraph::write`]) beside hnsw_rs's dump `basename`.
+pub fn compact_file(basename: &str) -> String {
+    format!("{basename}.compact")
 }
 
 /// Inserts `rows` in parallel chunks, counting them on `progress`.
@@ -516,15 +569,53 @@ mod tests {
         let idx = HnswIndex::build(data.view(), &HnswParams::default(), &Progress::hidden()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         idx.dump(dir.path(), "graph").unwrap();
+        let load = |keep| HnswIndex::load(dir.path(), "graph", 100, 8, None, keep);
         assert!(matches!(HnswIndex::load(dir.path(), "graph", 101, 8, None, false), Err(Error::IndexCorrupt { .. })));
+        assert!(matches!(HnswIndex::load(dir.path(), "graph", 100, 9, None, true), Err(Error::IndexCorrupt { .. })));
+        // The served graph's file: a foreign magic, a truncation, trailing bytes, a link out of range.
+        let served = dir.path().join("graph.compact");
+        let good = std::fs::read(&served).unwrap();
+        let links_at = 16 + 32 + 8 + 100 * 8 * 4 + 4; // node 0's first link
+        let cases: [(&str, Vec<u8>); 4] = [
+            ("bad magic", [b"not-a-graph-file".as_slice(), &good[16..]].concat()),
+            ("ends early", good[..good.len() - 3].to_vec()),
+            ("bytes after", [good.as_slice(), &[0]].concat()),
+            ("names node", [&good[..links_at], &200u32.to_le_bytes(), &good[links_at + 4..]].concat()),
+        ];
+        for (want, bytes) in cases {
+            std::fs::write(&served, bytes).unwrap();
+            let err = load(false).unwrap_err();
+            assert!(matches!(err, Error::IndexCorrupt { .. }) && err.to_string().contains(want), "{want}: {err}");
+        }
+        std::fs::write(&served, &good).unwrap();
+        // hnsw_rs's files are read when the graph is loaded to be extended, or when there is no
+        // served-graph file (a generation of an earlier version).
         let data_file = dir.path().join("graph.hnsw.data");
         let mut bytes = std::fs::read(&data_file).unwrap();
         bytes[0] ^= 0xff; // the magic number
         std::fs::write(&data_file, &bytes).unwrap();
-        let err = HnswIndex::load(dir.path(), "graph", 100, 8, None, false).unwrap_err();
+        assert!(load(false).is_ok());
+        let err = load(true).unwrap_err();
         assert!(matches!(err, Error::IndexCorrupt { .. }), "{err}");
+        std::fs::remove_file(&served).unwrap();
+        assert!(matches!(load(false), Err(Error::IndexCorrupt { .. })));
         std::fs::remove_file(dir.path().join("graph.hnsw.graph")).unwrap();
-        assert!(HnswIndex::load(dir.path(), "graph", 100, 8, None, false).is_err());
+        assert!(load(false).is_err());
+    }
+
+    #[test]
+    fn the_served_graph_file_reads_back_the_same_graph_and_older_dumps_still_load() {
+        let data = random_unit_rows(500, 16, 3);
+        let idx = HnswIndex::build(data.view(), &HnswParams::default(), &Progress::hidden()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        idx.dump(dir.path(), "graph").unwrap();
+        let served = HnswIndex::load(dir.path(), "graph", 500, 16, None, false).unwrap();
+        assert!(served.cell.is_none(), "serving never loads hnsw_rs's form when the file is there");
+        assert!(idx.compact == served.compact, "links, layers, entry point and vectors read back as written");
+        // Without the file (an earlier version's generation) the same graph is derived again.
+        std::fs::remove_file(dir.path().join(compact_file("graph"))).unwrap();
+        let derived = HnswIndex::load(dir.path(), "graph", 500, 16, None, false).unwrap();
+        assert!(derived.compact == idx.compact);
     }
 
     /// 60 outliers, each in its own direction, inserted among the first points of a tight

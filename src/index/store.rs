@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::exact::ExactIndex;
 use super::filter::Labels;
-use super::hnsw::{HnswIndex, HnswParams, NodeMap};
+use super::hnsw::{HnswIndex, HnswParams, NodeMap, compact_file};
 use crate::catalogue::{Item, Split};
 use crate::{Error, Result};
 
@@ -234,16 +234,22 @@ pub fn write_generation(
     assert_eq!(items.len(), embeddings.nrows());
     write_items(&dir.join(ITEMS), items)?;
     write_embeddings(&dir.join(EMBEDDINGS), embeddings)?;
-    let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
+    let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data"), compact_file(GRAPH)];
     match graph_from {
         Some(from) => {
-            for f in &graph_files {
+            for f in &graph_files[..2] {
                 link_or_copy(&from.join(f), &dir.join(f))?;
+            }
+            // A generation of an earlier version has no served-graph file: write this one's.
+            match from.join(&graph_files[2]).exists() {
+                true => link_or_copy(&from.join(&graph_files[2]), &dir.join(&graph_files[2]))?,
+                false => hnsw.write_compact(dir, GRAPH)?,
             }
         }
         None => hnsw.dump(dir, GRAPH)?,
     }
-    let mut names = vec![ITEMS.to_string(), EMBEDDINGS.to_string(), graph_files[0].clone(), graph_files[1].clone()];
+    let mut names = vec![ITEMS.to_string(), EMBEDDINGS.to_string()];
+    names.extend(graph_files);
     meta.hnsw_nodes = None;
     if let Some(map) = hnsw.node_map() {
         let bytes: Vec<u8> = map.row_of().iter().flat_map(|r| r.to_le_bytes()).collect();
@@ -381,8 +387,12 @@ impl Generation {
     /// problem is an error; nothing is half-loaded.
     pub fn load(dir: &Path) -> Result<Self> {
         let meta = read_meta(dir)?;
-        let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data")];
+        let graph_files = [format!("{GRAPH}.hnsw.graph"), format!("{GRAPH}.hnsw.data"), compact_file(GRAPH)];
         let mut names = vec![ITEMS, EMBEDDINGS, &graph_files[0], &graph_files[1]];
+        // Generations of earlier versions have no served-graph file (it is derived on load).
+        if meta.files.contains_key(&graph_files[2]) {
+            names.push(&graph_files[2]);
+        }
         if meta.hnsw_nodes.is_some() {
             names.push(NODES);
         }
@@ -591,7 +601,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let root = IndexDir::new(tmp.path());
         let (_, dir) = write_gen(&root, 30);
-        for name in [ITEMS, EMBEDDINGS, "graph.hnsw.graph", "graph.hnsw.data"] {
+        for name in [ITEMS, EMBEDDINGS, "graph.hnsw.graph", "graph.hnsw.data", "graph.compact"] {
             let p = dir.join(name);
             let orig = fs::read(&p).unwrap();
             let mut bad = orig.clone();

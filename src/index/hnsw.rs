@@ -6,8 +6,8 @@
 //! so callers hold a plain `'static` value and never see the lifetimes, and we write no `unsafe`.
 //! We reload without mmap: every vector is in memory, the server stays fast after a reload, and
 //! a generation directory may be deleted while a server still holds it. Searches run on a
-//! [`CompactGraph`] copied from hnsw_rs's graph (see `index::compact`); a generation loaded for
-//! serving keeps only that copy.
+//! [`CompactGraph`] made from hnsw_rs's graph at build time and written beside its dump
+//! (`<basename>.compact`, see `index::compact`); a generation loaded for serving reads only that.
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;

@@ -9,8 +9,11 @@
 //!   gen-<n>/
 //!     items.jsonl           one ItemRecord a line (manifest item + image sha256), row order
 //!     embeddings.safetensors  "embeddings": f32 [count, dim], unit-norm rows
-//!     graph.hnsw.graph      hnsw_rs dump (graph)
+//!     graph.hnsw.graph      hnsw_rs dump (graph; read only to extend it)
 //!     graph.hnsw.data       hnsw_rs dump (vectors)
+//!     graph.compact         the served graph: vectors in node order, re-selected layer-0
+//!                           links, upper layers (`compact::CompactGraph::write`)
+//!     graph.nodes           node -> row map, only for a graph reused by an incremental build
 //!     generation.json       written last (the commit marker): model digest, parameters,
 //!                           counts, and the size + sha256 of every file above
 //!     verification.json     the checks' outcome (passed or failed, with numbers)
@@ -98,7 +101,7 @@ pub type RowFilter<'a> = &'a dyn Fn(u32) -> bool;
 /// Top-K cosine search over the unit-norm rows of one generation.
 ///
 /// Implementations:
-/// - [`HnswIndex`]: the HNSW graph (`hnsw_rs`), approximate, sub-linear;
+/// - [`HnswIndex`]: the HNSW graph (built by `hnsw_rs`, searched on `compact`), approximate, sub-linear;
 /// - [`ExactIndex`]: a brute-force scan, exact — the ground truth in verification and tests,
 ///   and the path for selective filters.
 pub trait AnnIndex: Send + Sync {
@@ -111,9 +114,10 @@ pub trait AnnIndex: Send + Sync {
     /// The `k` rows most similar to the unit-norm `query`, best first, restricted to rows
     /// `filter` accepts. `ef` is the HNSW search breadth (ignored by exact search).
     ///
-    /// With a filter, [`HnswIndex`] uses `hnsw_rs`'s filtered search, which is correct but
-    /// explores most of the graph (slower than a scan, see `benches/index.rs`); the query
-    /// planner post-filters an unfiltered search instead ([`query::approx_candidates`]).
+    /// With a filter, [`HnswIndex`] walks the graph through rejected nodes too and returns only
+    /// accepted ones: correct, but a selective filter makes it explore most of the graph (slower
+    /// than a scan, see `benches/index.rs`); the query planner scans selective filters exactly and
+    /// post-filters an unfiltered search otherwise ([`query::approx_candidates`]).
     fn search(&self, query: &[f32], k: usize, ef: usize, filter: Option<RowFilter<'_>>) -> Vec<crate::index::Hit>;
     /// True when there are no rows.
     fn is_empty(&self) -> bool {

@@ -148,6 +148,10 @@ pub enum Error {
     #[error("train: halted after step {step} as asked (no checkpoint written for it)")]
     TrainHalted { step: usize },
 
+    /// The frozen-prefix view cache cannot be built or read.
+    #[error("view cache {path}: {reason}")]
+    ViewCache { path: PathBuf, reason: String },
+
     /// A loss input does not have the length its shape implies.
     #[error("loss input `{what}` has {found} values, expected {expected}")]
     LossShape { what: &'static str, expected: usize, found: usize },

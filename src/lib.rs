@@ -16,6 +16,7 @@ pub mod image;
 pub mod index;
 pub mod loss;
 pub mod model;
+pub mod pipeline;
 pub mod plot;
 pub mod progress;
 pub mod runtime;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use hiercon::catalogue::sources::{emoji, fashion_mnist, folder};
-use hiercon::catalogue::{Manifest, Split, SplitOptions, UnseenBy};
+use hiercon::catalogue::{Manifest, Split, SplitOptions, Subset, UnseenBy};
 use hiercon::encoder::{Encoder, ModelMeta, OrtEncoder, TestEncoder};
 use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
 use hiercon::http::{self, EncoderSource, ServeConfig};
@@ -19,7 +19,7 @@ use hiercon::model::imported::{ImportOptions, Imported};
 use hiercon::model::{self as hmodel, Arch, Init, ModelConfig};
 use hiercon::runtime::{self, Device, RuntimeOptions};
 use hiercon::search::{SearchConfig, Service};
-use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainHooks};
+use hiercon::train::{OptimizerKind, SamplerKind, TrainConfig, TrainEnv};
 use tracing_subscriber::EnvFilter;
 
 /// Hierarchical multi-label contrastive image search.
@@ -100,9 +100,10 @@ struct TrainArgs {
     /// Catalogue manifest (JSON Lines).
     #[arg(long)]
     manifest: PathBuf,
-    /// Which split to train on.
-    #[arg(long, default_value = "train", value_parser = parse_split)]
-    split: Split,
+    /// Which part of the catalogue to train on: train (all seen products), or fit (seen products
+    /// minus the validation hold-out: for runs that choose settings, evaluated on --split val).
+    #[arg(long, default_value = "train", value_parser = parse_subset)]
+    split: Subset,
     #[command(flatten)]
     loss: LossOptions,
     /// Backbone.
@@ -174,6 +175,16 @@ struct TrainArgs {
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
+    /// Frozen-prefix view cache: draw K augmented views of every training image once, run them
+    /// through the frozen units (--freeze) once, keep the result (f16, memory-mapped), and let each
+    /// step run only the trainable units on two of an image's K views. Much faster; the cost is
+    /// augmentation diversity (K fixed views per image instead of fresh ones each step). 0 = off.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    view_cache: usize,
+    /// Where view caches are kept (one folder per key: weights, frozen units, size,
+    /// augmentation, seed, K, images); runs with equal keys share one.
+    #[arg(long, env = "HIERCON_VIEW_CACHE_DIR", default_value = hiercon::train::trainer::DEFAULT_VIEW_CACHE_DIR)]
+    view_cache_dir: PathBuf,
     /// Run directory (config.json, metrics.jsonl, loss.png, checkpoint, model.onnx).
     #[arg(long)]
     out: PathBuf,
@@ -475,9 +486,11 @@ struct EvalArgs {
     /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index).
     #[arg(long, required_unless_present_any = ["index", "compare"])]
     manifest: Option<PathBuf>,
-    /// `train` evaluates the seen products (shown in training), `test` the unseen ones.
-    #[arg(long, value_parser = parse_split, required_unless_present = "compare")]
-    split: Option<Split>,
+    /// `train` evaluates the seen products (shown in training), `test` the unseen ones, `val`
+    /// the validation hold-out of the seen products (choose settings here, on a run trained with
+    /// --split fit), `fit` the seen products outside it.
+    #[arg(long, value_parser = parse_subset, required_unless_present = "compare")]
+    split: Option<Subset>,
     /// Evaluate what is served: rank through `index/<name>`'s live generation (built with the
     /// same model) via the search service, and report recall@10 of HNSW against exact search.
     #[arg(long)]
@@ -620,6 +633,10 @@ fn parse_split(s: &str) -> Result<Split, String> {
     }
 }
 
+fn parse_subset(s: &str) -> Result<Subset, String> {
+    s.parse::<Subset>().map_err(|e| e.to_string())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -760,7 +777,7 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     }
     let items = if args.steps.is_none() {
         let m = Manifest::read(&args.manifest)?;
-        m.items.iter().filter(|i| i.split == args.split).count()
+        args.split.select(&m.items).len()
     } else {
         0
     };
@@ -811,9 +828,10 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         cut: args.cut,
         normalization,
         bgr: args.bgr,
+        view_cache: args.view_cache,
     };
-    let hooks = TrainHooks { halt_after: args.halt_after };
-    let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &hooks)?;
+    let env = TrainEnv { halt_after: args.halt_after, view_cache_dir: Some(args.view_cache_dir) };
+    let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &env)?;
     println!(
         "trained {} steps in {:.1} s, final loss {:.4}; model: {}",
         out.steps,

@@ -17,6 +17,8 @@ pub mod taxonomy;
 
 pub use labels::{Column, Labels};
 pub use manifest::{Item, LineIssue, MANIFEST_FILE, Manifest, Problem, ReadOptions, Role, Split, write_items};
-pub use split::{SplitOptions, UnseenBy, assign_roles_by_view, assign_splits};
+pub use split::{
+    SplitOptions, Subset, UnseenBy, VALIDATION_FRACTION, assign_roles_by_view, assign_splits, validation_products,
+};
 pub use summary::Summary;
 pub use taxonomy::{Taxonomy, path_matches};

@@ -1,4 +1,5 @@
-//! The seen/unseen split (a stable hash of seed + product key) and query/gallery roles.
+//! The seen/unseen split (a stable hash of seed + product key), the validation hold-out inside
+//! the seen products, and query/gallery roles.
 //!
 //! A product's side is decided by ranking: within each leaf category (an item's `category`),
 //! its products are ordered by `stable_hash(seed, [category, product])` and the first
@@ -6,8 +7,14 @@
 //! gets its share (not only on average), the split depends on the seed and the set of products
 //! only — never on item order or on other categories — and a different seed draws a different
 //! split. `--unseen-by category` ranks the leaf categories the same way and holds out whole ones.
+//!
+//! Settings are chosen on a validation set, never on the unseen split: [`Subset::Val`] holds
+//! [`VALIDATION_FRACTION`] of the seen products of every leaf category (ranked the same way, by a
+//! hash salted apart from the unseen split's), [`Subset::Fit`] the rest of the seen products. A
+//! run that chooses settings trains on `fit` and is evaluated on `val`; the shipped model may
+//! then train on all of `train`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -15,6 +22,109 @@ use sha2::{Digest, Sha256};
 
 use super::{Item, Role, Split};
 use crate::{Error, Result};
+
+/// Share of each leaf category's seen products held out as the validation set.
+pub const VALIDATION_FRACTION: f64 = 0.2;
+
+/// A part of a catalogue to train or evaluate on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Subset {
+    /// Seen products: the manifest's `train` split.
+    Train,
+    /// Unseen products: the manifest's `test` split (reported, never used to choose settings).
+    Test,
+    /// Seen products outside the validation set: what a run that chooses settings trains on.
+    Fit,
+    /// The validation set: [`VALIDATION_FRACTION`] of the seen products of each leaf category.
+    Val,
+}
+
+impl Subset {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Subset::Train => "train",
+            Subset::Test => "test",
+            Subset::Fit => "fit",
+            Subset::Val => "val",
+        }
+    }
+
+    /// Whether the subset's products are seen in a run trained on `train` (or `fit`).
+    pub fn seen(self) -> bool {
+        self != Subset::Test
+    }
+
+    /// The manifest split the subset lies in.
+    pub fn split(self) -> Split {
+        if self == Subset::Test { Split::Test } else { Split::Train }
+    }
+
+    /// The items of `items` in this subset, in their order.
+    pub fn select<'a>(self, items: impl IntoIterator<Item = &'a Item>) -> Vec<&'a Item> {
+        let in_split: Vec<&Item> = items.into_iter().filter(|it| it.split == self.split()).collect();
+        match self {
+            Subset::Train | Subset::Test => in_split,
+            Subset::Fit | Subset::Val => {
+                let val = validation_products(in_split.iter().copied());
+                let want = self == Subset::Val;
+                in_split
+                    .into_iter()
+                    .filter(|it| val.contains(&(it.category.as_str(), it.product.as_str())) == want)
+                    .collect()
+            }
+        }
+    }
+}
+
+impl From<Split> for Subset {
+    fn from(s: Split) -> Subset {
+        match s {
+            Split::Train => Subset::Train,
+            Split::Test => Subset::Test,
+        }
+    }
+}
+
+impl FromStr for Subset {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "train" => Ok(Subset::Train),
+            "test" => Ok(Subset::Test),
+            "fit" => Ok(Subset::Fit),
+            "val" => Ok(Subset::Val),
+            _ => Err(Error::InvalidArgument {
+                name: "split",
+                reason: format!("{s:?}: expected train (seen), test (unseen), fit (seen minus validation) or val"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Subset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The validation products `(leaf category, product)` among `seen` items: per leaf category,
+/// the first `round(n * VALIDATION_FRACTION)` products ranked by a hash of
+/// `["validation", category, product]` (seed 0).
+pub fn validation_products<'a>(seen: impl IntoIterator<Item = &'a Item>) -> HashSet<(&'a str, &'a str)> {
+    let mut per_leaf: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for it in seen {
+        per_leaf.entry(&it.category).or_default().insert(&it.product);
+    }
+    per_leaf
+        .iter()
+        .flat_map(|(&cat, products)| {
+            unseen_keys(0, products.iter().map(|&p| vec!["validation", cat, p]), VALIDATION_FRACTION)
+        })
+        .map(|k| (k[1], k[2]))
+        .collect()
+}
 
 /// What the unseen split holds out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -288,5 +398,44 @@ mod tests {
         assert_eq!(items[0].role, None);
         assert_eq!(items[1].role, Some(Role::Gallery));
         assert_eq!(items[2].role, Some(Role::Query));
+    }
+
+    #[test]
+    fn validation_is_a_share_of_each_leafs_seen_products() {
+        let mut items = generated(6, 20);
+        assign_splits(&mut items, &SplitOptions::default()).unwrap();
+        let (train, test) = (Subset::Train.select(&items), Subset::Test.select(&items));
+        let (fit, val) = (Subset::Fit.select(&items), Subset::Val.select(&items));
+        assert_eq!(fit.len() + val.len(), train.len());
+        assert!(test.iter().all(|it| it.split == Split::Test));
+        // Fit and val share no product; every leaf gives round(15 * 0.2) = 3 of its 15 seen
+        // products (both images of each) to val.
+        let key = |it: &&Item| (it.category.clone(), it.product.clone());
+        let val_keys: BTreeSet<_> = val.iter().map(key).collect();
+        assert!(fit.iter().all(|it| !val_keys.contains(&key(it))));
+        let mut per_leaf: BTreeMap<&str, usize> = BTreeMap::new();
+        for (c, _) in &val_keys {
+            *per_leaf.entry(c.as_str()).or_default() += 1;
+        }
+        assert_eq!(per_leaf.len(), 6);
+        assert!(per_leaf.values().all(|&n| n == 3), "{per_leaf:?}");
+        assert_eq!(val.len(), 6 * 3 * 2);
+        // It does not depend on item order, and is not the next ranks of the unseen split's hash.
+        let mut shuffled = items.clone();
+        shuffled.reverse();
+        let again: BTreeSet<_> = Subset::Val.select(&shuffled).iter().map(key).collect();
+        assert_eq!(again, val_keys);
+        let unseen_order: BTreeSet<_> = {
+            let mut seen_items: Vec<Item> = train.iter().map(|&it| it.clone()).collect();
+            assign_splits(&mut seen_items, &SplitOptions { unseen_fraction: 0.2, ..Default::default() }).unwrap();
+            seen_items
+                .iter()
+                .filter(|it| it.split == Split::Test)
+                .map(|it| (it.category.clone(), it.product.clone()))
+                .collect()
+        };
+        assert_ne!(unseen_order, val_keys);
+        assert_eq!("val".parse::<Subset>().unwrap(), Subset::Val);
+        assert!("valid".parse::<Subset>().is_err());
     }
 }

@@ -164,7 +164,7 @@ fn table_head(s: &mut String, head: &[String]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalogue::Split;
+    use crate::catalogue::Subset;
     use crate::eval::report::tests::sample;
 
     #[test]
@@ -172,9 +172,9 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let a = root.path().join("hmce-run");
         let b = root.path().join("simclr-run");
-        sample(Split::Train, 0.9).write(&a.join("eval-train")).unwrap();
-        sample(Split::Test, 0.7).write(&a.join("eval-test")).unwrap();
-        let mut only_unseen = sample(Split::Test, 0.4);
+        sample(Subset::Train, 0.9).write(&a.join("eval-train")).unwrap();
+        sample(Subset::Test, 0.7).write(&a.join("eval-test")).unwrap();
+        let mut only_unseen = sample(Subset::Test, 0.4);
         only_unseen.model.loss = None;
         only_unseen.write(&b.join("eval-test")).unwrap();
         // b's loss comes from its model.json.

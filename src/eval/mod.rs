@@ -51,7 +51,7 @@ use std::time::Instant;
 use ndarray::Array2;
 use rayon::prelude::*;
 
-use crate::catalogue::{Item, Labels, Manifest, ReadOptions, Role, Split};
+use crate::catalogue::{Item, Labels, Manifest, ReadOptions, Role, Subset};
 use crate::encoder::Encoder;
 use crate::image::Limits;
 use crate::index::build::{EmbeddingCache, embed_items};
@@ -76,7 +76,7 @@ pub const REPORT_FORMAT: &str = "hiercon-eval/1";
 /// Evaluation settings besides the data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalConfig {
-    pub split: Split,
+    pub split: Subset,
     /// Evaluate a seeded random sample of at most this many queries (the gallery stays whole).
     pub max_queries: Option<usize>,
     /// Seed of the query sample and of k-means.
@@ -87,7 +87,7 @@ pub struct EvalConfig {
 }
 
 impl EvalConfig {
-    pub fn new(split: Split) -> Self {
+    pub fn new(split: Subset) -> Self {
         EvalConfig { split, max_queries: None, seed: 0, nmi_max_classes: 2000, kmeans_max_iter: 50 }
     }
 }
@@ -106,8 +106,9 @@ pub struct EvalData {
     pub index: Option<(PathBuf, String)>,
 }
 
-fn in_split(items: impl IntoIterator<Item = Item>, split: Split) -> Result<Vec<Item>> {
-    let items: Vec<Item> = items.into_iter().filter(|it| it.split == split).collect();
+fn in_split(items: impl IntoIterator<Item = Item>, split: Subset) -> Result<Vec<Item>> {
+    let all: Vec<Item> = items.into_iter().collect();
+    let items: Vec<Item> = split.select(&all).into_iter().cloned().collect();
     let mut seen = HashSet::new();
     if let Some(dup) = items.iter().find(|it| !seen.insert(it.id.as_str())) {
         return Err(Error::EvalInput { reason: format!("duplicate item id {:?}", dup.id) });
@@ -122,7 +123,7 @@ fn in_split(items: impl IntoIterator<Item = Item>, split: Split) -> Result<Vec<I
 /// that cannot be read are skipped and counted, as `hiercon index` does).
 pub fn embed_manifest(
     manifest: &Path,
-    split: Split,
+    split: Subset,
     encoder: &dyn Encoder,
     batch_size: usize,
     limits: &Limits,
@@ -147,8 +148,18 @@ pub fn embed_manifest(
 }
 
 /// The items of `split` in a loaded generation, with the embeddings stored there.
-pub fn data_from_generation(g: &Generation, split: Split) -> Result<EvalData> {
-    let rows: Vec<usize> = (0..g.items.len()).filter(|&r| g.items[r].item.split == split).collect();
+///
+/// Only whole splits (`train`, `test`): the served search behind `--index` filters by the
+/// manifest's split, so it cannot rank within the validation hold-out.
+pub fn data_from_generation(g: &Generation, split: Subset) -> Result<EvalData> {
+    if !matches!(split, Subset::Train | Subset::Test) {
+        return Err(Error::EvalInput {
+            reason: format!(
+                "an index answers over whole splits (train, test); evaluate `{split}` from the manifest instead of --index"
+            ),
+        });
+    }
+    let rows: Vec<usize> = (0..g.items.len()).filter(|&r| g.items[r].item.split == split.split()).collect();
     let items = in_split(rows.iter().map(|&r| g.items[r].item.clone()), split)?;
     let mut emb = Array2::zeros((rows.len(), g.meta.dim));
     for (i, &r) in rows.iter().enumerate() {
@@ -227,7 +238,7 @@ pub fn evaluate(
     let product = labels.rows.column(labels.product_column());
     let row_of: HashMap<&str, u32> = data.items.iter().enumerate().map(|(i, it)| (it.id.as_str(), i as u32)).collect();
     let filter = Filter {
-        split: Some(cfg.split),
+        split: Some(cfg.split.split()),
         role: (protocol.kind == ProtocolKind::QueryGallery).then_some(Role::Gallery),
         ..Filter::default()
     };
@@ -320,7 +331,7 @@ pub fn evaluate(
     Ok(EvalReport {
         format: REPORT_FORMAT.into(),
         split: cfg.split,
-        seen: cfg.split == Split::Train,
+        seen: cfg.split.seen(),
         protocol: protocol.kind,
         model,
         manifest: data.manifest.clone(),
@@ -354,7 +365,11 @@ mod tests {
     fn data(spec: &[(&str, &str, &str, Option<Role>, f32)]) -> EvalData {
         let items: Vec<Item> = spec
             .iter()
-            .map(|&(id, cat, product, role, _)| Item { role, split: Split::Test, ..Item::new(id, cat, product, "v") })
+            .map(|&(id, cat, product, role, _)| Item {
+                role,
+                split: crate::catalogue::Split::Test,
+                ..Item::new(id, cat, product, "v")
+            })
             .collect();
         let emb: Vec<f32> = spec.iter().flat_map(|s| [s.4.to_radians().cos(), s.4.to_radians().sin()]).collect();
         EvalData {
@@ -384,7 +399,7 @@ mod tests {
             ("q2", "b/z", "p3", q, 100.0),      // ranks g1, g2, g0
             ("other", "a/x", "p1", None, 10.0), // no role: not a query, not in the gallery
         ]);
-        let r = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Split::Test), EvaluatedModel::default()).unwrap();
+        let r = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Subset::Test), EvaluatedModel::default()).unwrap();
         assert_eq!((r.protocol, r.queries, r.gallery, r.items), (ProtocolKind::QueryGallery, 3, 3, 7));
         let names: Vec<&str> = r.levels.iter().map(|l| l.name.as_str()).collect();
         assert_eq!(names, ["level1", "level2", "product", "variation"]);
@@ -419,7 +434,7 @@ mod tests {
             ("b2", "c", "B", None, -30.0),
             ("solo", "d", "S", None, 200.0),
         ]);
-        let mut cfg = EvalConfig::new(Split::Test);
+        let mut cfg = EvalConfig::new(Subset::Test);
         cfg.nmi_max_classes = 2; // product has 3 classes: no NMI there
         let r = evaluate(&d, Retrieval::Exact, &cfg, EvaluatedModel::default()).unwrap();
         assert_eq!((r.protocol, r.queries, r.gallery), (ProtocolKind::LeaveOneOut, 5, 5));
@@ -441,8 +456,8 @@ mod tests {
     fn mismatched_or_empty_input_is_refused() {
         let mut d = data(&[("a", "c", "A", None, 0.0), ("b", "c", "A", None, 1.0)]);
         d.embeddings = Arc::new(Array2::zeros((1, 2)));
-        let err = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Split::Test), EvaluatedModel::default());
+        let err = evaluate(&d, Retrieval::Exact, &EvalConfig::new(Subset::Test), EvaluatedModel::default());
         assert!(matches!(err, Err(Error::EvalInput { .. })));
-        assert!(matches!(in_split(vec![Item::new("a", "c", "p", "v")], Split::Test), Err(Error::EvalInput { .. })));
+        assert!(matches!(in_split(vec![Item::new("a", "c", "p", "v")], Subset::Test), Err(Error::EvalInput { .. })));
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::ProtocolKind;
-use crate::catalogue::Split;
+use crate::catalogue::Subset;
 use crate::plot::{LineChart, Series};
 use crate::{Error, Result};
 
@@ -76,7 +76,7 @@ pub struct Timing {
 pub struct EvalReport {
     /// [`super::REPORT_FORMAT`].
     pub format: String,
-    pub split: Split,
+    pub split: Subset,
     /// True for `train` (products seen in training), false for `test` (unseen).
     pub seen: bool,
     pub protocol: ProtocolKind,
@@ -112,10 +112,12 @@ pub fn dec3(v: Option<f64>) -> String {
 }
 
 /// `seen` / `unseen` products, as the split means them.
-pub fn split_meaning(split: Split) -> &'static str {
+pub fn split_meaning(split: Subset) -> &'static str {
     match split {
-        Split::Train => "seen products (shown in training)",
-        Split::Test => "unseen products (held out of training)",
+        Subset::Train => "seen products (shown in training)",
+        Subset::Test => "unseen products (held out of training)",
+        Subset::Fit => "seen products outside the validation hold-out (what a run choosing settings trains on)",
+        Subset::Val => "the validation hold-out of seen products (not trained on while choosing settings)",
     }
 }
 
@@ -276,11 +278,11 @@ pub(crate) mod tests {
     use super::*;
 
     /// A report with two levels, the second without answerable queries at K=1's position.
-    pub(crate) fn sample(split: Split, top1: f64) -> EvalReport {
+    pub(crate) fn sample(split: Subset, top1: f64) -> EvalReport {
         EvalReport {
             format: super::super::REPORT_FORMAT.into(),
             split,
-            seen: split == Split::Train,
+            seen: split.seen(),
             protocol: ProtocolKind::QueryGallery,
             model: EvaluatedModel {
                 path: Some("runs/a/model.onnx".into()),
@@ -328,7 +330,7 @@ pub(crate) mod tests {
 
     #[test]
     fn report_round_trips_and_renders() {
-        let r = sample(Split::Test, 0.6);
+        let r = sample(Subset::Test, 0.6);
         let dir = tempfile::tempdir().unwrap();
         let files = r.write(&dir.path().join("sub/eval-test")).unwrap();
         assert!(files.iter().all(|f| f.is_file()), "{files:?}");

@@ -79,9 +79,11 @@ pub mod optim;
 pub mod proto;
 pub mod run;
 
-pub use autodiff::{BatchNormLowering, ConvGradChoice, GradOptions, GradReport, grad, grad_with};
+pub use autodiff::{BatchNormLowering, ConvGradChoice, DepthwiseLowering, GradOptions, GradReport, grad, grad_with};
 pub use ir::{Attr, ConvWeightGrad, DType, Graph, Input, InputKind, Node, Source, Tensor, Value, ValueInfo};
-pub use nn::{BatchNorm, BatchNormOut, Conv2d, ConvTranspose2d, Gemm, Pool2d, tf_same_pads};
+pub use nn::{
+    BatchNorm, BatchNormOut, Conv2d, ConvTranspose2d, DENSE_DEPTHWISE_MAX_PIXELS, Gemm, Pool2d, tf_same_pads,
+};
 pub use onnx::WriteOptions;
 pub use optim::{AdamW, Optimizer, OptimizerStep, Sgd, TrainStep, train_step};
 pub use run::{Carried, Outputs, Runner};

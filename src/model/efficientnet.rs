@@ -12,6 +12,7 @@
 //! ...), so pretrained weights load by name.
 
 use super::Arch;
+use super::Span;
 use super::net::Net;
 use crate::Result;
 use crate::graph::{Conv2d, Value};
@@ -112,23 +113,33 @@ fn mbconv(net: &mut Net, x: Value, i: usize, b: &Block) -> Result<Value> {
     if b.residual() { net.g.add(y, x) } else { Ok(y) }
 }
 
-/// Images `[B, 3, S, S]` → pooled feature `[B, 1280]`; units below `net`'s freeze count are built
-/// frozen (see [`Net::set_frozen`]).
-pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize) -> Result<Value> {
-    net.set_frozen(freeze > 0);
-    let c = Conv2d { stride: 2, ..Default::default() };
-    let mut y = net.conv_same(x, "_conv_stem", STEM, 3, c)?;
-    y = net.bn(y, "_bn0")?;
-    y = net.g.relu6(y)?;
-    for (i, b) in blocks(arch).iter().enumerate() {
-        net.set_frozen(freeze > b.stage + 1);
-        y = mbconv(net, y, i, b)?;
+/// Images `[B, 3, S, S]` → pooled feature `[B, 1280]`, or the part of it `span` names; units
+/// below `freeze` are built frozen (see [`Net::set_frozen`]).
+pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize, span: Span) -> Result<Value> {
+    let mut y = x;
+    if span.builds(0) {
+        net.set_frozen(freeze > 0);
+        let c = Conv2d { stride: 2, ..Default::default() };
+        y = net.conv_same(y, "_conv_stem", STEM, 3, c)?;
+        y = net.bn(y, "_bn0")?;
+        y = net.g.relu6(y)?;
     }
-    net.set_frozen(freeze > UNITS - 1);
-    y = net.conv(y, "_conv_head", HEAD, 1, 1, 0)?;
-    y = net.bn(y, "_bn1")?;
-    y = net.g.relu6(y)?;
+    for (i, b) in blocks(arch).iter().enumerate() {
+        if span.builds(b.stage + 1) {
+            net.set_frozen(freeze > b.stage + 1);
+            y = mbconv(net, y, i, b)?;
+        }
+    }
+    if span.builds(UNITS - 1) {
+        net.set_frozen(freeze > UNITS - 1);
+        y = net.conv(y, "_conv_head", HEAD, 1, 1, 0)?;
+        y = net.bn(y, "_bn1")?;
+        y = net.g.relu6(y)?;
+    }
     net.set_frozen(false);
+    if !span.pools() {
+        return Ok(y);
+    }
     let pooled = net.g.global_avg_pool(y)?;
     net.g.flatten(pooled, 1)
 }

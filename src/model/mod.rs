@@ -33,7 +33,10 @@ pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.
 #[cfg(test)]
 pub(crate) use step::tests as testing;
-pub use step::{LOSS_PREFIX, LossParts, StepGraph, feature_graph, inference_graph, inference_graph_with, step_graph};
+pub use step::{
+    LOSS_PREFIX, LossParts, StepGraph, StepInput, feature_graph, inference_graph, inference_graph_with, prefix_graph,
+    step_graph, step_graph_with,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -161,6 +164,34 @@ impl Init {
     /// The default for an architecture: pretrained where hiercon knows published weights.
     pub fn default_for(arch: Arch) -> Init {
         if pretrained::source(arch).is_some() { Init::Pretrained } else { Init::Random }
+    }
+}
+
+/// Which units of a backbone a graph builds: all of them, or one side of the frozen prefix (the
+/// view cache runs the frozen units once per cached view and the step graph only the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Span {
+    /// Images → pooled feature.
+    Whole,
+    /// Images → the feature map after the first `n` units (not pooled).
+    Prefix(usize),
+    /// The feature map after the first `n` units → pooled feature.
+    Suffix(usize),
+}
+
+impl Span {
+    /// Whether unit `u` (0 = stem) is built.
+    pub(crate) fn builds(self, u: usize) -> bool {
+        match self {
+            Span::Whole => true,
+            Span::Prefix(n) => u < n,
+            Span::Suffix(n) => u >= n,
+        }
+    }
+
+    /// Whether the global average pool closes the graph.
+    pub(crate) fn pools(self) -> bool {
+        !matches!(self, Span::Prefix(_))
     }
 }
 

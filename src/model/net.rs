@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::graph::{BatchNorm, BatchNormLowering, Conv2d, DType, Graph, InputKind, Tensor, Value};
+use crate::graph::{BatchNorm, BatchNormLowering, Conv2d, DType, DepthwiseLowering, Graph, InputKind, Tensor, Value};
 use crate::{Error, Result};
 
 /// BatchNorm form.
@@ -31,6 +31,7 @@ pub(crate) struct Net<'g> {
     init: Option<&'g Weights>,
     frozen: bool,
     bn: BatchNorm,
+    depthwise: DepthwiseLowering,
 }
 
 /// Pretrained tensors by parameter name.
@@ -54,7 +55,13 @@ fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
 
 impl<'g> Net<'g> {
     pub fn new(g: &'g mut Graph, mode: Mode, seed: u64) -> Net<'g> {
-        Net { g, mode, seed, init: None, frozen: false, bn: BatchNorm::default() }
+        Net { g, mode, seed, init: None, frozen: false, bn: BatchNorm::default(), depthwise: DepthwiseLowering::Auto }
+    }
+
+    /// How trained depthwise convolutions are written (training mode only).
+    pub fn with_depthwise(mut self, d: DepthwiseLowering) -> Net<'g> {
+        self.depthwise = d;
+        self
     }
 
     /// Initial values from `init` (every parameter and buffer but the head's must be there).
@@ -165,8 +172,25 @@ impl<'g> Net<'g> {
 
     /// Conv without bias and TensorFlow "SAME" padding (stride and groups from `c`); the weight
     /// `[cout, cin / groups, k, k]`, Kaiming-normal (fan_out) like [`Net::conv`].
+    ///
+    /// A trained depthwise convolution on a small map is written as dense per-channel matrices
+    /// ([`Graph::depthwise_dense`]): the same function, much faster through ONNX Runtime's CPU
+    /// provider in a training step. Frozen and inference-form layers keep the Conv node (ORT
+    /// runs those on its fast kernels, the weights being constants).
     pub fn conv_same(&mut self, x: Value, name: &str, cout: usize, k: usize, c: Conv2d) -> Result<Value> {
         let w = self.conv_weight(x, name, cout, k, c.groups.max(1))?;
+        let sx = self.g.shape(x).to_vec();
+        let depthwise = c.groups > 1 && c.groups == sx[1] && c.groups == cout && c.dilation == 1;
+        if depthwise
+            && self.depthwise == DepthwiseLowering::Auto
+            && matches!(self.mode, Mode::Train(_))
+            && !self.frozen
+            && sx[2] * sx[3] <= crate::graph::DENSE_DEPTHWISE_MAX_PIXELS
+        {
+            let (t, b) = crate::graph::tf_same_pads(sx[2], k, c.stride);
+            let (l, r) = crate::graph::tf_same_pads(sx[3], k, c.stride);
+            return self.g.depthwise_dense(x, w, c.stride, [t, l, b, r]);
+        }
         self.g.conv_tf_same(x, w, None, c)
     }
 

@@ -1,6 +1,7 @@
 //! ResNet backbones: `resnet-mini`, and torchvision's ResNet-18 / ResNet-50 without `fc`.
 
 use super::Arch;
+use super::Span;
 use super::net::Net;
 use crate::Result;
 use crate::graph::{Pool2d, Value};
@@ -38,24 +39,34 @@ fn shortcut(net: &mut Net, x: Value, name: &str, cin: usize, cout: usize, stride
     net.bn(d, &format!("{name}.downsample.1"))
 }
 
-/// The backbone: images `[B, 3, S, S]` → pooled feature `[B, arch.feature_dim()]`; the first
-/// `freeze` units (stem, layer1, ...) are built frozen.
-pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize) -> Result<Value> {
-    net.set_frozen(freeze > 0);
-    let y = match arch {
+/// The backbone: images `[B, 3, S, S]` → pooled feature `[B, arch.feature_dim()]`, or the part
+/// of it `span` names; the first `freeze` units (stem, layer1, ...) are built frozen.
+pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize, span: Span) -> Result<Value> {
+    let mut y = x;
+    match arch {
         Arch::ResnetMini => {
-            let mut y = net.conv_bn_relu(x, "conv1", "bn1", 32, 3, 2, 1)?;
-            for (i, (planes, stride)) in [(32, 1), (64, 2), (128, 2)].into_iter().enumerate() {
-                net.set_frozen(freeze > i + 1);
-                y = basic_block(net, y, &format!("layer{}.0", i + 1), planes, stride)?;
+            if span.builds(0) {
+                net.set_frozen(freeze > 0);
+                y = net.conv_bn_relu(y, "conv1", "bn1", 32, 3, 2, 1)?;
             }
-            y
+            for (i, (planes, stride)) in [(32, 1), (64, 2), (128, 2)].into_iter().enumerate() {
+                if span.builds(i + 1) {
+                    net.set_frozen(freeze > i + 1);
+                    y = basic_block(net, y, &format!("layer{}.0", i + 1), planes, stride)?;
+                }
+            }
         }
         _ => {
-            let y = net.conv_bn_relu(x, "conv1", "bn1", 64, 7, 2, 3)?;
-            let mut y = net.g.max_pool(y, Pool2d { kernel: 3, stride: 2, pad: 1 })?;
+            if span.builds(0) {
+                net.set_frozen(freeze > 0);
+                y = net.conv_bn_relu(y, "conv1", "bn1", 64, 7, 2, 3)?;
+                y = net.g.max_pool(y, Pool2d { kernel: 3, stride: 2, pad: 1 })?;
+            }
             let blocks = if arch == Arch::Resnet18 { [2, 2, 2, 2] } else { [3, 4, 6, 3] };
             for (stage, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+                if !span.builds(stage + 1) {
+                    continue;
+                }
                 net.set_frozen(freeze > stage + 1);
                 for b in 0..n {
                     let stride = if stage > 0 && b == 0 { 2 } else { 1 };
@@ -67,10 +78,12 @@ pub(crate) fn backbone(net: &mut Net, arch: Arch, x: Value, freeze: usize) -> Re
                     };
                 }
             }
-            y
         }
-    };
+    }
     net.set_frozen(false);
+    if !span.pools() {
+        return Ok(y);
+    }
     let pooled = net.g.global_avg_pool(y)?;
     net.g.flatten(pooled, 1)
 }

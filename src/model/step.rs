@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use super::head::{head, l2_normalize};
 use super::net::{Mode, Net, Weights};
-use super::{ModelConfig, efficientnet, resnet};
+use super::{ModelConfig, Span, efficientnet, resnet};
 use crate::graph::{DType, GradOptions, GradReport, Graph, InputKind, Optimizer, Tensor, TrainStep, Value, train_step};
 use crate::{Error, Result};
 
@@ -42,6 +42,20 @@ pub struct StepGraph {
     pub levels: usize,
     /// How the step was lowered (also read when it is written for a session).
     pub lowering: GradOptions,
+    /// The data input the batch is fed to: `images`, or `features` for a step over the frozen
+    /// prefix's output ([`StepInput::Features`]).
+    pub data_input: &'static str,
+}
+
+/// What a step graph takes as its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepInput {
+    /// `images` f32 `[2N, 3, S, S]`: the whole network runs in the step.
+    Images,
+    /// `features` f32 `[2N, C, H, W]`: the output of the frozen leading units (`cfg.freeze`),
+    /// computed beforehand by [`prefix_graph`]; the step builds only the trainable units. `C, H,
+    /// W` is the prefix graph's output shape.
+    Features(Vec<usize>),
 }
 
 impl StepGraph {
@@ -125,23 +139,58 @@ pub(crate) fn check_config(cfg: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// The arch's backbone with its BatchNorm settings, `cfg.freeze` units frozen.
-fn backbone(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
+/// The arch's backbone with its BatchNorm settings, `cfg.freeze` units frozen, or the part of it
+/// `span` names (native archs only: an imported graph's frozen layers need not end at one tensor).
+fn backbone(net: &mut Net, cfg: &ModelConfig, images: Value, span: Span) -> Result<Value> {
     if let Some(m) = &cfg.imported {
+        if span != Span::Whole {
+            return Err(Error::InvalidArgument {
+                name: "view-cache",
+                reason: "an imported (--init-onnx) backbone cannot be split at its frozen layers: its frozen part need not end at one tensor".into(),
+            });
+        }
         return m.replay(net, images, cfg.freeze);
     }
     if cfg.arch.is_efficientnet() {
         net.set_batch_norm(crate::graph::BatchNorm { eps: efficientnet::BN_EPS, momentum: efficientnet::BN_MOMENTUM });
-        efficientnet::backbone(net, cfg.arch, images, cfg.freeze)
+        efficientnet::backbone(net, cfg.arch, images, cfg.freeze, span)
     } else {
-        resnet::backbone(net, cfg.arch, images, cfg.freeze)
+        resnet::backbone(net, cfg.arch, images, cfg.freeze, span)
     }
+}
+
+/// Backbone (or its part after the frozen prefix), head (if any) and L2 normalisation: images
+/// (or prefix features) → unit embeddings.
+fn encoder_span(net: &mut Net, cfg: &ModelConfig, x: Value, span: Span) -> Result<Value> {
+    let f = backbone(net, cfg, x, span)?;
+    if cfg.head { head(net, f, cfg.embed_dim) } else { l2_normalize(net.g, f) }
 }
 
 /// Backbone, head (if any) and L2 normalisation: images → unit embeddings.
 fn encoder(net: &mut Net, cfg: &ModelConfig, images: Value) -> Result<Value> {
-    let f = backbone(net, cfg, images)?;
-    if cfg.head { head(net, f, cfg.embed_dim) } else { l2_normalize(net.g, f) }
+    encoder_span(net, cfg, images, Span::Whole)
+}
+
+/// The frozen leading units alone, in inference form: `images` f32 `[batch, 3, S, S]` →
+/// `prefix` f32 `[batch, C, H, W]`, the feature map [`StepInput::Features`] trains on. Every
+/// weight is a constant (pretrained values from `init`). Needs `cfg.freeze >= 1`.
+pub fn prefix_graph(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
+    check_config(cfg)?;
+    if cfg.freeze == 0 {
+        return Err(Error::InvalidArgument {
+            name: "view-cache",
+            reason: "the frozen-prefix cache needs frozen leading units (--freeze 1 or more)".into(),
+        });
+    }
+    let mut g = Graph::new();
+    let s = cfg.image_size;
+    let images = g.input("images", DType::F32, &[batch, 3, s, s])?;
+    let out = {
+        let mut net = Net::new(&mut g, Mode::Infer, cfg.seed).with_init(init);
+        backbone(&mut net, cfg, images, Span::Prefix(cfg.freeze))?
+    };
+    g.output("prefix", out)?;
+    Ok(g)
 }
 
 /// Builds one training step for batches of `n` samples (`2n` images) with `k` label columns.
@@ -159,17 +208,46 @@ pub fn step_graph(
     grad: &GradOptions,
     loss: impl FnOnce(&mut Graph, Value, Value) -> Result<LossParts>,
 ) -> Result<StepGraph> {
+    step_graph_with(cfg, init, n, k, optimizer, grad, &StepInput::Images, loss)
+}
+
+/// [`step_graph`] over the batch form `input` names: images, or the frozen prefix's features
+/// (then only the units after `cfg.freeze` are in the graph).
+#[allow(clippy::too_many_arguments)]
+pub fn step_graph_with(
+    cfg: &ModelConfig,
+    init: Option<&Weights>,
+    n: usize,
+    k: usize,
+    optimizer: &Optimizer,
+    grad: &GradOptions,
+    input: &StepInput,
+    loss: impl FnOnce(&mut Graph, Value, Value) -> Result<LossParts>,
+) -> Result<StepGraph> {
     check_config(cfg)?;
     if n == 0 || k == 0 {
         return Err(Error::InvalidArgument { name: "batch", reason: format!("n = {n} and k = {k} must be positive") });
     }
     let mut g = Graph::new();
     let s = cfg.image_size;
-    let images = g.input("images", DType::F32, &[2 * n, 3, s, s])?;
+    let (data_input, span, x) = match input {
+        StepInput::Images => ("images", Span::Whole, g.input("images", DType::F32, &[2 * n, 3, s, s])?),
+        StepInput::Features(chw) => {
+            if cfg.freeze == 0 {
+                return Err(Error::InvalidArgument {
+                    name: "view-cache",
+                    reason: "a step over prefix features needs frozen leading units (--freeze 1 or more)".into(),
+                });
+            }
+            let shape: Vec<usize> = std::iter::once(2 * n).chain(chw.iter().copied()).collect();
+            ("features", Span::Suffix(cfg.freeze), g.input("features", DType::F32, &shape)?)
+        }
+    };
     let labels = g.input("labels", DType::I64, &[n, k])?;
     let emb = {
-        let mut net = Net::new(&mut g, Mode::Train(grad.batch_norm), cfg.seed).with_init(init);
-        encoder(&mut net, cfg, images)?
+        let mut net =
+            Net::new(&mut g, Mode::Train(grad.batch_norm), cfg.seed).with_init(init).with_depthwise(grad.depthwise);
+        encoder_span(&mut net, cfg, x, span)?
     };
     if g.params().is_empty() {
         return Err(Error::InvalidArgument { name: "freeze", reason: "everything is frozen: nothing to train".into() });
@@ -198,6 +276,7 @@ pub fn step_graph(
         k,
         levels: parts.level_losses.len(),
         lowering: *grad,
+        data_input,
     })
 }
 
@@ -214,7 +293,7 @@ pub fn inference_graph(cfg: &ModelConfig, batch: usize) -> Result<Graph> {
 /// classifier on top of the pretrained backbone sees; tests compare it with an independent
 /// implementation).
 pub fn feature_graph(cfg: &ModelConfig, batch: usize, init: Option<&Weights>) -> Result<Graph> {
-    forward_graph(&cfg.without_head(), batch, init, "features", backbone)
+    forward_graph(&cfg.without_head(), batch, init, "features", |net, cfg, x| backbone(net, cfg, x, Span::Whole))
 }
 
 /// [`inference_graph`] with initial values from `init` (e.g. pretrained weights).
@@ -465,5 +544,96 @@ pub(crate) mod tests {
         assert_eq!(GradOptions::for_runtime(&cuda).batch_norm, BatchNormLowering::Composed);
         let cpu = GradOptions::for_runtime(&RuntimeOptions { cpu_nchwc: true, ..Default::default() });
         assert_eq!((cpu.batch_norm, cpu.cpu_nchwc), (BatchNormLowering::Fused, true));
+    }
+
+    #[test]
+    fn dense_depthwise_takes_the_same_step_as_the_grouped_conv() {
+        // Lite0 at 64 px with 4 units frozen: stages 5-7 train, their depthwise convolutions on
+        // 4x4 and 2x2 maps are written dense by default. Loss and every updated parameter agree
+        // with the grouped-Conv step (f32 through ORT).
+        let cfg = ModelConfig { freeze: 4, embed_dim: 8, ..ModelConfig::new(Arch::EfficientnetLite0, 64, 2) };
+        let opt = Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false });
+        let (images, labels) = batch(&cfg, 3, 2, 8);
+        let lr = Tensor::F32(ndarray::arr0(0.05f32).into_dyn());
+        let step = |depthwise| {
+            let grad = GradOptions { depthwise, ..GradOptions::default() };
+            let sg = step_graph(&cfg, None, 3, 2, &opt, &grad, test_loss).unwrap();
+            let convs = sg.graph.nodes().iter().filter(|n| n.op == "Conv" && n.attr_int("group", 1) > 1).count();
+            let mut run = Runner::cpu(&sg.graph).unwrap();
+            let out = run.run(&[("images", &images), ("labels", &labels), ("lr", &lr)]).unwrap();
+            let names: Vec<String> = sg.graph.outputs().iter().map(|&v| sg.graph.name(v).to_string()).collect();
+            (convs, names.into_iter().map(|n| (n.clone(), out.get(&n).unwrap().to_f64_vec())).collect::<Vec<_>>())
+        };
+        use crate::graph::DepthwiseLowering;
+        let ((dense_convs, dense), (grouped_convs, grouped)) =
+            (step(DepthwiseLowering::Auto), step(DepthwiseLowering::Conv));
+        assert!(grouped_convs > dense_convs, "{grouped_convs} grouped Convs vs {dense_convs}");
+        assert_eq!(dense.len(), grouped.len());
+        for ((name, a), (_, b)) in dense.iter().zip(&grouped) {
+            let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + scale), "{name}: dense {x} vs grouped {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_over_the_frozen_prefix_equals_the_step_over_images() {
+        // The prefix graph (frozen units, inference form) feeds the features step; the loss and
+        // every updated parameter equal those of the whole step on the same images.
+        let cfg = ModelConfig { freeze: 6, embed_dim: 8, ..ModelConfig::new(Arch::EfficientnetLite0, 64, 4) };
+        let init = {
+            let g = inference_graph(&ModelConfig { head: false, embed_dim: 1280, ..cfg.clone() }, 1).unwrap();
+            let w: Weights = g
+                .inputs()
+                .iter()
+                .filter(|i| i.kind != InputKind::Data)
+                .map(|i| (g.name(i.value).to_string(), i.init.clone().unwrap()))
+                .collect();
+            w
+        };
+        let opt = Optimizer::Sgd(Sgd { momentum: 0.9, weight_decay: 1e-4, nesterov: false });
+        let (n, k) = (3, 2);
+        let (images, labels) = batch(&cfg, n, k, 9);
+        let lr = Tensor::F32(ndarray::arr0(0.05f32).into_dyn());
+        let prefix = prefix_graph(&cfg, 2 * n, Some(&init)).unwrap();
+        let shape = prefix.shape(prefix.find("prefix").unwrap()).to_vec();
+        assert_eq!(shape, [2 * n, 112, 4, 4], "Lite0's stage 5 output at 64 px");
+        assert!(prefix.params().is_empty(), "the prefix is all constants");
+        let features =
+            Runner::cpu(&prefix).unwrap().run(&[("images", &images)]).unwrap().get("prefix").unwrap().clone();
+        let run = |input: &StepInput, x: &Tensor, name: &str| {
+            let sg = step_graph_with(&cfg, Some(&init), n, k, &opt, &GradOptions::default(), input, test_loss).unwrap();
+            assert_eq!(sg.data_input, name);
+            let mut r = Runner::cpu(&sg.graph).unwrap();
+            let out = r.run(&[(name, x), ("labels", &labels), ("lr", &lr)]).unwrap();
+            let names: Vec<String> = sg.graph.outputs().iter().map(|&v| sg.graph.name(v).to_string()).collect();
+            names.into_iter().map(|n| (n.clone(), out.get(&n).unwrap().to_f64_vec())).collect::<Vec<_>>()
+        };
+        let whole = run(&StepInput::Images, &images, "images");
+        let split = run(&StepInput::Features(shape[1..].to_vec()), &features, "features");
+        assert_eq!(whole.len(), split.len());
+        for ((name, a), (name2, b)) in whole.iter().zip(&split) {
+            assert_eq!(name, name2);
+            let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + scale), "{name}: whole {x} vs prefix+step {y}");
+            }
+        }
+        // Nothing frozen, or an imported backbone: no prefix.
+        let e = prefix_graph(&ModelConfig { freeze: 0, ..cfg.clone() }, 1, None).unwrap_err();
+        assert!(e.to_string().contains("--freeze"), "{e}");
+        let e = step_graph_with(
+            &ModelConfig { freeze: 0, ..cfg },
+            None,
+            n,
+            k,
+            &opt,
+            &GradOptions::default(),
+            &StepInput::Features(vec![112, 4, 4]),
+            test_loss,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--freeze"), "{e}");
     }
 }

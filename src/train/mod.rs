@@ -6,11 +6,13 @@ pub mod sampler;
 pub mod schedule;
 pub mod session;
 pub mod trainer;
+pub mod views;
 
 pub use checkpoint::{CHECKPOINT_FORMAT, Checkpoint};
 pub use sampler::{Batch, Sampler, SamplerConfig, SamplerKind, SamplerState, SamplerStats, SlotRole};
 pub use schedule::Schedule;
 pub use session::{StepOut, TrainSession};
 pub use trainer::{
-    OptimizerKind, RunDir, StepMetrics, TrainConfig, TrainHooks, TrainOutcome, plot_losses, read_metrics, replot, train,
+    OptimizerKind, RunDir, StepMetrics, TrainConfig, TrainEnv, TrainOutcome, plot_losses, read_metrics, replot, train,
 };
+pub use views::{ViewCache, ViewKey};

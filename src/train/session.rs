@@ -43,7 +43,9 @@ pub struct TrainSession {
     /// Current state values (CPU), in `slots` order.
     values: Vec<DynValue>,
     levels: usize,
-    images_shape: Vec<usize>,
+    /// The batch input (`images`, or `features` for a step over the frozen prefix) and its shape.
+    data_input: &'static str,
+    data_shape: Vec<usize>,
     labels_shape: Vec<usize>,
     uses_step: bool,
     steps_done: u64,
@@ -137,7 +139,8 @@ impl TrainSession {
             session,
             values: Vec::new(),
             levels: step.levels,
-            images_shape: info("images"),
+            data_input: step.data_input,
+            data_shape: info(step.data_input),
             labels_shape: info("labels"),
             uses_step: step.needs_step(),
             steps_done: 0,
@@ -179,10 +182,11 @@ impl TrainSession {
         self.steps_done = n;
     }
 
-    /// Runs one step on `images` f32 `[2N, 3, S, S]` and `labels` i64 `[N, K]` with learning
-    /// rate `lr`; the state moves on to the step's `.next` outputs.
+    /// Runs one step on the batch (`images` f32 `[2N, 3, S, S]`, or the frozen prefix's
+    /// `features` f32 `[2N, C, H, W]`, as the step graph was built) and `labels` i64 `[N, K]`
+    /// with learning rate `lr`; the state moves on to the step's `.next` outputs.
     pub fn run(&mut self, images: &Tensor, labels: &Tensor, lr: f64) -> Result<StepOut> {
-        check_feed("images", images, DType::F32, &self.images_shape)?;
+        check_feed(self.data_input, images, DType::F32, &self.data_shape)?;
         check_feed("labels", labels, DType::I64, &self.labels_shape)?;
         let images = images.as_f32().expect("checked").as_standard_layout();
         let labels = labels.as_i64().expect("checked").as_standard_layout();
@@ -193,7 +197,7 @@ impl TrainSession {
         if let Some(dev) = &mut self.device {
             // Owned host values: the binding holds them until the next step rebinds.
             let mut batch = vec![
-                ("images", to_ort("images", &Tensor::F32(images.into_owned()))?),
+                (self.data_input, to_ort(self.data_input, &Tensor::F32(images.into_owned()))?),
                 ("labels", to_ort("labels", &Tensor::I64(labels.into_owned()))?),
                 ("lr", lr_v.into_dyn()),
             ];
@@ -207,7 +211,7 @@ impl TrainSession {
         let images_v = TensorRef::from_array_view(images.view()).map_err(wrap)?;
         let labels_v = TensorRef::from_array_view(labels.view()).map_err(wrap)?;
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(self.slots.len() + 4);
-        inputs.push(("images".into(), images_v.into()));
+        inputs.push((self.data_input.into(), images_v.into()));
         inputs.push(("labels".into(), labels_v.into()));
         inputs.push(("lr".into(), lr_v.into()));
         if self.uses_step {

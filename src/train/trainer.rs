@@ -29,12 +29,14 @@ use super::checkpoint::Checkpoint;
 use super::sampler::{Sampler, SamplerConfig, SamplerKind, SamplerState};
 use super::schedule::Schedule;
 use super::session::TrainSession;
-use crate::catalogue::{Labels, Manifest, Split};
+use super::views::{self, ViewCache, ViewKey};
+use crate::catalogue::{Labels, Manifest, Subset};
 use crate::graph::{AdamW, GradOptions, Optimizer, Sgd, Tensor};
 use crate::image::{Augment, Limits, Preprocess, augment, decode_file};
 use crate::loss::LossOptions;
 use crate::model::imported::{ImportOptions, Imported};
 use crate::model::{self, Arch, Init, ModelConfig, Weights};
+use crate::pipeline::Prefetch;
 use crate::plot::{LineChart, Series};
 use crate::progress::Progress;
 use crate::runtime::RuntimeOptions;
@@ -56,7 +58,9 @@ pub enum OptimizerKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub manifest: PathBuf,
-    pub split: Split,
+    /// The part of the catalogue trained on: `train` (all seen products) or `fit` (seen products
+    /// minus the validation hold-out, for runs that choose settings).
+    pub split: Subset,
     pub loss: LossOptions,
     pub arch: Arch,
     pub image_size: usize,
@@ -98,6 +102,10 @@ pub struct TrainConfig {
     /// The imported model wants BGR channels.
     #[serde(default)]
     pub bgr: bool,
+    /// Views per image of the frozen-prefix view cache (`--view-cache K`, see
+    /// [`super::views`]); 0 = off: every step augments fresh views and runs the whole network.
+    #[serde(default)]
+    pub view_cache: usize,
 }
 
 impl TrainConfig {
@@ -151,6 +159,26 @@ impl TrainConfig {
         }
         if self.init_onnx.is_none() && (self.cut.is_some() || self.normalization.is_some() || self.bgr) {
             return bad("--cut, --mean, --std and --bgr apply to an imported model: they need --init-onnx".into());
+        }
+        if self.view_cache > 0 {
+            if self.view_cache < 2 {
+                return bad(format!(
+                    "--view-cache needs at least 2 views per image (a step takes two), got {}",
+                    self.view_cache
+                ));
+            }
+            if self.freeze == 0 {
+                return bad("--view-cache stores the frozen units' output: it needs --freeze 1 or more".into());
+            }
+            if self.init_onnx.is_some() {
+                return bad("--view-cache works with the native backbones; an imported model's frozen layers need not end at one tensor".into());
+            }
+        }
+        if self.split == Subset::Test {
+            return bad(
+                "training on the unseen split (test) would leave nothing unseen: use train, or fit to choose settings"
+                    .into(),
+            );
         }
         self.loss.validate()?;
         self.augment.validate()
@@ -284,24 +312,25 @@ impl RunDir {
     }
 }
 
-/// Hooks for tests and tooling: stop after a step as if killed (no checkpoint, no export).
+/// How a run executes, beyond what decides its result (never part of `config.json`).
 #[derive(Debug, Clone, Default)]
-pub struct TrainHooks {
+pub struct TrainEnv {
+    /// Testing aid: stop after this step as if killed (no checkpoint, no export).
     pub halt_after: Option<usize>,
+    /// Where view caches live (`--view-cache-dir`); `None`: `.cache/views` in the working
+    /// directory. Runs with the same key share one cache.
+    pub view_cache_dir: Option<PathBuf>,
 }
 
+/// The default home of view caches, relative to the working directory.
+pub const DEFAULT_VIEW_CACHE_DIR: &str = ".cache/views";
+
 /// Trains (or resumes) the run in `out` and exports its model.
-pub fn train(
-    cfg: &TrainConfig,
-    out: &Path,
-    resume: bool,
-    rt: &RuntimeOptions,
-    hooks: &TrainHooks,
-) -> Result<TrainOutcome> {
+pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, env: &TrainEnv) -> Result<TrainOutcome> {
     cfg.check()?;
     let run = RunDir { dir: out.to_path_buf() };
     let manifest = Manifest::read(&cfg.manifest)?;
-    let items: Vec<_> = manifest.items.iter().filter(|it| it.split == cfg.split).collect();
+    let items: Vec<_> = cfg.split.select(&manifest.items);
     if items.len() < cfg.batch_size {
         return Err(Error::TrainConfig {
             reason: format!(
@@ -382,15 +411,26 @@ pub fn train(
         tracing::info!("the run already has {start} steps; exporting");
     }
 
-    let images = load_images(&manifest, &items)?;
+    let images = Arc::new(load_images(&manifest, &items)?);
+    let (mean, std) = model_cfg.normalization();
+    let pre = Preprocess { size: cfg.image_size as u32, mean, std };
+    // Where batches come from: fresh augmentations of the images, or pooled views from the
+    // frozen-prefix cache (then the step graph starts after the frozen units).
+    let (input, source) = if cfg.view_cache > 0 {
+        let (cache, shape) = open_view_cache(cfg, &model_cfg, pretrained.as_ref(), images.clone(), rt, env)?;
+        (model::StepInput::Features(shape), BatchSource::Cache(Arc::new(cache)))
+    } else {
+        (model::StepInput::Images, BatchSource::Fresh { images: images.clone(), augment: cfg.augment, pre })
+    };
     let loss_opts = cfg.loss.clone();
-    let step_graph = model::step_graph(
+    let step_graph = model::step_graph_with(
         &model_cfg,
         pretrained.as_ref().filter(|_| model_cfg.imported.is_none()).map(|p| &p.0),
         cfg.batch_size,
         k,
         &cfg.optimizer(),
         &GradOptions::for_runtime(rt),
+        &input,
         |g, emb, lab| {
             let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
             Ok(model::LossParts { loss: parts.loss, level_losses: parts.level_losses })
@@ -401,8 +441,6 @@ pub fn train(
         tracing::info!("convolutions on ONNX Runtime's NCHWc kernels (block {b})");
     }
     session.set_steps_done(start as u64);
-    let (mean, std) = model_cfg.normalization();
-    let pre = Preprocess { size: cfg.image_size as u32, mean, std };
     let schedule = cfg.schedule();
 
     let mut metrics = std::fs::OpenOptions::new()
@@ -414,10 +452,25 @@ pub fn train(
     progress.inc(start as u64);
     let started = Instant::now();
     let mut last = None;
+    // Batches are prepared on a worker thread up to PREFETCH steps ahead of the session. Each
+    // queued step keeps the sampler state after its draw: that is what its checkpoint saves, so
+    // a resumed run continues exactly where the uninterrupted one would.
+    let seed = cfg.seed;
+    let mut prep = Prefetch::new("train-batches", PREFETCH, move |(step, batch): (usize, Vec<usize>)| {
+        source.batch(seed, step, &batch)
+    });
+    let mut queued: std::collections::VecDeque<(Vec<usize>, SamplerState)> = Default::default();
+    let mut next_step = start;
+    let mut t0 = Instant::now();
     for step in start..cfg.steps {
-        let t0 = Instant::now();
-        let batch = sampler.next_batch();
-        let x = views(&images, &batch, &cfg.augment, &pre, cfg.seed, step);
+        while queued.len() < PREFETCH && next_step < cfg.steps {
+            let batch = sampler.next_batch();
+            prep.submit((next_step, batch.clone()));
+            queued.push_back((batch, sampler.state()));
+            next_step += 1;
+        }
+        let x = prep.next().expect("a batch was queued for every step");
+        let (batch, sampler_state) = queued.pop_front().expect("a batch was queued for every step");
         let y = batch_labels(&labels.rows, &batch);
         let lr = schedule.lr(step);
         let out = session.run(&Tensor::F32(x.into_dyn()), &Tensor::I64(y.into_dyn()), lr)?;
@@ -429,6 +482,8 @@ pub fn train(
                 checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
             });
         }
+        // Wall time between consecutive steps: batch preparation that the worker did not hide
+        // counts, as it does for the user.
         let m = StepMetrics {
             step: step + 1,
             loss: out.loss,
@@ -436,6 +491,7 @@ pub fn train(
             lr,
             images_per_s: (2 * cfg.batch_size) as f64 / t0.elapsed().as_secs_f64(),
         };
+        t0 = Instant::now();
         let line = serde_json::to_string(&m).expect("metrics serialise");
         writeln!(metrics, "{line}").map_err(|e| Error::io(run.metrics(), e))?;
         progress.set_message(format!(
@@ -446,13 +502,13 @@ pub fn train(
         ));
         progress.inc(1);
         last = Some(m.loss);
-        if hooks.halt_after == Some(step + 1) {
+        if env.halt_after == Some(step + 1) {
             metrics.flush().map_err(|e| Error::io(run.metrics(), e))?;
             return Err(Error::TrainHalted { step: step + 1 });
         }
         if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
             let seconds = spent + started.elapsed().as_secs_f64();
-            save_checkpoint(&run, &session, step + 1, &sampler, seconds, weights_digest.clone())?;
+            save_checkpoint(&run, &session, step + 1, sampler_state, seconds, weights_digest.clone())?;
         }
     }
     progress.finish();
@@ -502,7 +558,7 @@ fn save_checkpoint(
     run: &RunDir,
     session: &TrainSession,
     step: usize,
-    sampler: &Sampler,
+    sampler: SamplerState,
     seconds: f64,
     weights_digest: Option<String>,
 ) -> Result<()> {
@@ -514,10 +570,96 @@ fn save_checkpoint(
             checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
         });
     }
-    let meta = CheckpointMeta { step, sampler: sampler.state(), seconds, weights_digest };
+    let meta = CheckpointMeta { step, sampler, seconds, weights_digest };
     let ckpt = Checkpoint { state, meta: serde_json::to_value(meta).expect("meta serialises") };
     ckpt.save(&run.checkpoint())
 }
+
+/// Steps whose batches the worker prepares ahead of the session.
+const PREFETCH: usize = 2;
+
+/// Where a step's batch comes from.
+enum BatchSource {
+    /// Two fresh augmentations of each sample (`[2N, 3, S, S]`).
+    Fresh { images: Arc<Vec<::image::RgbImage>>, augment: Augment, pre: Preprocess },
+    /// Two different pooled views of each sample from the view cache (`[2N, C, H, W]`).
+    Cache(Arc<ViewCache>),
+}
+
+impl BatchSource {
+    /// The batch of `step` (row `i` the first view of sample `i`, row `i + N` its second); each
+    /// sample draws from its own generator seeded by (seed, step, slot), as without a worker.
+    fn batch(&self, seed: u64, step: usize, batch: &[usize]) -> Array4<f32> {
+        match self {
+            BatchSource::Fresh { images, augment, pre } => views(images, batch, augment, pre, seed, step),
+            BatchSource::Cache(cache) => {
+                let n = batch.len();
+                let pairs: Vec<(usize, usize)> = (0..n)
+                    .map(|slot| {
+                        let mut rng = ChaCha8Rng::seed_from_u64(view_seed(seed, step, slot));
+                        views::pick_pair(&mut rng, cache.key.views)
+                    })
+                    .collect();
+                let picks: Vec<(usize, usize)> = (0..2 * n)
+                    .map(|row| {
+                        let (a, b) = pairs[row % n];
+                        (batch[row % n], if row < n { a } else { b })
+                    })
+                    .collect();
+                cache.batch(&picks)
+            }
+        }
+    }
+}
+
+/// Opens (or builds) the run's view cache; returns it with the prefix output's `[C, H, W]`.
+fn open_view_cache(
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    pretrained: Option<&(Weights, PathBuf, String)>,
+    images: Arc<Vec<::image::RgbImage>>,
+    rt: &RuntimeOptions,
+    env: &TrainEnv,
+) -> Result<(ViewCache, Vec<usize>)> {
+    let (weights, _, weights_sha256) =
+        pretrained.ok_or_else(|| Error::TrainConfig { reason: "--view-cache needs a pretrained start".into() })?;
+    let prefix = model::prefix_graph(model_cfg, CACHE_BATCH, Some(weights))?;
+    let shape = prefix.shape(prefix.find("prefix").expect("the prefix graph's output"))[1..].to_vec();
+    let key = ViewKey {
+        format: views::VIEW_CACHE_FORMAT,
+        arch: cfg.arch.name().to_string(),
+        freeze: cfg.freeze,
+        image_size: cfg.image_size,
+        normalization: model_cfg.normalization(),
+        augment: cfg.augment,
+        seed: cfg.seed,
+        views: cfg.view_cache,
+        weights_sha256: weights_sha256.clone(),
+        images_sha256: views::images_digest(&images),
+        shape: shape.clone(),
+    };
+    let root = env.view_cache_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_VIEW_CACHE_DIR));
+    // The prefix runs in inference form with constant weights, so ORT may use its fastest CPU
+    // kernels (NCHWc) even though the step graph does not.
+    let mut runner = crate::graph::Runner::new(&prefix, &RuntimeOptions { cpu_nchwc: false, ..*rt })?;
+    let started = Instant::now();
+    let (cache, opened) = ViewCache::open_or_build(&root, &key, images, &mut runner, CACHE_BATCH)?;
+    match opened {
+        views::Opened::Reused => tracing::info!("view cache {} reused (K = {})", cache.dir.display(), key.views),
+        views::Opened::Built { computed, resumed_from } => tracing::info!(
+            "view cache {}: {computed} views computed{} in {:.1} s (K = {}, {:.1} MiB)",
+            cache.dir.display(),
+            if resumed_from > 0 { format!(" after {resumed_from} found") } else { String::new() },
+            started.elapsed().as_secs_f64(),
+            key.views,
+            key.bytes(cache.images()) as f64 / (1 << 20) as f64
+        ),
+    }
+    Ok((cache, shape))
+}
+
+/// Views per prefix run while building a view cache.
+const CACHE_BATCH: usize = 64;
 
 /// Decodes every training image once (in parallel, with progress); they are small.
 fn load_images(manifest: &Manifest, items: &[&crate::catalogue::Item]) -> Result<Vec<::image::RgbImage>> {

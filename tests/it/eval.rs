@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use hiercon::catalogue::{Item, Role, Split};
+use hiercon::catalogue::{Item, Role, Split, Subset};
 use hiercon::encoder::{Encoder, TestEncoder};
 use hiercon::eval::{self, EvalConfig, EvalReport, EvaluatedModel, Retrieval};
 use hiercon::image::Limits;
@@ -144,7 +144,7 @@ fn served_evaluation_matches_the_exact_scan() {
     build::run(&icfg, encoder.as_ref()).unwrap();
     let service = Service::open(index.clone(), encoder.clone(), SearchConfig::default()).unwrap();
     let model = EvaluatedModel { digest: encoder.digest().into(), dim: DIM, ..Default::default() };
-    for split in [Split::Train, Split::Test] {
+    for split in [Subset::Train, Subset::Test] {
         let cfg = EvalConfig::new(split);
         let served_data = eval::data_from_generation(&service.generation(), split).unwrap();
         let served = eval::evaluate(&served_data, Retrieval::Served(&service), &cfg, model.clone()).unwrap();

@@ -11,14 +11,14 @@ use hiercon::image::{Augment, Limits};
 use hiercon::loss::{LossKind, LossOptions};
 use hiercon::model::{Arch, Init};
 use hiercon::runtime::RuntimeOptions;
-use hiercon::train::{self, Checkpoint, OptimizerKind, SamplerKind, TrainConfig, TrainHooks, read_metrics};
+use hiercon::train::{self, Checkpoint, OptimizerKind, SamplerKind, TrainConfig, TrainEnv, read_metrics};
 
 use crate::index::Catalogue;
 
 fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
     TrainConfig {
         manifest: c.manifest(),
-        split: hiercon::catalogue::Split::Train,
+        split: hiercon::catalogue::Subset::Train,
         loss: LossOptions { kind: loss, ..LossOptions::default() },
         arch: Arch::ResnetMini,
         image_size: 24,
@@ -39,6 +39,7 @@ fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
         cut: None,
         normalization: None,
         bgr: false,
+        view_cache: 0,
     }
 }
 
@@ -63,7 +64,7 @@ fn a_short_run_lowers_the_loss_and_exports_a_model_the_encoder_loads() {
     let c = Catalogue::new(4);
     let out = c.dir.path().join("runs/short");
     let cfg = config(&c, LossKind::Hmce, 40);
-    let done = train::train(&cfg, &out, false, &rt(), &TrainHooks::default()).unwrap();
+    let done = train::train(&cfg, &out, false, &rt(), &TrainEnv::default()).unwrap();
     assert_eq!(done.steps, 40);
     let l = losses(&out);
     assert_eq!(l.len(), 40);
@@ -89,9 +90,9 @@ fn the_nchwc_convolutions_train_the_same_run() {
     let c = Catalogue::new(4);
     let cfg = config(&c, LossKind::Hmce, 6);
     let (plain, blocked) = (c.dir.path().join("runs/plain"), c.dir.path().join("runs/nchwc"));
-    train::train(&cfg, &plain, false, &rt(), &TrainHooks::default()).unwrap();
+    train::train(&cfg, &plain, false, &rt(), &TrainEnv::default()).unwrap();
     let nchwc = RuntimeOptions { cpu_nchwc: true, ..rt() };
-    train::train(&cfg, &blocked, false, &nchwc, &TrainHooks::default()).unwrap();
+    train::train(&cfg, &blocked, false, &nchwc, &TrainEnv::default()).unwrap();
     let (a, b) = (losses(&plain), losses(&blocked));
     assert_eq!(a.len(), 6);
     for (x, y) in a.iter().zip(&b) {
@@ -105,14 +106,15 @@ fn a_run_stopped_abruptly_and_resumed_matches_an_uninterrupted_one() {
     let whole = c.dir.path().join("runs/whole");
     let cut = c.dir.path().join("runs/cut");
     let cfg = config(&c, LossKind::Hmce, 7);
-    train::train(&cfg, &whole, false, &rt(), &TrainHooks::default()).unwrap();
+    train::train(&cfg, &whole, false, &rt(), &TrainEnv::default()).unwrap();
     // Halted after step 5: the last checkpoint is step 3, steps 4 and 5 are taken again.
-    let err = train::train(&cfg, &cut, false, &rt(), &TrainHooks { halt_after: Some(5) }).unwrap_err();
+    let err =
+        train::train(&cfg, &cut, false, &rt(), &TrainEnv { halt_after: Some(5), ..Default::default() }).unwrap_err();
     assert!(matches!(err, Error::TrainHalted { step: 5 }), "{err}");
     assert!(!cut.join("model.onnx").exists());
-    let fresh = train::train(&cfg, &cut, false, &rt(), &TrainHooks::default()).unwrap_err();
+    let fresh = train::train(&cfg, &cut, false, &rt(), &TrainEnv::default()).unwrap_err();
     assert!(fresh.to_string().contains("--resume"), "refuses to overwrite a run: {fresh}");
-    train::train(&cfg, &cut, true, &rt(), &TrainHooks::default()).unwrap();
+    train::train(&cfg, &cut, true, &rt(), &TrainEnv::default()).unwrap();
     let (a, b) = (losses(&whole), losses(&cut));
     assert_eq!(a.len(), 7);
     assert_eq!(b.len(), 7, "metrics of the lost steps are replaced, not repeated");
@@ -132,7 +134,7 @@ fn a_run_stopped_abruptly_and_resumed_matches_an_uninterrupted_one() {
 
     let mut changed = cfg.clone();
     changed.lr = 0.5;
-    let err = train::train(&changed, &cut, true, &rt(), &TrainHooks::default()).unwrap_err();
+    let err = train::train(&changed, &cut, true, &rt(), &TrainEnv::default()).unwrap_err();
     assert!(err.to_string().contains("lr"), "a resume with other options names them: {err}");
 }
 
@@ -144,7 +146,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_last_good_checkpoint()
     cfg.lr = 1e12;
     cfg.warmup = 0;
     cfg.checkpoint_every = 1;
-    let err = train::train(&cfg, &out, false, &rt(), &TrainHooks::default()).unwrap_err();
+    let err = train::train(&cfg, &out, false, &rt(), &TrainEnv::default()).unwrap_err();
     let Error::TrainDiverged { step, .. } = err else { panic!("expected TrainDiverged, got {err}") };
     assert!(err.to_string().contains("not finite"), "{err}");
     let ckpt = Checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
@@ -207,10 +209,11 @@ fn a_pretrained_lite0_with_frozen_stages_resumes_and_exports_its_frozen_weights(
         ..config(&c, LossKind::Hmce, 5)
     };
     let (whole, cut) = (c.dir.path().join("runs/whole"), c.dir.path().join("runs/cut"));
-    train::train(&cfg, &whole, false, &rt(), &TrainHooks::default()).unwrap();
-    let err = train::train(&cfg, &cut, false, &rt(), &TrainHooks { halt_after: Some(4) }).unwrap_err();
+    train::train(&cfg, &whole, false, &rt(), &TrainEnv::default()).unwrap();
+    let err =
+        train::train(&cfg, &cut, false, &rt(), &TrainEnv { halt_after: Some(4), ..Default::default() }).unwrap_err();
     assert!(matches!(err, Error::TrainHalted { step: 4 }), "{err}");
-    train::train(&cfg, &cut, true, &rt(), &TrainHooks::default()).unwrap();
+    train::train(&cfg, &cut, true, &rt(), &TrainEnv::default()).unwrap();
     let (a, b) = (losses(&whole), losses(&cut));
     assert_eq!(b.len(), 5);
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -240,6 +243,77 @@ fn a_pretrained_lite0_with_frozen_stages_resumes_and_exports_its_frozen_weights(
 
     // --freeze without a pretrained start is refused.
     let bad = TrainConfig { init: Init::Random, ..cfg };
-    let e = train::train(&bad, &c.dir.path().join("runs/bad"), false, &rt(), &TrainHooks::default()).unwrap_err();
+    let e = train::train(&bad, &c.dir.path().join("runs/bad"), false, &rt(), &TrainEnv::default()).unwrap_err();
     assert!(e.to_string().contains("--init pretrained"), "{e}");
+}
+
+#[test]
+fn a_view_cache_run_resumes_exactly_and_runs_with_the_same_key_share_one_cache() {
+    // Lite0 at 32 px with 6 units frozen and a pool of 3 views per image: the cache is built
+    // once, a halted and resumed run takes the same steps as an uninterrupted one (reusing the
+    // cache), another seed draws another pool, and the exported model is a whole encoder.
+    let c = Catalogue::new(2);
+    let views = c.dir.path().join("views");
+    let env = TrainEnv { view_cache_dir: Some(views.clone()), ..Default::default() };
+    let cfg = TrainConfig {
+        arch: Arch::EfficientnetLite0,
+        image_size: 32,
+        init: Init::Pretrained,
+        freeze: 6,
+        lr: 0.01,
+        view_cache: 3,
+        ..config(&c, LossKind::Hmce, 5)
+    };
+    let (whole, cut) = (c.dir.path().join("runs/whole"), c.dir.path().join("runs/cut"));
+    train::train(&cfg, &whole, false, &rt(), &env).unwrap();
+    let caches = || std::fs::read_dir(&views).unwrap().map(|e| e.unwrap().path()).collect::<Vec<_>>();
+    assert_eq!(caches().len(), 1);
+    let file = caches()[0].join("views.f16");
+    let built = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let halted = TrainEnv { halt_after: Some(4), ..env.clone() };
+    let err = train::train(&cfg, &cut, false, &rt(), &halted).unwrap_err();
+    assert!(matches!(err, Error::TrainHalted { step: 4 }), "{err}");
+    train::train(&cfg, &cut, true, &rt(), &env).unwrap();
+    let (a, b) = (losses(&whole), losses(&cut));
+    assert_eq!((a.len(), b.len()), (5, 5));
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "step {}: {x} vs {y}", step + 1);
+    }
+    assert_eq!(caches().len(), 1, "the same key shares the cache");
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), built, "and does not rewrite it");
+    let enc = OrtEncoder::load(&whole.join("model.onnx"), &rt()).unwrap();
+    assert_eq!(embed(&enc, &c.image_path(&c.items[0].id)).shape(), [1, 128]);
+    let cfg_json = std::fs::read_to_string(whole.join("config.json")).unwrap();
+    assert!(cfg_json.contains("\"view_cache\": 3"), "{cfg_json}");
+
+    let other = TrainConfig { seed: 8, steps: 1, ..cfg.clone() };
+    train::train(&other, &c.dir.path().join("runs/seed8"), false, &rt(), &env).unwrap();
+    assert_eq!(caches().len(), 2, "another seed draws another pool");
+
+    for (bad, why) in [
+        (TrainConfig { view_cache: 1, ..cfg.clone() }, "at least 2 views"),
+        (TrainConfig { freeze: 0, ..cfg.clone() }, "--freeze"),
+    ] {
+        let e = train::train(&bad, &c.dir.path().join("runs/bad"), false, &rt(), &env).unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+}
+
+#[test]
+fn a_run_on_fit_leaves_the_validation_products_out() {
+    // `--split fit` trains on the seen products minus the validation hold-out: the run's
+    // model.json counts those items only.
+    let c = Catalogue::new(6);
+    let m = hiercon::catalogue::Manifest::read(&c.manifest()).unwrap();
+    let fit = hiercon::catalogue::Subset::Fit.select(&m.items).len();
+    let train = hiercon::catalogue::Subset::Train.select(&m.items).len();
+    assert!(0 < fit && fit < train, "fit {fit} of {train}");
+    let out = c.dir.path().join("runs/fit");
+    let cfg = TrainConfig { split: hiercon::catalogue::Subset::Fit, ..config(&c, LossKind::Hmce, 2) };
+    train::train(&cfg, &out, false, &rt(), &TrainEnv::default()).unwrap();
+    let meta = ModelMeta::read(&out.join("model.json")).unwrap();
+    assert_eq!(meta.extra["training"]["items"], fit);
+    let test = TrainConfig { split: hiercon::catalogue::Subset::Test, ..cfg };
+    let e = train::train(&test, &c.dir.path().join("runs/test"), false, &rt(), &TrainEnv::default()).unwrap_err();
+    assert!(e.to_string().contains("unseen"), "{e}");
 }

@@ -35,6 +35,19 @@ pub struct GradOptions {
     /// ORT's blocked NCHWc kernels ([`crate::graph::nchwc`]). Not standard ONNX, so off by
     /// default; ignored on CUDA.
     pub cpu_nchwc: bool,
+    /// Trained depthwise convolutions in model step graphs.
+    pub depthwise: DepthwiseLowering,
+}
+
+/// How a model step graph writes a trained depthwise convolution.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DepthwiseLowering {
+    /// Dense per-channel spatial matrices ([`Graph::depthwise_dense`]) on maps of at most
+    /// [`crate::graph::DENSE_DEPTHWISE_MAX_PIXELS`] pixels, the grouped Conv above.
+    #[default]
+    Auto,
+    /// Always the grouped Conv node.
+    Conv,
 }
 
 /// How a model step graph computes training-mode BatchNorm.

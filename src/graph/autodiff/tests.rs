@@ -555,3 +555,48 @@ fn a_small_net_end_to_end() {
         });
     }
 }
+
+#[test]
+fn depthwise_dense_equals_the_grouped_conv_and_has_exact_gradients() {
+    use crate::graph::testutil::{conv_ref, rng, uniform};
+    // (n, c, h, w, k, stride, pads [top, left, bottom, right]): Lite's stride-1 5x5 and 3x3 on
+    // 4x4 maps, its strided 5x5 with TF-SAME's uneven pads on 8x8, a non-square map.
+    let cases: [(usize, usize, usize, usize, usize, usize, [usize; 4]); 4] = [
+        (2, 3, 4, 4, 5, 1, [2, 2, 2, 2]),
+        (2, 2, 4, 4, 3, 1, [1, 1, 1, 1]),
+        (1, 3, 8, 8, 5, 2, [1, 1, 2, 2]),
+        (2, 2, 3, 5, 3, 1, [1, 0, 1, 2]),
+    ];
+    for (i, &(n, c, h, w, k, stride, pads)) in cases.iter().enumerate() {
+        // Forward against the plain-Rust reference on the explicitly padded input (f64).
+        let mut r = rng(900 + i as u64);
+        let x = uniform(&mut r, DType::F64, &[n, c, h, w]);
+        let wt = uniform(&mut r, DType::F64, &[c, 1, k, k]);
+        let (ph, pw) = (h + pads[0] + pads[2], w + pads[1] + pads[3]);
+        let xa = x.as_f64().unwrap();
+        let mut padded = ndarray::ArrayD::<f64>::zeros(vec![n, c, ph, pw]);
+        for ((b, ch, y, z), v) in xa.view().into_dimensionality::<ndarray::Ix4>().unwrap().indexed_iter() {
+            padded[[b, ch, y + pads[0], z + pads[1]]] = *v;
+        }
+        let want = conv_ref(&padded, wt.as_f64().unwrap(), stride, 0, 1, c);
+        let mut g = Graph::new();
+        let (xv, wv) =
+            (g.input("x", DType::F64, &[n, c, h, w]).unwrap(), g.input("w", DType::F64, &[c, 1, k, k]).unwrap());
+        let y = g.depthwise_dense(xv, wv, stride, pads).unwrap();
+        assert_eq!(g.shape(y), want.shape(), "case {i}");
+        g.output("y", y).unwrap();
+        let got = Runner::cpu(&g).unwrap().run(&[("x", &x), ("w", &wt)]).unwrap().get("y").unwrap().to_f64_vec();
+        for (a, b) in got.iter().zip(want.iter()) {
+            assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "case {i}: {a} vs {b}");
+        }
+        // Gradients of input and weight, through autodiff of MatMul / Transpose / Reshape.
+        f64c().run(950 + i as u64, &[&[n, c, h, w], &[c, 1, k, k]], |g, v| {
+            g.depthwise_dense(v[0], v[1], stride, pads).unwrap()
+        });
+    }
+    // A weight that is not [C, 1, k, k] is refused.
+    let mut g = Graph::new();
+    let x = g.input("x", DType::F32, &[1, 4, 4, 4]).unwrap();
+    let w = g.input("w", DType::F32, &[4, 2, 3, 3]).unwrap();
+    assert!(g.depthwise_dense(x, w, 1, [1, 1, 1, 1]).is_err());
+}

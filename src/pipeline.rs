@@ -1,154 +1,113 @@
-//! Prefetch pipeline: one worker thread runs jobs in submission order ahead of their consumer,
-//! through a bounded queue, so image preparation overlaps the model (training batches, the view
-//! cache, embedding a catalogue).
+//! Prefetch pipeline: one worker thread prepares jobs in order ahead of their consumer, through a
+//! bounded queue, so image preparation overlaps the model — training batches, the view cache,
+//! embedding a catalogue (`index`, `eval`) all go through [`pipelined`].
 //!
-//! The worker may use rayon inside a job (decoding a batch in parallel); the consumer keeps the
-//! ONNX Runtime session. Results come back in the order the jobs went in, so a pipelined loop
-//! computes exactly what the serial loop would: determinism lives in the jobs (each carries its
-//! own seeds), never in timing. Dropping a [`Prefetch`] closes the queue and joins the worker.
+//! The worker may use rayon inside a job (decoding a chunk in parallel); the consumer keeps the
+//! ONNX Runtime session on the calling thread. Results reach the consumer in job order, so a
+//! pipelined loop computes exactly what the serial loop `for j in jobs { consume(prepare(j)) }`
+//! would: determinism lives in the jobs (each carries its own seeds), never in timing.
 
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::JoinHandle;
+use std::sync::mpsc::sync_channel;
 
-/// A worker thread applying `f` to each submitted job, at most `depth` results ahead.
-pub struct Prefetch<J: Send + 'static, T: Send + 'static> {
-    jobs: Option<SyncSender<J>>,
-    results: Receiver<T>,
-    worker: Option<JoinHandle<()>>,
-    pending: usize,
-}
-
-impl<J: Send + 'static, T: Send + 'static> Prefetch<J, T> {
-    /// Starts the worker. `depth` bounds both the queued jobs and the finished results waiting
-    /// for the consumer (memory: about `2 * depth` results at most).
-    pub fn new(name: &str, depth: usize, mut f: impl FnMut(J) -> T + Send + 'static) -> Self {
-        let depth = depth.max(1);
-        let (jobs, job_rx) = sync_channel::<J>(depth);
-        let (result_tx, results) = sync_channel::<T>(depth);
+/// Runs `prepare` over `jobs` on a worker thread, at most `depth` finished results ahead, and
+/// `consume` over the results on the calling thread, in job order. Stops at the first error
+/// `consume` returns (the worker is told to stop and joined) and returns it.
+///
+/// # Panics
+/// A panic in `prepare` (or in the job iterator) is carried over to the caller.
+pub fn pipelined<J, T, E>(
+    depth: usize,
+    jobs: impl Iterator<Item = J> + Send,
+    mut prepare: impl FnMut(J) -> T + Send,
+    mut consume: impl FnMut(T) -> Result<(), E>,
+) -> Result<(), E>
+where
+    T: Send,
+{
+    std::thread::scope(|s| {
+        let (tx, rx) = sync_channel::<T>(depth.max(1));
         let worker = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                for job in job_rx {
-                    if result_tx.send(f(job)).is_err() {
+            .name("prefetch".into())
+            .spawn_scoped(s, move || {
+                for job in jobs {
+                    if tx.send(prepare(job)).is_err() {
                         break;
                     }
                 }
             })
-            .expect("spawning a prefetch thread");
-        Prefetch { jobs: Some(jobs), results, worker: Some(worker), pending: 0 }
-    }
-
-    /// Queues a job; blocks while `depth` jobs are already queued.
-    ///
-    /// # Panics
-    /// If the worker panicked (the panic is carried over to this thread).
-    pub fn submit(&mut self, job: J) {
-        if self.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok()) {
-            self.pending += 1;
-        } else {
-            self.worker_failed();
-        }
-    }
-
-    /// Jobs submitted whose results have not been taken yet.
-    pub fn pending(&self) -> usize {
-        self.pending
-    }
-
-    /// The result of the oldest job not taken yet, waiting for it; `None` when nothing is pending.
-    ///
-    /// # Panics
-    /// If the worker panicked (the panic is carried over to this thread).
-    pub fn next(&mut self) -> Option<T> {
-        if self.pending == 0 {
-            return None;
-        }
-        match self.results.recv() {
-            Ok(t) => {
-                self.pending -= 1;
-                Some(t)
+            .expect("spawning the prefetch thread");
+        let mut result = Ok(());
+        for t in rx.iter() {
+            if let Err(e) = consume(t) {
+                result = Err(e);
+                break;
             }
-            Err(_) => self.worker_failed(),
         }
-    }
-
-    /// The worker hung up: carry its panic over.
-    fn worker_failed(&mut self) -> ! {
-        self.jobs = None;
-        match self.worker.take().map(JoinHandle::join) {
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            _ => panic!("the prefetch worker stopped without an answer"),
+        // A worker blocked on a full queue sees the receiver gone and stops.
+        drop(rx);
+        match worker.join() {
+            Ok(()) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
         }
-    }
-}
-
-impl<J: Send + 'static, T: Send + 'static> Drop for Prefetch<J, T> {
-    fn drop(&mut self) {
-        // Closing both queues stops the worker after its current job: a send into the dropped
-        // result queue fails, and so does the wait for the next job.
-        self.jobs = None;
-        drop(std::mem::replace(&mut self.results, sync_channel(1).1));
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
-    #[test]
-    fn results_come_back_in_order_and_equal_the_serial_loop() {
-        let f = |x: u64| (0..x).map(|i| i * i % 7).sum::<u64>();
-        let mut p = Prefetch::new("test", 2, f);
-        let mut got = Vec::new();
-        for x in 0..50u64 {
-            p.submit(x * 1000);
-            if p.pending() > 2 {
-                got.push(p.next().unwrap());
-            }
-        }
-        while let Some(v) = p.next() {
-            got.push(v);
-        }
-        let want: Vec<u64> = (0..50u64).map(|x| f(x * 1000)).collect();
-        assert_eq!(got, want);
-        assert_eq!(p.next(), None);
+    fn work(x: u64) -> u64 {
+        (0..x).map(|i| i * i % 7).sum()
     }
 
     #[test]
-    fn a_worker_that_runs_ahead_is_bounded_and_dropping_it_does_not_hang() {
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let done = Arc::new(AtomicUsize::new(0));
-        let d = done.clone();
-        let mut p = Prefetch::new("test", 1, move |x: usize| {
-            d.fetch_add(1, Ordering::SeqCst);
-            x
-        });
-        p.submit(1);
-        p.submit(2);
-        p.submit(3); // blocks until the worker took job 1
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        // Job 1's result fills the result queue, job 2 is in the worker's hands, job 3 waits.
-        assert!(done.load(Ordering::SeqCst) <= 2, "{} jobs ran", done.load(Ordering::SeqCst));
-        assert_eq!(p.next(), Some(1));
-        drop(p);
+    fn results_come_back_in_order_and_equal_the_serial_loop() {
+        let mut got = Vec::new();
+        pipelined(2, (0..50u64).map(|x| x * 1000), work, |v| {
+            got.push(v);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        let want: Vec<u64> = (0..50u64).map(|x| work(x * 1000)).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_worker_runs_at_most_depth_ahead_and_stops_on_an_error() {
+        let prepared = AtomicUsize::new(0);
+        let mut seen = 0;
+        let r = pipelined(
+            2,
+            0..1000usize,
+            |x| {
+                prepared.fetch_add(1, Ordering::SeqCst);
+                x
+            },
+            |x| {
+                seen += 1;
+                if x == 5 { Err(format!("stop at {x}")) } else { Ok(()) }
+            },
+        );
+        assert_eq!(r, Err("stop at 5".to_string()));
+        assert_eq!(seen, 6);
+        // Six consumed, at most two queued and one in the worker's hands when it noticed.
+        let p = prepared.load(Ordering::SeqCst);
+        assert!((6..=9).contains(&p), "{p} jobs prepared");
     }
 
     #[test]
     #[should_panic(expected = "job 3 failed")]
-    fn a_panicking_job_reaches_the_consumer() {
-        let mut p = Prefetch::new("test", 2, |x: u32| {
-            assert!(x != 3, "job {x} failed");
-            x
-        });
-        for x in 0..5 {
-            p.submit(x);
-        }
-        for _ in 0..5 {
-            p.next();
-        }
+    fn a_panicking_job_reaches_the_caller() {
+        let _ = pipelined(
+            2,
+            0..5u32,
+            |x| {
+                assert!(x != 3, "job {x} failed");
+                x
+            },
+            |_| Ok::<(), ()>(()),
+        );
     }
 }

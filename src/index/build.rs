@@ -17,6 +17,7 @@ use super::verify::{self, VerifyConfig, VerifyReport};
 use crate::catalogue::{Item, Manifest, ReadOptions, Split};
 use crate::encoder::Encoder;
 use crate::image::{self as img, Limits};
+use crate::pipeline::pipelined;
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -210,8 +211,8 @@ fn read_items(cfg: &IndexConfig) -> Result<Vec<Item>> {
 
 /// Embeds `items` (images relative to `image_root`), reusing `cache`. Returns the items that
 /// could be read, their embeddings in the same order, and the counts.
-pub fn embed_items(
-    items: &[Item],
+pub fn embed_items<'a>(
+    items: &'a [Item],
     image_root: &Path,
     encoder: &dyn Encoder,
     cache: &EmbeddingCache,
@@ -234,7 +235,11 @@ pub fn embed_items(
             tracing::warn!(id = %it.id, image = %it.image, "skipped: {why}");
         }
     };
-    for chunk in items.chunks(batch_size * 8) {
+    // The worker reads, hashes and decodes chunk c + 1 while the encoder embeds chunk c. It sends
+    // each new image content to be decoded once (`dispatched`); the consumer sees the chunks in
+    // manifest order, so an image's embedding exists before any later item needs it.
+    let mut dispatched: HashSet<String> = HashSet::new();
+    let prepare = |chunk: &'a [Item]| {
         // Read and hash every image of the chunk in parallel.
         let read: Vec<std::result::Result<(Vec<u8>, String), String>> = chunk
             .par_iter()
@@ -245,53 +250,55 @@ pub fn embed_items(
                 Ok((bytes, hash))
             })
             .collect();
-        // Images neither cached nor already embedded: decode + preprocess in parallel.
-        let mut pending: Vec<(&str, &[u8])> = Vec::new();
-        let mut pending_set = HashSet::new();
-        for r in read.iter().flatten() {
-            let h = r.1.as_str();
-            if cache.get(h).is_none() && !fresh_rows.contains_key(h) && !failed.contains_key(h) && pending_set.insert(h)
-            {
-                pending.push((h, &r.0));
-            }
-        }
-        let decoded: Vec<(&str, std::result::Result<ndarray::Array3<f32>, String>)> = pending
+        // Images neither cached nor seen earlier in this run: decode + preprocess in parallel.
+        let pending: Vec<(&str, &[u8])> = read
+            .iter()
+            .flatten()
+            .filter(|(_, h)| cache.get(h).is_none() && dispatched.insert(h.clone()))
+            .map(|(bytes, h)| (h.as_str(), bytes.as_slice()))
+            .collect();
+        let decoded: Vec<(String, std::result::Result<ndarray::Array3<f32>, String>)> = pending
             .par_iter()
             .map(|(h, bytes)| {
                 let t = img::decode(bytes, limits).map(|decoded| img::to_tensor(&decoded, encoder.preprocess()));
-                (*h, t.map_err(|e| e.to_string()))
+                (h.to_string(), t.map_err(|e| e.to_string()))
             })
             .collect();
-        let mut ok: Vec<(&str, ndarray::Array3<f32>)> = Vec::new();
+        let hashes: Vec<std::result::Result<String, String>> = read.into_iter().map(|r| r.map(|(_, h)| h)).collect();
+        (chunk, hashes, decoded)
+    };
+    pipelined(2, items.chunks(batch_size * 8), prepare, |(chunk, hashes, decoded)| -> Result<()> {
+        let mut ok: Vec<(String, ndarray::Array3<f32>)> = Vec::new();
         for (h, t) in decoded {
             match t {
                 Ok(t) => ok.push((h, t)),
                 Err(e) => {
-                    failed.insert(h.to_string(), e);
+                    failed.insert(h, e);
                 }
             }
         }
         for batch in ok.chunks(batch_size) {
-            let tensors: Vec<ndarray::Array3<f32>> = batch.iter().map(|(_, t)| t.clone()).collect();
-            let emb = encoder.embed(img::stack(&tensors).view())?;
+            let tensors: Vec<ndarray::ArrayView3<f32>> = batch.iter().map(|(_, t)| t.view()).collect();
+            let stacked = ndarray::stack(ndarray::Axis(0), &tensors).expect("tensors of one preprocessing");
+            let emb = encoder.embed(stacked.view())?;
             if emb.shape() != [batch.len(), dim] {
                 return Err(Error::WrongVectorDimension { expected: dim, received: emb.ncols() });
             }
             for ((h, _), row) in batch.iter().zip(emb.rows()) {
                 // A NaN or all-zero embedding would corrupt the graph's distances: leave it out.
                 if row.iter().any(|v| !v.is_finite()) || row.iter().all(|v| *v == 0.0) {
-                    failed.insert(h.to_string(), "the model's embedding is not finite or is zero".into());
+                    failed.insert(h.clone(), "the model's embedding is not finite or is zero".into());
                     continue;
                 }
-                fresh_rows.insert(h.to_string(), fresh.len() / dim);
+                fresh_rows.insert(h.clone(), fresh.len() / dim);
                 fresh.extend(row.iter());
                 stats.embedded += 1;
             }
         }
         // Emit in manifest order.
-        for (it, r) in chunk.iter().zip(read) {
-            let (_, hash) = match r {
-                Ok(r) => r,
+        for (it, r) in chunk.iter().zip(hashes) {
+            let hash = match r {
+                Ok(h) => h,
                 Err(e) => {
                     skip(&mut stats, it, &e);
                     continue;
@@ -318,7 +325,8 @@ pub fn embed_items(
             records.push(ItemRecord { item: it.clone(), sha256: hash });
         }
         progress.inc(chunk.len() as u64);
-    }
+        Ok(())
+    })?;
     progress.finish();
     let n = records.len();
     Ok((records, Array2::from_shape_vec((n, dim), data).expect("rows of width dim"), stats))

@@ -36,7 +36,7 @@ use crate::image::{Augment, Limits, Preprocess, augment, decode_file};
 use crate::loss::LossOptions;
 use crate::model::imported::{ImportOptions, Imported};
 use crate::model::{self, Arch, Init, ModelConfig, Weights};
-use crate::pipeline::Prefetch;
+use crate::pipeline::pipelined;
 use crate::plot::{LineChart, Series};
 use crate::progress::Progress;
 use crate::runtime::RuntimeOptions;
@@ -453,64 +453,61 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
     let started = Instant::now();
     let mut last = None;
     // Batches are prepared on a worker thread up to PREFETCH steps ahead of the session. Each
-    // queued step keeps the sampler state after its draw: that is what its checkpoint saves, so
-    // a resumed run continues exactly where the uninterrupted one would.
+    // job carries the sampler state after its draw: that is what its checkpoint saves, so a
+    // resumed run continues exactly where the uninterrupted one would.
     let seed = cfg.seed;
-    let mut prep = Prefetch::new("train-batches", PREFETCH, move |(step, batch): (usize, Vec<usize>)| {
-        source.batch(seed, step, &batch)
+    let jobs = (start..cfg.steps).map(|step| {
+        let batch = sampler.next_batch();
+        (step, batch, sampler.state())
     });
-    let mut queued: std::collections::VecDeque<(Vec<usize>, SamplerState)> = Default::default();
-    let mut next_step = start;
     let mut t0 = Instant::now();
-    for step in start..cfg.steps {
-        while queued.len() < PREFETCH && next_step < cfg.steps {
-            let batch = sampler.next_batch();
-            prep.submit((next_step, batch.clone()));
-            queued.push_back((batch, sampler.state()));
-            next_step += 1;
-        }
-        let x = prep.next().expect("a batch was queued for every step");
-        let (batch, sampler_state) = queued.pop_front().expect("a batch was queued for every step");
-        let y = batch_labels(&labels.rows, &batch);
-        let lr = schedule.lr(step);
-        let out = session.run(&Tensor::F32(x.into_dyn()), &Tensor::I64(y.into_dyn()), lr)?;
-        if !out.loss.is_finite() || out.level_losses.iter().any(|l| !l.is_finite()) {
-            progress.finish();
-            return Err(Error::TrainDiverged {
+    pipelined(
+        PREFETCH,
+        jobs,
+        |(step, batch, state)| (step, source.batch(seed, step, &batch), batch, state),
+        |(step, x, batch, sampler_state)| -> Result<()> {
+            let y = batch_labels(&labels.rows, &batch);
+            let lr = schedule.lr(step);
+            let out = session.run(&Tensor::F32(x.into_dyn()), &Tensor::I64(y.into_dyn()), lr)?;
+            if !out.loss.is_finite() || out.level_losses.iter().any(|l| !l.is_finite()) {
+                progress.finish();
+                return Err(Error::TrainDiverged {
+                    step: step + 1,
+                    what: format!("the loss ({}, levels {:?})", out.loss, out.level_losses),
+                    checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
+                });
+            }
+            // Wall time between consecutive steps: batch preparation the worker did not hide
+            // counts, as it does for the user.
+            let m = StepMetrics {
                 step: step + 1,
-                what: format!("the loss ({}, levels {:?})", out.loss, out.level_losses),
-                checkpoint: run.checkpoint().exists().then(|| run.checkpoint()),
-            });
-        }
-        // Wall time between consecutive steps: batch preparation that the worker did not hide
-        // counts, as it does for the user.
-        let m = StepMetrics {
-            step: step + 1,
-            loss: out.loss,
-            level_losses: out.level_losses.clone(),
-            lr,
-            images_per_s: (2 * cfg.batch_size) as f64 / t0.elapsed().as_secs_f64(),
-        };
-        t0 = Instant::now();
-        let line = serde_json::to_string(&m).expect("metrics serialise");
-        writeln!(metrics, "{line}").map_err(|e| Error::io(run.metrics(), e))?;
-        progress.set_message(format!(
-            "loss {:.4} levels [{}] {:.0} img/s",
-            m.loss,
-            m.level_losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" "),
-            m.images_per_s
-        ));
-        progress.inc(1);
-        last = Some(m.loss);
-        if env.halt_after == Some(step + 1) {
-            metrics.flush().map_err(|e| Error::io(run.metrics(), e))?;
-            return Err(Error::TrainHalted { step: step + 1 });
-        }
-        if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
-            let seconds = spent + started.elapsed().as_secs_f64();
-            save_checkpoint(&run, &session, step + 1, sampler_state, seconds, weights_digest.clone())?;
-        }
-    }
+                loss: out.loss,
+                level_losses: out.level_losses.clone(),
+                lr,
+                images_per_s: (2 * cfg.batch_size) as f64 / t0.elapsed().as_secs_f64(),
+            };
+            t0 = Instant::now();
+            let line = serde_json::to_string(&m).expect("metrics serialise");
+            writeln!(metrics, "{line}").map_err(|e| Error::io(run.metrics(), e))?;
+            progress.set_message(format!(
+                "loss {:.4} levels [{}] {:.0} img/s",
+                m.loss,
+                m.level_losses.iter().map(|l| format!("{l:.3}")).collect::<Vec<_>>().join(" "),
+                m.images_per_s
+            ));
+            progress.inc(1);
+            last = Some(m.loss);
+            if env.halt_after == Some(step + 1) {
+                metrics.flush().map_err(|e| Error::io(run.metrics(), e))?;
+                return Err(Error::TrainHalted { step: step + 1 });
+            }
+            if (step + 1) % cfg.checkpoint_every == 0 || step + 1 == cfg.steps {
+                let seconds = spent + started.elapsed().as_secs_f64();
+                save_checkpoint(&run, &session, step + 1, sampler_state, seconds, weights_digest.clone())?;
+            }
+            Ok(())
+        },
+    )?;
     progress.finish();
     let seconds = spent + started.elapsed().as_secs_f64();
 
@@ -643,7 +640,7 @@ fn open_view_cache(
     // kernels (NCHWc) even though the step graph does not.
     let mut runner = crate::graph::Runner::new(&prefix, &RuntimeOptions { cpu_nchwc: false, ..*rt })?;
     let started = Instant::now();
-    let (cache, opened) = ViewCache::open_or_build(&root, &key, images, &mut runner, CACHE_BATCH)?;
+    let (cache, opened) = ViewCache::open_or_build(&root, &key, &images, &mut runner, CACHE_BATCH)?;
     match opened {
         views::Opened::Reused => tracing::info!("view cache {} reused (K = {})", cache.dir.display(), key.views),
         views::Opened::Built { computed, resumed_from } => tracing::info!(

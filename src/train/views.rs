@@ -19,7 +19,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use ::image::RgbImage;
 use half::f16;
@@ -33,7 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::graph::{Runner, Tensor};
 use crate::image::{Augment, Preprocess, augment};
-use crate::pipeline::Prefetch;
+use crate::pipeline::pipelined;
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -173,7 +172,7 @@ impl ViewCache {
     pub fn open_or_build(
         root: &Path,
         key: &ViewKey,
-        images: Arc<Vec<RgbImage>>,
+        images: &[RgbImage],
         prefix: &mut Runner,
         batch: usize,
     ) -> Result<(ViewCache, Opened)> {
@@ -191,7 +190,7 @@ impl ViewCache {
         if let Some(cache) = Self::open_complete(&dir, key, images.len())? {
             return Ok((cache, Opened::Reused));
         }
-        let (computed, resumed_from) = build(&dir, key, images.clone(), prefix, batch)?;
+        let (computed, resumed_from) = build(&dir, key, images, prefix, batch)?;
         let cache = Self::open_complete(&dir, key, images.len())?
             .ok_or_else(|| bad(&dir, "the cache just built does not pass its own checks"))?;
         drop(lock);
@@ -272,13 +271,7 @@ impl ViewCache {
 
 /// Computes the views `views.f16.partial` does not hold yet, then completes the cache. Returns
 /// (views computed now, views found from an earlier build).
-fn build(
-    dir: &Path,
-    key: &ViewKey,
-    images: Arc<Vec<RgbImage>>,
-    prefix: &mut Runner,
-    batch: usize,
-) -> Result<(usize, usize)> {
+fn build(dir: &Path, key: &ViewKey, images: &[RgbImage], prefix: &mut Runner, batch: usize) -> Result<(usize, usize)> {
     let (partial, views, done) = (dir.join("views.f16.partial"), dir.join("views.f16"), dir.join("complete.json"));
     let key_path = dir.join("key.json");
     let n_images = images.len();
@@ -302,35 +295,21 @@ fn build(
     }
     let progress = Progress::new(format!("view cache (K = {})", key.views), total as u64, "views");
     progress.inc(start as u64);
-    let worker_key = key.clone();
-    let size = key.image_size;
-    let mut prep = Prefetch::new("view-cache-augment", 2, move |range: std::ops::Range<usize>| {
-        let k = worker_key.views;
-        let tensors: Vec<_> = range
-            .clone()
-            .into_par_iter()
-            .map(|flat| pooled_view(&images[flat / k], &worker_key, flat / k, flat % k))
-            .collect();
-        let mut x = Array4::<f32>::zeros((batch, 3, size, size));
+    let chunks = (start..total).step_by(batch).map(|a| a..(a + batch).min(total));
+    let augment_chunk = |range: std::ops::Range<usize>| {
+        let k = key.views;
+        let tensors: Vec<_> =
+            range.clone().into_par_iter().map(|flat| pooled_view(&images[flat / k], key, flat / k, flat % k)).collect();
+        let s = key.image_size;
+        let mut x = Array4::<f32>::zeros((batch, 3, s, s));
         for (mut row, t) in x.axis_iter_mut(Axis(0)).zip(&tensors) {
             row.assign(t);
         }
         (range, x)
-    });
-    let chunks: Vec<std::ops::Range<usize>> =
-        (start..total).step_by(batch).map(|a| a..(a + batch).min(total)).collect();
-    let mut queued = chunks.iter();
-    for _ in 0..2 {
-        if let Some(c) = queued.next() {
-            prep.submit(c.clone());
-        }
-    }
+    };
     let mut halves: Vec<f16> = Vec::new();
     let mut bytes: Vec<u8> = Vec::new();
-    while let Some((range, x)) = prep.next() {
-        if let Some(c) = queued.next() {
-            prep.submit(c.clone());
-        }
+    pipelined(2, chunks, augment_chunk, |(range, x)| -> Result<()> {
         let out = prefix.run(&[("images", &Tensor::F32(x.into_dyn()))])?;
         let y = out.f32("prefix")?;
         let flat = y.as_slice().ok_or_else(|| bad(dir, "prefix output is not contiguous"))?;
@@ -344,7 +323,8 @@ fn build(
         bytes.extend(halves.iter().flat_map(|h| h.to_le_bytes()));
         file.write_all(&bytes).map_err(|e| Error::io(&partial, e))?;
         progress.inc(range.len() as u64);
-    }
+        Ok(())
+    })?;
     progress.finish();
     file.sync_all().map_err(|e| Error::io(&partial, e))?;
     drop(file);
@@ -378,16 +358,14 @@ mod tests {
         Runner::cpu(&g).unwrap()
     }
 
-    fn images(n: usize) -> Arc<Vec<RgbImage>> {
-        Arc::new(
-            (0..n as u32)
-                .map(|i| {
-                    RgbImage::from_fn(48, 40, |x, y| {
-                        Rgb([(x * 5 + i * 40) as u8, (y * 6 + i) as u8, ((x * y + i) % 256) as u8])
-                    })
+    fn images(n: usize) -> Vec<RgbImage> {
+        (0..n as u32)
+            .map(|i| {
+                RgbImage::from_fn(48, 40, |x, y| {
+                    Rgb([(x * 5 + i * 40) as u8, (y * 6 + i) as u8, ((x * y + i) % 256) as u8])
                 })
-                .collect(),
-        )
+            })
+            .collect()
     }
 
     fn key(images: &[RgbImage]) -> ViewKey {
@@ -412,7 +390,7 @@ mod tests {
         let imgs = images(5);
         let k = key(&imgs);
         // Batch 4 over 15 views: the last batch is partial.
-        let (cache, opened) = ViewCache::open_or_build(dir.path(), &k, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        let (cache, opened) = ViewCache::open_or_build(dir.path(), &k, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert_eq!(opened, Opened::Built { computed: 15, resumed_from: 0 });
         assert_eq!(cache.images(), 5);
         // View (3, 2) is the prefix of pooled view 2 of image 3, within f16 rounding.
@@ -432,7 +410,7 @@ mod tests {
         assert_eq!(b.shape(), [2, 2, 8, 8]);
         assert_eq!(b.index_axis(Axis(0), 0).iter().copied().collect::<Vec<_>>(), got);
         drop(cache);
-        let (_, again) = ViewCache::open_or_build(dir.path(), &k, imgs, &mut prefix(4, 1.0), 4).unwrap();
+        let (_, again) = ViewCache::open_or_build(dir.path(), &k, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert_eq!(again, Opened::Reused);
     }
 
@@ -441,7 +419,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let imgs = images(3);
         let base = key(&imgs);
-        let mut other_images = (*imgs).clone();
+        let mut other_images = imgs.clone();
         other_images[1].put_pixel(0, 0, Rgb([1, 2, 3]));
         let changed = [
             ViewKey { weights_sha256: "w2".into(), ..base.clone() },
@@ -458,12 +436,12 @@ mod tests {
         for k in &changed {
             assert!(digests.insert(k.digest()), "{k:?} shares a digest");
         }
-        ViewCache::open_or_build(dir.path(), &base, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        ViewCache::open_or_build(dir.path(), &base, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         // Another seed: recomputed in its own directory, with other values.
         let seeded = &changed[4];
-        let (c2, opened) = ViewCache::open_or_build(dir.path(), seeded, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        let (c2, opened) = ViewCache::open_or_build(dir.path(), seeded, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert!(matches!(opened, Opened::Built { computed: 9, .. }));
-        let (c1, opened) = ViewCache::open_or_build(dir.path(), &base, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        let (c1, opened) = ViewCache::open_or_build(dir.path(), &base, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert_eq!(opened, Opened::Reused);
         assert_ne!(c1.view(0, 0), c2.view(0, 0));
         assert_ne!(c1.dir, c2.dir);
@@ -471,7 +449,7 @@ mod tests {
         let bogus = ViewKey { weights_sha256: "w-other".into(), ..base.clone() };
         std::fs::write(c1.dir.join("key.json"), serde_json::to_string(&bogus).unwrap()).unwrap();
         drop(c1);
-        let (_, opened) = ViewCache::open_or_build(dir.path(), &base, imgs, &mut prefix(4, 1.0), 4).unwrap();
+        let (_, opened) = ViewCache::open_or_build(dir.path(), &base, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert!(matches!(opened, Opened::Built { computed: 9, .. }), "{opened:?}");
     }
 
@@ -480,7 +458,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let imgs = images(4);
         let k = key(&imgs);
-        let (whole, _) = ViewCache::open_or_build(dir.path(), &k, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        let (whole, _) = ViewCache::open_or_build(dir.path(), &k, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         let want = std::fs::read(whole.dir.join("views.f16")).unwrap();
         let cache_dir = whole.dir.clone();
         drop(whole);
@@ -489,7 +467,7 @@ mod tests {
         std::fs::remove_file(cache_dir.join("complete.json")).unwrap();
         std::fs::remove_file(cache_dir.join("views.f16")).unwrap();
         std::fs::write(cache_dir.join("views.f16.partial"), &want[..5 * per_view + 7]).unwrap();
-        let (c, opened) = ViewCache::open_or_build(dir.path(), &k, imgs.clone(), &mut prefix(4, 1.0), 4).unwrap();
+        let (c, opened) = ViewCache::open_or_build(dir.path(), &k, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert_eq!(opened, Opened::Built { computed: 7, resumed_from: 5 });
         assert_eq!(std::fs::read(c.dir.join("views.f16")).unwrap(), want, "resumed build equals the whole one");
         drop(c);
@@ -497,7 +475,7 @@ mod tests {
         let mut bad = want.clone();
         bad[100] ^= 0x40;
         std::fs::write(cache_dir.join("views.f16"), &bad).unwrap();
-        let (c, opened) = ViewCache::open_or_build(dir.path(), &k, imgs, &mut prefix(4, 1.0), 4).unwrap();
+        let (c, opened) = ViewCache::open_or_build(dir.path(), &k, &imgs, &mut prefix(4, 1.0), 4).unwrap();
         assert_eq!(opened, Opened::Built { computed: 12, resumed_from: 0 });
         assert_eq!(std::fs::read(c.dir.join("views.f16")).unwrap(), want);
     }
@@ -514,7 +492,8 @@ mod tests {
         assert_eq!(seen.len(), 12, "every ordered pair of 4 views is drawn");
         let dir = tempfile::tempdir().unwrap();
         let imgs = images(2);
-        let e = ViewCache::open_or_build(dir.path(), &ViewKey { views: 1, ..key(&imgs) }, imgs, &mut prefix(4, 1.0), 4);
+        let e =
+            ViewCache::open_or_build(dir.path(), &ViewKey { views: 1, ..key(&imgs) }, &imgs, &mut prefix(4, 1.0), 4);
         assert!(e.is_err());
     }
 }

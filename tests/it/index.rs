@@ -611,3 +611,29 @@ fn a_small_change_reuses_the_live_graph_and_a_large_one_rebuilds_it() {
     assert!(rebuilt.build.reason.contains("tombstones"), "{}", rebuilt.build.reason);
     assert_eq!(rebuilt.count, c.items.len());
 }
+
+#[test]
+fn the_embedding_pipeline_gives_each_image_the_embedding_it_gets_alone() {
+    // embed_items reads and decodes the next chunk on a worker while the encoder embeds this
+    // one, decoding every distinct image once. Against the plain path (decode + preprocess +
+    // embed each image by itself): the same rows bit for bit, in manifest order, with a corrupt
+    // image skipped and the duplicate reused. Batches of 3 make three chunks of 24 items.
+    let c = Catalogue::new(3);
+    std::fs::write(c.image_path(&c.items[5].id), b"not an image").unwrap();
+    let enc = encoder();
+    let limits = hiercon::image::Limits::default();
+    let (records, emb, stats) =
+        build::embed_items(&c.items, c.dir.path(), enc.as_ref(), &build::EmbeddingCache::empty(), 3, &limits).unwrap();
+    assert_eq!(stats.skipped, 1);
+    assert_eq!(stats.embedded + stats.reused, c.items.len() - 1);
+    assert!(stats.reused >= 1, "the duplicate image is embedded once");
+    let ids: Vec<&str> = records.iter().map(|r| r.item.id.as_str()).collect();
+    let want_ids: Vec<&str> = c.items.iter().filter(|it| it.id != c.items[5].id).map(|it| it.id.as_str()).collect();
+    assert_eq!(ids, want_ids);
+    for (r, row) in records.iter().zip(emb.rows()) {
+        let bytes = std::fs::read(c.image_path(&r.item.id)).unwrap();
+        let t = hiercon::image::tensor_from_bytes(&bytes, enc.preprocess(), &limits).unwrap();
+        let alone = enc.embed(hiercon::image::stack(&[t]).view()).unwrap();
+        assert_eq!(row.to_vec(), alone.row(0).to_vec(), "{}", r.item.id);
+    }
+}

@@ -6,7 +6,7 @@
 //! serving. When the model comes from the index (no `--model`), a generation built with a new
 //! model brings its model with it: a whole new `Service` is opened and swapped in.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -122,6 +122,10 @@ pub struct GenInfo {
     pub categories: HashSet<String>,
     pub products: HashSet<String>,
     pub variations: HashSet<String>,
+    /// Attribute names, with the number of items that have each.
+    pub attributes: BTreeMap<String, usize>,
+    /// The first item's id (the OpenAPI document's example id).
+    pub example_id: Option<String>,
 }
 
 impl GenInfo {
@@ -138,6 +142,8 @@ impl GenInfo {
             categories: tax.nodes().iter().map(|n| n.path.clone()).collect(),
             products: items().map(|i| i.product.clone()).collect(),
             variations: items().map(|i| i.variation.clone()).collect(),
+            attributes: g.labels.attribute_names(),
+            example_id: items().next().map(|i| i.id.clone()),
         }
     }
 }

@@ -96,6 +96,8 @@ impl Catalogue {
             view: format!("w{view}"),
             split: if view == 0 { Split::Train } else { Split::Test },
             role: None,
+            title: None,
+            attributes: Default::default(),
         });
     }
 

@@ -241,6 +241,24 @@ pub struct Taxonomy {
     pub roots: Vec<TaxonomyNode>,
 }
 
+/// An item to try the search with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Example {
+    pub id: String,
+    /// The product's name for people; null when the catalogue has none.
+    pub title: Option<String>,
+    pub category: String,
+    pub image_url: String,
+}
+
+/// `GET /v1/examples`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Examples {
+    pub generation: String,
+    /// One item per top-level category (a query-role one where there is), at most 8.
+    pub items: Vec<Example>,
+}
+
 /// `GET /healthz`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Health {

@@ -28,6 +28,13 @@ fn live(state: &AppState) -> ApiResult<Arc<Service>> {
     state.service().ok_or_else(ApiError::not_ready)
 }
 
+/// The live generation's lookup tables (built off the async threads on first use).
+async fn live_info(state: &AppState) -> ApiResult<Arc<GenInfo>> {
+    let g = live(state)?.generation();
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.info(&g)).await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// A checked search: the service request, forced-exact flag, and the generation's tables.
 struct Checked {
     req: SearchRequest,
@@ -381,15 +388,21 @@ pub async fn image(State(state): State<AppState>, Path(id): Path<String>, header
     )
 )]
 pub async fn taxonomy(State(state): State<AppState>) -> ApiResult<Json<dto::Taxonomy>> {
-    let service = live(&state)?;
-    let g = service.generation();
-    let info = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || state.info(&g)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let info = live_info(&state).await?;
     Ok(Json(info.taxonomy.clone()))
+}
+
+/// A few catalogue items to try the search with: one per top-level category.
+#[utoipa::path(
+    get, path = "/v1/examples", tag = "catalogue",
+    responses(
+        (status = 200, description = "The examples", body = dto::Examples),
+        (status = 503, description = "No index loaded yet", body = dto::ErrorBody),
+    )
+)]
+pub async fn examples(State(state): State<AppState>) -> ApiResult<Json<dto::Examples>> {
+    let info = live_info(&state).await?;
+    Ok(Json(dto::Examples { generation: info.name.clone(), items: info.examples.clone() }))
 }
 
 /// Liveness: the process answers.

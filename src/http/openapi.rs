@@ -20,6 +20,7 @@ use super::state::{AppState, GenInfo};
         handlers::item,
         handlers::image,
         handlers::taxonomy,
+        handlers::examples,
         handlers::healthz,
         handlers::readyz,
         handlers::metrics,
@@ -34,6 +35,8 @@ use super::state::{AppState, GenInfo};
         dto::Item,
         dto::Taxonomy,
         dto::TaxonomyNode,
+        dto::Example,
+        dto::Examples,
         dto::Health,
         dto::Ready,
         dto::Reload,
@@ -132,13 +135,27 @@ pub fn document_for(served: &Served<'_>) -> Value {
         all.extend(params.iter().cloned());
         op["parameters"] = Value::Array(all);
     }
-    if let Some(id) = served.info.and_then(|i| i.example_id.as_deref()) {
+    if let Some(example) = served.info.and_then(|i| i.example.as_ref()) {
+        let id = example.id.as_str();
         for (path, method) in
             [("/v1/search/similar/{id}", "post"), ("/v1/items/{id}", "get"), ("/v1/images/{id}", "get")]
         {
             for p in doc["paths"][path][method]["parameters"].as_array_mut().into_iter().flatten() {
                 if p["name"] == "id" {
                     p["example"] = Value::from(id);
+                }
+            }
+        }
+        // Real values, so that generated requests also reach the search itself.
+        let values = [
+            ("category", example.category.as_str()),
+            ("product", example.product.as_str()),
+            ("variation", example.variation.as_str()),
+        ];
+        for path in ["/v1/search", "/v1/search/similar/{id}"] {
+            for p in doc["paths"][path]["post"]["parameters"].as_array_mut().into_iter().flatten() {
+                if let Some((_, v)) = values.iter().find(|(n, _)| p["name"] == *n) {
+                    p["example"] = Value::from(*v);
                 }
             }
         }

@@ -81,7 +81,7 @@ cp docker/reindex.sh "$CTX/docker/"
 DOCKER_BUILDKIT=1 "$DOCKER" build --network none -f docker/Dockerfile -t "$TAG" \
     --build-arg RUNTIME_BASE="$BASE" --build-arg BINARY_FROM=supplied-binary --build-arg ORT_FROM=supplied-ort \
     "$CTX" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; fail "docker build failed"; }
-grep -E '^#[0-9]+ \[' "$WORK/build.log" | sort -u | sed 's/^/   /'
+grep -E '^#[0-9]+ \[' "$WORK/build.log" | awk '!seen[$0]++' | sed 's/^/   /'
 "$DOCKER" run --rm --network host "$TAG" runtime | sed 's/^/   /'
 
 say "serve in the image over the demo index"

@@ -137,7 +137,7 @@ impl Catalogue {
 pub(crate) fn attributes(product: &str, variation: &str) -> Attributes {
     let n: u64 = product.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(0);
     Attributes::from([
-        ("brand".to_string(), AttrValue::String(if n % 2 == 0 { "acme" } else { "globex" }.into())),
+        ("brand".to_string(), AttrValue::String(if n.is_multiple_of(2) { "acme" } else { "globex" }.into())),
         ("price".to_string(), AttrValue::Number(n.into())),
         ("sale".to_string(), AttrValue::Bool(variation == "v1")),
     ])

@@ -3,6 +3,8 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 let lastQuery = null; // {kind: "image", blob} or {kind: "item", id}
+let started = 0; // searches started; only the latest one's answer is shown
+let shown = 0; // answers shown (also #results' data-searches, which the browser test waits on)
 const state = { category: "", attributes: new Map() }; // attribute name -> value (text)
 
 function params() {
@@ -94,21 +96,31 @@ function render(res, label) {
 
 async function run() {
   if (!lastQuery) return;
+  const mine = ++started;
   showError("");
   $("summary").textContent = "searching…";
+  const q = lastQuery;
+  let res, label, error;
   try {
-    if (lastQuery.kind === "image") {
+    if (q.kind === "image") {
       const form = new FormData();
-      form.append("image", lastQuery.blob, lastQuery.blob.name || "query");
-      render(await call(`/v1/search?${params()}`, { method: "POST", body: form }), "your image");
+      form.append("image", q.blob, q.blob.name || "query");
+      [res, label] = [await call(`/v1/search?${params()}`, { method: "POST", body: form }), "your image"];
     } else {
-      const id = lastQuery.id;
-      render(await call(`/v1/search/similar/${encodeURIComponent(id)}?${params()}`, { method: "POST" }), `item ${id}`);
+      const path = `/v1/search/similar/${encodeURIComponent(q.id)}?${params()}`;
+      [res, label] = [await call(path, { method: "POST" }), `item ${q.id}`];
     }
   } catch (e) {
-    $("summary").textContent = "";
-    showError(e.message);
+    error = e;
   }
+  if (mine !== started) return; // a newer search is under way
+  if (error) {
+    $("summary").textContent = "";
+    showError(error.message);
+  } else {
+    render(res, label);
+  }
+  $("results").dataset.searches = String(++shown);
 }
 
 function showPreview(src, alt) {

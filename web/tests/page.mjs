@@ -30,6 +30,12 @@ const browser = await chromium.launch({
 });
 const summaryIncludes = (page, text) =>
   page.waitForFunction((t) => document.querySelector("#summary").textContent.includes(t), text, T);
+// Does `action` and waits until the page has shown the answer of the search it started.
+async function searched(page, action) {
+  const before = Number((await page.getAttribute("#results", "data-searches")) || 0);
+  await action();
+  await page.waitForFunction((n) => Number(document.querySelector("#results").dataset.searches || 0) > n, before, T);
+}
 const resultCategories = (page) => page.$$eval("#results > li .cat", (ds) => ds.map((d) => d.textContent));
 const resultIds = (page) => page.$$eval("#results > li", (lis) => lis.map((li) => li.dataset.id));
 try {
@@ -49,13 +55,13 @@ try {
 
   // One click on an example searches by it.
   const example = await page.$eval("#examples .example", (b) => b.dataset.id);
-  await page.click("#examples .example");
+  await searched(page, () => page.click("#examples .example"));
   await summaryIncludes(page, `item ${example}`);
   assert.ok((await resultIds(page)).length > 0, "the example found results");
   console.log(`example ${example} searched with one click`);
 
   // Upload: the item itself comes first, its title before anything else.
-  await page.setInputFiles("#file", image);
+  await searched(page, () => page.setInputFiles("#file", image));
   await summaryIncludes(page, "results for your image");
   const first = await page.$eval("#results > li", (li) => ({
     id: li.dataset.id,
@@ -79,7 +85,7 @@ try {
   assert.equal(await toggle.getAttribute("aria-expanded"), "true", "Enter expands a branch");
   const child = await page.$eval(`#tree .branch[data-path="${top}"] ~ ul .branch`, (b) => b.dataset.path);
   await page.focus(`#tree .branch[data-path="${child}"]`);
-  await page.keyboard.press("Enter");
+  await searched(page, () => page.keyboard.press("Enter"));
   await page.waitForFunction(
     (c) => { const cats = [...document.querySelectorAll("#results > li .cat")].map((d) => d.textContent);
              return cats.length > 0 && cats.every((t) => t === c || t.startsWith(c + "/")); },
@@ -91,17 +97,16 @@ try {
   assert.equal(await page.isVisible(`#tree .branch[data-path="${child}"]`), false);
 
   // Back to all categories, then follow the predicted category's link: its branch is selected.
-  await page.click("#all");
-  await summaryIncludes(page, "results for your image");
+  await searched(page, () => page.click("#all"));
   const predicted = await page.textContent("#predicted");
-  await page.click("#predicted");
+  await searched(page, () => page.click("#predicted"));
   await page.waitForFunction(
     (c) => { const cats = [...document.querySelectorAll("#results > li .cat")].map((d) => d.textContent);
              return cats.length > 0 && cats.every((t) => t === c || t.startsWith(c + "/")); },
     predicted, T);
   assert.equal(await page.getAttribute(`#tree .branch[data-path="${predicted}"]`, "aria-pressed"), "true");
   assert.ok(await page.isVisible(`#tree .branch[data-path="${predicted}"]`), "the predicted branch is opened");
-  await page.click("#all");
+  await searched(page, () => page.click("#all"));
 
   // An attribute value on a result narrows to items with that value.
   await page.waitForSelector(`#results .attr[data-name="${attrName}"][data-value="${attrValue}"]`, T);
@@ -114,8 +119,7 @@ try {
   console.log(`attribute filter ${attrName}=${attrValue}: ${(await resultIds(page)).length} results, all with it`);
 
   // One result per product.
-  await page.check("#group");
-  await summaryIncludes(page, "results for your image");
+  await searched(page, () => page.check("#group"));
   const products = await page.$$eval("#results > li .result .title", (ts) => ts.map((t) => t.textContent));
   assert.ok(products.length > 0);
   if (process.env.HIERCON_SCREENSHOT) {
@@ -123,9 +127,10 @@ try {
     console.log(`screenshot: ${process.env.HIERCON_SCREENSHOT}`);
   }
   // Remove the attribute filter with its chip; click the second result: the page searches by it.
-  await page.click("#filters .chip");
+  await searched(page, () => page.click("#filters .chip"));
+  assert.equal(await page.textContent("#filters"), "", "the chip removed the filter");
   const second = await page.$eval("#results > li:nth-child(2)", (li) => li.dataset.id);
-  await page.click("#results > li:nth-child(2) .result");
+  await searched(page, () => page.click("#results > li:nth-child(2) .result"));
   await summaryIncludes(page, `item ${second}`);
   assert.ok(!(await resultIds(page)).includes(second), "a similar-items search leaves the item itself out");
   assert.deepEqual(problems, [], "no page errors");

@@ -19,7 +19,8 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help
+        pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help \
+        schemathesis-deps contract-test docker-test
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -35,6 +36,8 @@ help:
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
 	@echo "make fuzz   - the fuzz campaign: 1,000,000 mutated inputs per target (decoder, manifest, upload) -> bench/results/fuzz.json"
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
+	@echo "make contract-test - schemathesis (all checks, seeded) against the served emoji index (part of make test)"
+	@echo "make docker-test - build the CPU image (local bases) and run serve + the re-index job in it (.ci/run runs it)"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
 ort: $(ORT_LIB)
@@ -129,7 +132,8 @@ data: data-emoji data-fashion-mnist
 data-emoji: data/emoji/manifest.jsonl
 data-fashion-mnist: data/fashion-mnist/manifest.jsonl
 
-data/emoji/manifest.jsonl: $(NPM_DIR)/.ok | build
+# Re-imported when the importer changes (titles, skin-tone names), not only when the packages do.
+data/emoji/manifest.jsonl: $(NPM_DIR)/.ok src/catalogue/sources/emoji.rs | build
 	$(HIERCON) data emoji --packages $(NPM_DIR) --out data/emoji
 
 data/fashion-mnist/manifest.jsonl: $(DEB_DIR)/.ok | build
@@ -142,11 +146,40 @@ clean-data:
 build: ort
 	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
 
-test: ort pyenv pretrained foreign browser-deps
+test: ort pyenv pretrained foreign browser-deps schemathesis-deps
 	$(MAKE) --no-print-directory data PROFILE=debug
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) test --locked
 	$(MAKE) --no-print-directory browser-test
+	$(MAKE) --no-print-directory contract-test
+
+# --- the API contract: schemathesis (PyPI, every dependency pinned in tests/contract/requirements.txt,
+# in its own venv) with all its checks against the server's own /openapi.json over the emoji catalogue
+# indexed with the shipped model (target/contract/emoji); seeded (tests/contract/schemathesis.toml).
+SCHEMATHESIS_VENV := $(CACHE)/schemathesis
+schemathesis-deps: $(SCHEMATHESIS_VENV)/.ok
+
+$(SCHEMATHESIS_VENV)/.ok: tests/contract/requirements.txt
+	python3 -m venv $(SCHEMATHESIS_VENV)
+	$(SCHEMATHESIS_VENV)/bin/pip install --quiet -r tests/contract/requirements.txt
+	touch $@
+
+CONTRACT_INDEX := target/contract/emoji
+$(CONTRACT_INDEX)/CURRENT: data/emoji/manifest.jsonl | build
+	$(HIERCON) index --manifest data/emoji/manifest.jsonl --model models/emoji-lite0-hmce.onnx --out $(CONTRACT_INDEX) --keep 1
+
+contract-test: ort schemathesis-deps
+	$(MAKE) --no-print-directory data-emoji $(CONTRACT_INDEX)/CURRENT PROFILE=debug
+	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_CONTRACT_INDEX=$(CURDIR)/$(CONTRACT_INDEX) \
+	    SCHEMATHESIS=$(CURDIR)/$(SCHEMATHESIS_VENV)/bin/schemathesis \
+	    $(CARGO) test --locked --test it -- --ignored --exact serve::contract_schemathesis_against_the_emoji_index --nocapture
+
+# --- the Docker image, built and run for real (docker/test.sh; .ci/run runs it): the runtime stage of
+# docker/Dockerfile on a debootstrapped Debian base with the host-built binary, the daemon without its
+# bridge, containers on the host network; serve over the demo index, the re-index job once, checks.
+docker-test: ort
+	$(MAKE) --no-print-directory data-emoji $(CONTRACT_INDEX)/CURRENT PROFILE=debug
+	HIERCON_BIN=$(HIERCON) INDEX=$(CONTRACT_INDEX) docker/test.sh
 
 # --- the page in a real browser: Debian's Chromium driven by playwright-core (no browser download)
 CHROMIUM    ?= /usr/bin/chromium
@@ -159,10 +192,11 @@ $(BROWSER_DIR)/node_modules/.ok: $(BROWSER_DIR)/package.json $(BROWSER_DIR)/pack
 	cd $(BROWSER_DIR) && npm ci --no-audit --no-fund --silent
 	touch $@
 
-# Starts the real server on a loopback port over a test-encoder index, uploads a catalogue image
-# through the page and checks the item comes first (tests/it/serve.rs, ignored by plain cargo test).
+# A shop's CSV (titles, attributes) -> `hiercon data folder` -> index -> the real server on a loopback
+# port -> the page driven like a person would (web/tests/page.mjs; tests/it/serve.rs, ignored by plain
+# cargo test). The screenshot is target/browser/page.png.
 browser-test: browser-deps
-	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact serve::browser_upload_finds_the_item_first
+	CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --test it -- --ignored --exact serve::browser_page_end_to_end --nocapture
 
 demo: ort pretrained
 	$(MAKE) --no-print-directory data PROFILE=release

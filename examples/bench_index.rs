@@ -87,6 +87,8 @@ fn record(i: usize, label: u8, version: u32) -> ItemRecord {
             view: String::new(),
             split: Split::Train,
             role: None,
+            title: None,
+            attributes: Default::default(),
         },
         sha256: format!("{version:08x}{i:056x}"),
     }

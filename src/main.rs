@@ -44,6 +44,33 @@ struct GlobalArgs {
     /// kernels (about 10% faster per step; the step graph is then not standard ONNX).
     #[arg(long, global = true, env = "HIERCON_CPU_NCHWC")]
     cpu_nchwc: bool,
+    /// Log lines on stderr: `text` (colours only when stderr is a terminal and NO_COLOR is unset)
+    /// or `json` (one JSON object a line, for log collectors). RUST_LOG picks what is logged.
+    #[arg(long, global = true, default_value = "text", env = "HIERCON_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+/// See [`GlobalArgs::log_format`].
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr through `tracing`, filtered by RUST_LOG (default `info,hnsw_rs=warn`).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            fmt.with_ansi(std::io::stderr().is_terminal() && !no_color).init()
+        }
+        // Event fields at the top level beside `timestamp`, `level`, `target`, `message`; the
+        // innermost span's fields under `span`.
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -367,8 +394,9 @@ enum DataSource {
         #[command(flatten)]
         split_args: SplitArgs,
     },
-    /// Any images plus a CSV with the header image,category,product,variation[,view,role]
-    /// (image paths relative to the CSV).
+    /// Any images plus a CSV with the header image,category,product,variation[,view,role,title,attr.NAME...]
+    /// (image paths relative to the CSV). An `attr.NAME` cell becomes the attribute NAME:
+    /// true/false a boolean, a JSON number a number, other text a string; empty: none.
     Folder {
         #[arg(long)]
         csv: PathBuf,
@@ -639,10 +667,7 @@ fn parse_subset(s: &str) -> Result<Subset, String> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,hnsw_rs=warn")))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.global.log_format);
     let is_index = matches!(cli.command, Command::Index(_));
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

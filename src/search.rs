@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
+use crate::catalogue::Attributes;
 use crate::encoder::Encoder;
 use crate::image::{self as img, Limits};
 pub use crate::index::Answer;
@@ -51,6 +52,11 @@ pub struct SearchHit {
     pub view: String,
     /// Image path relative to the catalogue manifest.
     pub image: String,
+    /// The product's name for people, if the catalogue has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Attributes::is_empty")]
+    pub attributes: Attributes,
 }
 
 /// Ranked items and how they were found.
@@ -200,6 +206,8 @@ impl Service {
                     variation: it.variation.clone(),
                     view: it.view.clone(),
                     image: it.image.clone(),
+                    title: it.title.clone(),
+                    attributes: it.attributes.clone(),
                 }
             })
             .collect();

@@ -1,7 +1,7 @@
 //! The catalogue manifest: JSON Lines, one [`Item`] a line (DESIGN §3); reader with
 //! line-numbered problems, atomic writer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Component, Path, PathBuf};
@@ -53,6 +53,46 @@ impl Role {
     }
 }
 
+/// The value of one attribute: a string, a number or a boolean (JSON's scalars but null).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AttrValue {
+    Bool(bool),
+    /// Kept as written (`12` stays an integer, `12.5` a float).
+    Number(serde_json::Number),
+    String(String),
+}
+
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttrValue::Bool(b) => write!(f, "{b}"),
+            AttrValue::Number(n) => write!(f, "{n}"),
+            AttrValue::String(s) => f.write_str(s),
+        }
+    }
+}
+
+/// An item's flat attributes (brand, colour, price, a URL, ...), by name.
+pub type Attributes = BTreeMap<String, AttrValue>;
+
+/// Longest attribute name, in bytes.
+pub const MAX_ATTRIBUTE_NAME: usize = 64;
+/// Longest title or string attribute value, in bytes.
+pub const MAX_TEXT: usize = 1024;
+
+/// `None` if `name` can name an attribute: 1 to [`MAX_ATTRIBUTE_NAME`] bytes of ASCII letters,
+/// digits, `_` and `-` (so that `attr.NAME` is a plain query parameter).
+pub fn check_attribute_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > MAX_ATTRIBUTE_NAME {
+        Some("must be 1 to 64 bytes long")
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        Some("may hold only ASCII letters, digits, `_` and `-`")
+    } else {
+        None
+    }
+}
+
 /// One catalogue item: an image with its place in the hierarchy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
@@ -70,6 +110,12 @@ pub struct Item {
     pub split: Split,
     #[serde(default)]
     pub role: Option<Role>,
+    /// The product's name for people (`athletic shoe`); absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Flat attributes; absent (empty) in older manifests.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: Attributes,
 }
 
 impl Item {
@@ -85,6 +131,8 @@ impl Item {
             view: String::new(),
             split: Split::Train,
             role: None,
+            title: None,
+            attributes: Attributes::new(),
         }
     }
 }
@@ -110,6 +158,10 @@ pub enum Problem {
     ImageMissing(PathBuf),
     /// The id was already used on an earlier line.
     DuplicateId { first_line: usize },
+    /// A text field longer than [`MAX_TEXT`] bytes.
+    TooLong { bytes: usize },
+    /// One attribute of the `attributes` object (or one `attr.NAME` CSV column) is unusable.
+    BadAttribute { name: String, reason: &'static str },
 }
 
 impl fmt::Display for Problem {
@@ -124,6 +176,8 @@ impl fmt::Display for Problem {
             Problem::OutsideFolder => write!(f, "must be a relative path inside the folder (no `/...`, no `..`)"),
             Problem::ImageMissing(p) => write!(f, "image file {} does not exist", p.display()),
             Problem::DuplicateId { first_line } => write!(f, "duplicate id (first used on line {first_line})"),
+            Problem::TooLong { bytes } => write!(f, "is {bytes} bytes long, over the limit of {MAX_TEXT}"),
+            Problem::BadAttribute { name, reason } => write!(f, "attribute {name:?} {reason}"),
         }
     }
 }
@@ -330,6 +384,8 @@ fn parse_line(text: &str, line: usize, issues: &mut Vec<LineIssue>) -> Option<It
             _ => fields.fail("role", Problem::UnknownValue { value: s, expected: "\"query\", \"gallery\" or null" }),
         }),
     };
+    let title = fields.string("title", false).map(|t| Some(t).filter(|t| !t.is_empty()));
+    let attributes = fields.attributes();
     Some(Item {
         id: id?,
         image: image?,
@@ -339,6 +395,8 @@ fn parse_line(text: &str, line: usize, issues: &mut Vec<LineIssue>) -> Option<It
         view: view?,
         split: split?,
         role: role?,
+        title: title?,
+        attributes: attributes?,
     })
 }
 
@@ -364,6 +422,33 @@ impl Fields<'_> {
             Some(_) => self.fail(field, Problem::WrongType { expected: "a string" }),
         }
     }
+
+    /// The optional `attributes` object: names to strings, numbers or booleans.
+    fn attributes(&mut self) -> Option<Attributes> {
+        let obj = match self.obj.get("attributes") {
+            None | Some(Value::Null) => return Some(Attributes::new()),
+            Some(Value::Object(m)) => m,
+            Some(_) => return self.fail("attributes", Problem::WrongType { expected: "an object" }),
+        };
+        let mut out = Attributes::new();
+        let mut ok = true;
+        for (name, value) in obj {
+            let value = match value {
+                Value::Bool(b) => AttrValue::Bool(*b),
+                Value::Number(n) => AttrValue::Number(n.clone()),
+                Value::String(s) => AttrValue::String(s.clone()),
+                _ => {
+                    let problem =
+                        Problem::BadAttribute { name: name.clone(), reason: "must be a string, number or boolean" };
+                    self.issues.push(LineIssue { line: self.line, field: "attributes", problem });
+                    ok = false;
+                    continue;
+                }
+            };
+            out.insert(name.clone(), value);
+        }
+        ok.then_some(out)
+    }
 }
 
 /// The checks on a parsed item that do not depend on its JSON form (shared by reader and writer).
@@ -388,6 +473,21 @@ impl<'a> Checker<'a> {
         }
         if let Some(problem) = check_category(&item.category) {
             push("category", problem);
+        }
+        if let Some(title) = &item.title
+            && title.len() > MAX_TEXT
+        {
+            push("title", Problem::TooLong { bytes: title.len() });
+        }
+        for (name, value) in &item.attributes {
+            let reason = check_attribute_name(name).or(match value {
+                AttrValue::String(s) if s.len() > MAX_TEXT => Some("is longer than 1024 bytes"),
+                AttrValue::String(s) if s.is_empty() => Some("is empty (leave it out instead)"),
+                _ => None,
+            });
+            if let Some(reason) = reason {
+                push("attributes", Problem::BadAttribute { name: name.clone(), reason });
+            }
         }
         match check_relative_path(&item.image) {
             Some(problem) => push("image", problem),
@@ -453,6 +553,8 @@ mod tests {
             view: "front".into(),
             split: Split::Train,
             role: None,
+            title: None,
+            attributes: Attributes::new(),
         }
     }
 
@@ -654,5 +756,56 @@ mod tests {
         assert!(Manifest::read(&path).is_err());
         let m = Manifest::read_with(&path, &ReadOptions { check_images: false }).unwrap();
         assert_eq!(m.items.len(), 1);
+    }
+
+    #[test]
+    fn titles_and_attributes_round_trip_and_old_lines_still_read() {
+        let mut a = item("a", "x/y", "p");
+        a.title = Some("athletic shoe".into());
+        a.attributes = Attributes::from([
+            ("brand".to_string(), AttrValue::String("acme".into())),
+            ("price".to_string(), AttrValue::Number(serde_json::Number::from_f64(12.5).unwrap())),
+            ("stock".to_string(), AttrValue::Number(3.into())),
+            ("sale".to_string(), AttrValue::Bool(true)),
+        ]);
+        let text = line(&a);
+        assert!(text.contains(r#""attributes":{"brand":"acme","price":12.5,"sale":true,"stock":3}"#), "{text}");
+        // A line written before titles and attributes existed has neither key.
+        let old = line(&item("b", "x/z", "q"));
+        assert!(!old.contains("title") && !old.contains("attributes"), "{old}");
+        let (_dir, path) = fixture(&["a", "b"], &[text, old]);
+        let back = Manifest::read(&path).unwrap();
+        assert_eq!(back.items[0], a);
+        assert_eq!((back.items[1].title.as_ref(), back.items[1].attributes.len()), (None, 0));
+        assert_eq!(a.attributes["price"].to_string(), "12.5");
+    }
+
+    #[test]
+    fn bad_titles_and_attributes_are_reported() {
+        let issue = only(issues_with_line2(&b_with(|m| {
+            m.insert("title".into(), Value::from(7));
+        })));
+        assert_eq!((issue.line, issue.field), (2, "title"));
+        let issue = only(issues_with_line2(&b_with(|m| {
+            m.insert("attributes".into(), Value::from("brand=acme"));
+        })));
+        assert_eq!((issue.line, issue.field), (2, "attributes"));
+        for (attributes, name) in [
+            (serde_json::json!({"sizes": [1, 2]}), "sizes"),
+            (serde_json::json!({"colour": null}), "colour"),
+            (serde_json::json!({"brand name": "acme"}), "brand name"),
+            (serde_json::json!({"": "x"}), ""),
+            (serde_json::json!({"note": ""}), "note"),
+        ] {
+            let issue = only(issues_with_line2(&b_with(|m| {
+                m.insert("attributes".into(), attributes.clone());
+            })));
+            assert_eq!((issue.line, issue.field), (2, "attributes"), "{attributes}");
+            assert!(matches!(&issue.problem, Problem::BadAttribute { name: n, .. } if n == name), "{issue}");
+        }
+        let issue = only(issues_with_line2(&b_with(|m| {
+            m.insert("title".into(), Value::from("x".repeat(MAX_TEXT + 1)));
+        })));
+        assert_eq!((issue.field, issue.problem), ("title", Problem::TooLong { bytes: MAX_TEXT + 1 }));
     }
 }

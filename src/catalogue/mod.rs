@@ -16,7 +16,9 @@ pub mod summary;
 pub mod taxonomy;
 
 pub use labels::{Column, Labels};
-pub use manifest::{Item, LineIssue, MANIFEST_FILE, Manifest, Problem, ReadOptions, Role, Split, write_items};
+pub use manifest::{
+    AttrValue, Attributes, Item, LineIssue, MANIFEST_FILE, Manifest, Problem, ReadOptions, Role, Split, write_items,
+};
 pub use split::{
     SplitOptions, Subset, UnseenBy, VALIDATION_FRACTION, assign_roles_by_view, assign_splits, validation_products,
 };

@@ -294,6 +294,8 @@ mod tests {
                         view: if v == 0 { "a" } else { "b" }.into(),
                         split: Split::Train,
                         role: None,
+                        title: None,
+                        attributes: Default::default(),
                     });
                 }
             }

@@ -3,18 +3,23 @@
 //! The OpenAPI document (`GET /openapi.json`) is generated from these types by `utoipa`, so what
 //! is documented is what is served.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::error::ApiError;
+use crate::catalogue::Attributes;
+use crate::catalogue::manifest::check_attribute_name;
 use crate::index::filter::normalize_category;
 use crate::search::{Filter, GroupBy, SearchHit};
 
-/// Query parameters of `POST /v1/search` and `POST /v1/search/similar/{id}`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
+/// Query parameters of `POST /v1/search` and `POST /v1/search/similar/{id}`. The OpenAPI
+/// document describes them from the served configuration and generation
+/// ([`super::openapi::search_parameters`]).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SearchParams {
-    /// Hits wanted, 1..=100 (default 10).
+    /// Hits wanted, 1..=`max_k` (default 10).
     pub k: Option<usize>,
     /// A taxonomy path (`Smileys & Emotion/face-smiling`); matches it and everything below it.
     pub category: Option<String>,
@@ -22,31 +27,44 @@ pub struct SearchParams {
     pub product: Option<String>,
     /// Exact variation id.
     pub variation: Option<String>,
-    /// One hit per `product` or per `category`.
-    pub group_by: Option<String>,
+    /// One hit per product or per category.
+    pub group_by: Option<GroupBy>,
     /// `true` forces the exact scan instead of HNSW.
     pub exact: Option<bool>,
     /// HNSW search breadth (default: the generation's verified one).
     pub ef: Option<usize>,
+    /// `attr.NAME=VALUE`: the attribute `NAME` equals `VALUE` (see [`crate::index::filter::attribute_keys`]).
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// The most parameters a query string may carry.
-const MAX_PARAMS: usize = 16;
+pub const MAX_PARAMS: usize = 16;
+/// The longest text parameter value, in characters.
+pub const MAX_VALUE_CHARS: usize = 1024;
+/// The prefix of attribute filter parameters.
+pub const ATTRIBUTE_PARAM: &str = "attr.";
 
 fn bad(name: &str, reason: impl std::fmt::Display) -> ApiError {
     ApiError::invalid_parameter(format!("`{name}` {reason}"))
 }
 
+/// A whole number written with ASCII digits only (no sign, no spaces), as the document's
+/// `integer` parameters are sent.
 fn number(name: &str, v: &str) -> Result<usize, ApiError> {
-    v.trim().parse::<usize>().map_err(|_| bad(name, format!("must be a whole number, got {v:?}")))
+    let not = || bad(name, format!("must be a whole number, got {v:?}"));
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(not());
+    }
+    v.parse::<usize>().map_err(|_| not())
 }
 
-fn non_empty(name: &str, v: &str) -> Result<String, ApiError> {
-    if v.trim().is_empty() {
+/// A text value of 1 to [`MAX_VALUE_CHARS`] characters, taken as it is.
+fn text(name: &str, v: &str) -> Result<String, ApiError> {
+    if v.is_empty() {
         return Err(bad(name, "must not be empty"));
     }
-    if v.len() > 1024 {
-        return Err(bad(name, "is longer than 1024 bytes"));
+    if v.chars().count() > MAX_VALUE_CHARS {
+        return Err(bad(name, format!("is longer than {MAX_VALUE_CHARS} characters")));
     }
     Ok(v.to_string())
 }
@@ -67,46 +85,48 @@ impl SearchParams {
             match name.as_str() {
                 "k" => p.k = Some(number(name, v)?),
                 "ef" => p.ef = Some(number(name, v)?),
-                "category" => p.category = Some(non_empty(name, v)?),
-                "product" => p.product = Some(non_empty(name, v)?),
-                "variation" => p.variation = Some(non_empty(name, v)?),
-                "group_by" => match v.as_str() {
-                    "product" | "category" => p.group_by = Some(v.clone()),
-                    "" | "none" => {}
-                    _ => return Err(bad(name, format!("must be `product` or `category`, got {v:?}"))),
-                },
+                "category" => p.category = Some(text(name, v)?),
+                "product" => p.product = Some(text(name, v)?),
+                "variation" => p.variation = Some(text(name, v)?),
+                "group_by" => {
+                    p.group_by = Some(match v.as_str() {
+                        "product" => GroupBy::Product,
+                        "category" => GroupBy::Category,
+                        _ => return Err(bad(name, format!("must be `product` or `category`, got {v:?}"))),
+                    })
+                }
                 "exact" => {
                     p.exact = Some(match v.as_str() {
-                        "true" | "1" | "" => true,
-                        "false" | "0" => false,
+                        "true" => true,
+                        "false" => false,
                         _ => return Err(bad(name, format!("must be `true` or `false`, got {v:?}"))),
                     })
                 }
-                other => {
-                    let known = "k, category, product, variation, group_by, exact, ef";
-                    return Err(ApiError::invalid_parameter(format!("unknown parameter `{other}` (known: {known})")));
-                }
+                other => match other.strip_prefix(ATTRIBUTE_PARAM) {
+                    Some(attr) if check_attribute_name(attr).is_none() => {
+                        p.attributes.insert(attr.to_string(), text(name, v)?);
+                    }
+                    _ => {
+                        let known = "k, category, product, variation, group_by, exact, ef, attr.NAME";
+                        return Err(ApiError::invalid_parameter(format!(
+                            "unknown parameter `{other}` (known: {known})"
+                        )));
+                    }
+                },
             }
         }
         Ok(p)
     }
 
-    /// The search filter these parameters ask for (category path normalised).
+    /// The search filter these parameters ask for (category path normalised: a path that is
+    /// empty once trimmed, such as `/`, is the root and filters nothing).
     pub fn filter(&self) -> Filter {
         Filter {
             category: self.category.as_deref().map(normalize_category).filter(|c| !c.is_empty()),
             product: self.product.clone(),
             variation: self.variation.clone(),
+            attributes: self.attributes.clone(),
             ..Default::default()
-        }
-    }
-
-    /// The grouping asked for.
-    pub fn group_by(&self) -> Option<GroupBy> {
-        match self.group_by.as_deref() {
-            Some("product") => Some(GroupBy::Product),
-            Some("category") => Some(GroupBy::Category),
-            _ => None,
         }
     }
 }
@@ -119,10 +139,21 @@ pub struct SearchForm {
     pub image: Vec<u8>,
 }
 
+/// An attribute value: a string, a number or a boolean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AttributeValue {
+    Boolean(bool),
+    Number(f64),
+    String(String),
+}
+
 /// One ranked item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Hit {
     pub id: String,
+    /// The product's name for people; null when the catalogue has none.
+    pub title: Option<String>,
     /// Cosine similarity to the query, in [-1, 1].
     pub score: f32,
     /// Taxonomy path, coarse to fine, `/`-separated.
@@ -130,6 +161,9 @@ pub struct Hit {
     pub product: String,
     pub variation: String,
     pub view: String,
+    /// The item's attributes (empty when the catalogue has none).
+    #[schema(value_type = BTreeMap<String, AttributeValue>)]
+    pub attributes: Attributes,
     /// `GET` this for the item's image.
     pub image_url: String,
 }
@@ -166,6 +200,8 @@ pub struct SearchResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Item {
     pub id: String,
+    /// The product's name for people; null when the catalogue has none.
+    pub title: Option<String>,
     pub category: String,
     pub product: String,
     pub variation: String,
@@ -176,6 +212,9 @@ pub struct Item {
     pub role: Option<String>,
     /// sha256 of the image bytes.
     pub sha256: String,
+    /// The item's attributes (empty when the catalogue has none).
+    #[schema(value_type = BTreeMap<String, AttributeValue>)]
+    pub attributes: Attributes,
     pub image_url: String,
     pub generation: String,
 }
@@ -200,6 +239,24 @@ pub struct Taxonomy {
     /// Items in the generation.
     pub items: usize,
     pub roots: Vec<TaxonomyNode>,
+}
+
+/// An item to try the search with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Example {
+    pub id: String,
+    /// The product's name for people; null when the catalogue has none.
+    pub title: Option<String>,
+    pub category: String,
+    pub image_url: String,
+}
+
+/// `GET /v1/examples`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Examples {
+    pub generation: String,
+    /// One item per top-level category (a query-role one where there is), at most 8.
+    pub items: Vec<Example>,
 }
 
 /// `GET /healthz`.
@@ -273,11 +330,13 @@ impl From<&SearchHit> for Hit {
     fn from(h: &SearchHit) -> Self {
         Hit {
             id: h.id.clone(),
+            title: h.title.clone(),
             score: h.score,
             category: h.category.clone(),
             product: h.product.clone(),
             variation: h.variation.clone(),
             view: h.view.clone(),
+            attributes: h.attributes.clone(),
             image_url: image_url(&h.id),
         }
     }
@@ -330,23 +389,46 @@ mod tests {
             ("group_by", "product"),
             ("exact", "true"),
             ("ef", "32"),
+            ("attr.brand", "acme"),
+            ("attr.price", "12"),
+            ("product", " "),
         ]))
         .unwrap();
         assert_eq!((p.k, p.ef, p.exact), (Some(5), Some(32), Some(true)));
-        assert_eq!(p.filter().category.as_deref(), Some("a/b"));
-        assert_eq!(p.group_by(), Some(GroupBy::Product));
+        let f = p.filter();
+        assert_eq!(f.category.as_deref(), Some("a/b"));
+        assert_eq!(f.product.as_deref(), Some(" "), "product ids are taken as they are");
+        assert_eq!(
+            f.attributes.iter().map(|(a, b)| format!("{a}={b}")).collect::<Vec<_>>(),
+            ["brand=acme", "price=12"]
+        );
+        assert_eq!(p.group_by, Some(GroupBy::Product));
+        assert_eq!(SearchParams::parse(&pairs(&[("category", "/")])).unwrap().filter().category, None, "the root");
+        let long = "é".repeat(MAX_VALUE_CHARS);
+        assert!(SearchParams::parse(&pairs(&[("product", &long)])).is_ok(), "the limit counts characters");
         for bad in [
             vec![("k", "x")],
             vec![("k", "-1")],
+            vec![("k", "+1")],
+            vec![("k", " 1")],
+            vec![("ef", "")],
             vec![("group_by", "shop")],
+            vec![("group_by", "")],
             vec![("exact", "yes")],
+            vec![("exact", "1")],
             vec![("categroy", "a")],
             vec![("k", "1"), ("k", "2")],
-            vec![("product", "  ")],
+            vec![("product", "")],
+            vec![("category", "")],
+            vec![("attr.", "x")],
+            vec![("attr.a b", "x")],
+            vec![("attr.brand", "")],
         ] {
             let e = SearchParams::parse(&pairs(&bad)).unwrap_err();
             assert_eq!(e.code, "invalid_parameter", "{bad:?}");
         }
+        let too_long = "x".repeat(MAX_VALUE_CHARS + 1);
+        assert!(SearchParams::parse(&pairs(&[("variation", &too_long)])).is_err());
     }
 
     #[test]
@@ -365,6 +447,8 @@ mod tests {
             variation: String::new(),
             view: String::new(),
             image: String::new(),
+            title: None,
+            attributes: Default::default(),
         }
     }
 

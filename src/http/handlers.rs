@@ -28,6 +28,13 @@ fn live(state: &AppState) -> ApiResult<Arc<Service>> {
     state.service().ok_or_else(ApiError::not_ready)
 }
 
+/// The live generation's lookup tables (built off the async threads on first use).
+async fn live_info(state: &AppState) -> ApiResult<Arc<GenInfo>> {
+    let g = live(state)?.generation();
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || state.info(&g)).await.map_err(|e| ApiError::internal(e.to_string()))
+}
+
 /// A checked search: the service request, forced-exact flag, and the generation's tables.
 struct Checked {
     req: SearchRequest,
@@ -48,34 +55,33 @@ fn check(state: &AppState, info: &GenInfo, p: &SearchParams) -> ApiResult<Checke
         )));
     }
     let filter = p.filter();
+    let not_found = |code: &'static str, what: &str, v: &str| {
+        ApiError::new(StatusCode::NOT_FOUND, code, format!("no {what} {v:?} in {}", info.name))
+    };
     if let Some(c) = &filter.category
         && !info.categories.contains(c)
     {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unknown_category",
-            format!("no category {c:?} in {} (see GET /v1/taxonomy)", info.name),
-        ));
+        return Err(not_found("unknown_category", "category", c));
     }
     if let Some(v) = &filter.product
         && !info.products.contains(v)
     {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unknown_product",
-            format!("no product {v:?} in {}", info.name),
-        ));
+        return Err(not_found("unknown_product", "product", v));
     }
     if let Some(v) = &filter.variation
         && !info.variations.contains(v)
     {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "unknown_variation",
-            format!("no variation {v:?} in {}", info.name),
-        ));
+        return Err(not_found("unknown_variation", "variation", v));
     }
-    Ok(Checked { req: SearchRequest { k, filter, group_by: p.group_by(), ef: p.ef }, exact: p.exact.unwrap_or(false) })
+    if let Some(name) = filter.attributes.keys().find(|name| !info.attributes.contains_key(*name)) {
+        let known: Vec<&str> = info.attributes.keys().map(String::as_str).collect();
+        return Err(ApiError::invalid_parameter(format!(
+            "unknown parameter `attr.{name}`: no item of {} has that attribute (attributes: {})",
+            info.name,
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        )));
+    }
+    Ok(Checked { req: SearchRequest { k, filter, group_by: p.group_by, ef: p.ef }, exact: p.exact.unwrap_or(false) })
 }
 
 /// Searches with `embedding` and votes for a category. `exclude` (an item id) is dropped from
@@ -230,14 +236,14 @@ async fn image_from_request(req: Request, limit: usize) -> ApiResult<Bytes> {
 /// Search by image.
 #[utoipa::path(
     post, path = "/v1/search", tag = "search",
-    params(SearchParams),
     request_body(
-        description = "multipart/form-data with the field `image`, or the image itself (image/png, image/jpeg, image/webp)",
-        content((dto::SearchForm = "multipart/form-data"), ("image/png"), ("image/jpeg"), ("image/webp"))
+        description = "multipart/form-data with the field `image`, or the image itself (image/png, image/jpeg, image/webp, or application/octet-stream: the format is read from the bytes)",
+        content((dto::SearchForm = "multipart/form-data"), ("image/png"), ("image/jpeg"), ("image/webp"), ("application/octet-stream"))
     ),
     responses(
         (status = 200, description = "Ranked items", body = dto::SearchResponse),
-        (status = 400, description = "Bad parameter, unknown category / product / variation, missing image", body = dto::ErrorBody),
+        (status = 400, description = "Bad or unknown parameter, missing image, bad multipart body", body = dto::ErrorBody),
+        (status = 404, description = "Unknown category / product / variation (not in the live generation)", body = dto::ErrorBody),
         (status = 413, description = "Body, image or pixel count over the limit", body = dto::ErrorBody),
         (status = 415, description = "Not an accepted content type or image format", body = dto::ErrorBody),
         (status = 422, description = "The image could not be decoded (or not in time)", body = dto::ErrorBody),
@@ -267,12 +273,13 @@ pub async fn search(
 /// Items like a catalogue item (its stored embedding is the query; the item itself is left out).
 #[utoipa::path(
     post, path = "/v1/search/similar/{id}", tag = "search",
-    params(("id" = String, Path, description = "Item id"), SearchParams),
+    params(("id" = String, Path, description = "Item id")),
     responses(
         (status = 200, description = "Ranked items, the item itself left out", body = dto::SearchResponse),
-        (status = 400, description = "Bad parameter or unknown category / product / variation", body = dto::ErrorBody),
-        (status = 404, description = "No such item", body = dto::ErrorBody),
-        (status = 503, description = "No index loaded yet", body = dto::ErrorBody),
+        (status = 400, description = "Bad or unknown parameter", body = dto::ErrorBody),
+        (status = 404, description = "No such item, or unknown category / product / variation", body = dto::ErrorBody),
+        (status = 422, description = "The search did not finish in time", body = dto::ErrorBody),
+        (status = 503, description = "No index loaded yet, or too many searches in flight", body = dto::ErrorBody),
     )
 )]
 pub async fn similar(
@@ -312,6 +319,7 @@ pub async fn item(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
     let it = &r.item;
     Ok(Json(dto::Item {
         id: it.id.clone(),
+        title: it.title.clone(),
         category: it.category.clone(),
         product: it.product.clone(),
         variation: it.variation.clone(),
@@ -319,6 +327,7 @@ pub async fn item(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
         split: it.split.as_str().to_string(),
         role: it.role.map(|r| r.as_str().to_string()),
         sha256: r.sha256.clone(),
+        attributes: it.attributes.clone(),
         image_url: dto::image_url(&it.id),
         generation: g.name(),
     }))
@@ -340,9 +349,10 @@ fn image_mime(bytes: &[u8]) -> &'static str {
     get, path = "/v1/images/{id}", tag = "catalogue",
     params(("id" = String, Path, description = "Item id")),
     responses(
-        (status = 200, description = "The image bytes (ETag: the image's sha256)", content(("image/png"), ("image/jpeg"), ("image/webp"))),
+        (status = 200, description = "The image bytes (ETag: the image's sha256; the type is read from the bytes)", content(("image/png"), ("image/jpeg"), ("image/webp"), ("image/gif"), ("application/octet-stream"))),
         (status = 304, description = "Not modified (If-None-Match)"),
         (status = 404, description = "No such item, or its image is gone", body = dto::ErrorBody),
+        (status = 503, description = "No index loaded yet", body = dto::ErrorBody),
     )
 )]
 pub async fn image(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
@@ -378,15 +388,21 @@ pub async fn image(State(state): State<AppState>, Path(id): Path<String>, header
     )
 )]
 pub async fn taxonomy(State(state): State<AppState>) -> ApiResult<Json<dto::Taxonomy>> {
-    let service = live(&state)?;
-    let g = service.generation();
-    let info = tokio::task::spawn_blocking({
-        let state = state.clone();
-        move || state.info(&g)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let info = live_info(&state).await?;
     Ok(Json(info.taxonomy.clone()))
+}
+
+/// A few catalogue items to try the search with: one per top-level category.
+#[utoipa::path(
+    get, path = "/v1/examples", tag = "catalogue",
+    responses(
+        (status = 200, description = "The examples", body = dto::Examples),
+        (status = 503, description = "No index loaded yet", body = dto::ErrorBody),
+    )
+)]
+pub async fn examples(State(state): State<AppState>) -> ApiResult<Json<dto::Examples>> {
+    let info = live_info(&state).await?;
+    Ok(Json(dto::Examples { generation: info.name.clone(), items: info.examples.clone() }))
 }
 
 /// Liveness: the process answers.
@@ -432,7 +448,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     responses(
         (status = 200, description = "Loaded (or already live)", body = dto::Reload),
         (status = 401, description = "Missing or wrong API key", body = dto::ErrorBody),
-        (status = 403, description = "No API key configured: admin routes are off", body = dto::ErrorBody),
+        (status = 403, description = "No API key configured: admin routes are off (`admin_disabled`)", body = dto::ErrorBody),
         (status = 409, description = "The generation was refused; the old one keeps serving", body = dto::ErrorBody),
     )
 )]
@@ -452,9 +468,9 @@ pub async fn reload(State(state): State<AppState>) -> ApiResult<Json<dto::Reload
     }
 }
 
-/// The OpenAPI document.
-pub async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], super::openapi::document())
+/// The OpenAPI document of this server (its limits, the live generation's attributes).
+pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], super::openapi::document(&state))
 }
 
 #[cfg(test)]

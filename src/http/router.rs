@@ -39,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/items/{id}", get(handlers::item))
         .route("/v1/images/{id}", get(handlers::image))
         .route("/v1/taxonomy", get(handlers::taxonomy))
+        .route("/v1/examples", get(handlers::examples))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))

@@ -6,7 +6,7 @@
 //! serving. When the model comes from the index (no `--model`), a generation built with a new
 //! model brings its model with it: a whole new `Service` is opened and swapped in.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -122,22 +122,62 @@ pub struct GenInfo {
     pub categories: HashSet<String>,
     pub products: HashSet<String>,
     pub variations: HashSet<String>,
+    /// Attribute names, with the number of items that have each.
+    pub attributes: BTreeMap<String, usize>,
+    /// The first item (the OpenAPI document's examples of an id, a category, a product, ...).
+    pub example: Option<crate::catalogue::Item>,
+    /// A few items to try the search with (`GET /v1/examples`).
+    pub examples: Vec<dto::Example>,
+}
+
+/// How many example items `GET /v1/examples` offers at most.
+pub const MAX_EXAMPLES: usize = 8;
+
+/// One item per top-level category (in the order the taxonomy lists them), at most
+/// [`MAX_EXAMPLES`]: the first query-role item of that category in row order, else its first item.
+fn examples(g: &Generation, roots: &[dto::TaxonomyNode]) -> Vec<dto::Example> {
+    let mut first: BTreeMap<&str, (usize, bool)> = BTreeMap::new();
+    for (row, rec) in g.items.iter().enumerate() {
+        let root = rec.item.category.split('/').map(str::trim).find(|s| !s.is_empty()).unwrap_or("");
+        let is_query = rec.item.role == Some(crate::catalogue::Role::Query);
+        match first.get(root) {
+            Some(&(_, true)) => {}
+            Some(&(_, false)) if !is_query => {}
+            _ => {
+                first.insert(root, (row, is_query));
+            }
+        }
+    }
+    roots
+        .iter()
+        .filter_map(|r| first.get(r.name.as_str()))
+        .take(MAX_EXAMPLES)
+        .map(|&(row, _)| {
+            let it = &g.items[row].item;
+            dto::Example {
+                id: it.id.clone(),
+                title: it.title.clone(),
+                category: it.category.clone(),
+                image_url: dto::image_url(&it.id),
+            }
+        })
+        .collect()
 }
 
 impl GenInfo {
     fn of(g: &Generation) -> Self {
         let items = || g.items.iter().map(|r| &r.item);
         let tax = Taxonomy::from_items(items());
+        let roots: Vec<dto::TaxonomyNode> = tax.tree().iter().map(dto::TaxonomyNode::from).collect();
         GenInfo {
+            examples: examples(g, &roots),
             name: g.name(),
-            taxonomy: dto::Taxonomy {
-                generation: g.name(),
-                items: g.items.len(),
-                roots: tax.tree().iter().map(dto::TaxonomyNode::from).collect(),
-            },
+            taxonomy: dto::Taxonomy { generation: g.name(), items: g.items.len(), roots },
             categories: tax.nodes().iter().map(|n| n.path.clone()).collect(),
             products: items().map(|i| i.product.clone()).collect(),
             variations: items().map(|i| i.variation.clone()).collect(),
+            attributes: g.labels.attribute_names(),
+            example: items().next().cloned(),
         }
     }
 }

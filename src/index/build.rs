@@ -391,10 +391,17 @@ pub struct Embedded {
     pub embeddings: Array2<f32>,
 }
 
+/// The first 12 hex digits of a digest: enough to tell models apart in a log line (the whole
+/// digest is logged once per run, not on every line of its span).
+pub fn short_digest(digest: &str) -> &str {
+    digest.get(..12).unwrap_or(digest)
+}
+
 /// The whole run (see the [module docs](super)).
-#[tracing::instrument(skip(cfg, encoder), fields(out = %cfg.out.display(), digest = %encoder.digest()))]
+#[tracing::instrument(skip(cfg, encoder), fields(out = %cfg.out.display(), model = %short_digest(encoder.digest())))]
 pub fn run(cfg: &IndexConfig, encoder: &dyn Encoder) -> Result<IndexOutcome> {
     cfg.validate()?;
+    tracing::info!(digest = %encoder.digest(), dim = encoder.dim(), "model");
     let root = IndexDir::new(&cfg.out);
     root.create()?;
     let _lock = root.lock()?;

@@ -1,11 +1,11 @@
 //! Hierarchy filters and grouping keys: which rows a filter allows, which group a row belongs to.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
 use super::store::ItemRecord;
-use crate::catalogue::{Role, Split};
+use crate::catalogue::{AttrValue, Role, Split};
 
 /// Restricts a search. Every given field must match; absent fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,9 @@ pub struct Filter {
     pub split: Option<Split>,
     /// Query/gallery role (used by `eval`).
     pub role: Option<Role>,
+    /// Attribute name -> value, each matched exactly ([`attribute_keys`] says how text meets
+    /// strings, numbers and booleans). An attribute no item has allows nothing.
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl Filter {
@@ -56,6 +59,46 @@ pub fn normalize_category(path: &str) -> String {
     path.split('/').map(str::trim).filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/")
 }
 
+/// The key an attribute value is indexed under: strings as `s:TEXT`, booleans as `b:true` /
+/// `b:false`, numbers as `n:` and the shortest decimal of their 64-bit float value (`12` and
+/// `12.0` are both `n:12`).
+fn value_key(v: &AttrValue) -> String {
+    match v {
+        AttrValue::String(s) => format!("s:{s}"),
+        AttrValue::Bool(b) => format!("b:{b}"),
+        AttrValue::Number(n) => number_key(n.as_f64().unwrap_or(f64::NAN)),
+    }
+}
+
+fn number_key(x: f64) -> String {
+    // -0 and 0 are one number.
+    format!("n:{}", if x == 0.0 { 0.0 } else { x })
+}
+
+/// The keys a filter's text matches (exact matching, by type): the string with exactly that
+/// text; for `true` / `false` also that boolean; for text Rust reads as a finite number (`12`,
+/// `12.0`, `1e3`, `-0.5`) also every number of equal value (compared as 64-bit floats).
+pub fn attribute_keys(text: &str) -> Vec<String> {
+    let mut keys = vec![format!("s:{text}")];
+    if text == "true" || text == "false" {
+        keys.push(format!("b:{text}"));
+    }
+    if let Ok(x) = text.parse::<f64>()
+        && x.is_finite()
+    {
+        keys.push(number_key(x));
+    }
+    keys
+}
+
+/// The union of ascending row lists, ascending.
+fn union(lists: &[&[u32]]) -> Vec<u32> {
+    let mut rows: Vec<u32> = lists.iter().flat_map(|l| l.iter().copied()).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    rows
+}
+
 /// Per-generation lookup tables: label value -> rows (ascending), row -> group id.
 #[derive(Debug, Default)]
 pub struct Labels {
@@ -65,6 +108,8 @@ pub struct Labels {
     variations: HashMap<String, Vec<u32>>,
     splits: HashMap<Split, Vec<u32>>,
     roles: HashMap<Role, Vec<u32>>,
+    /// Attribute name -> value key ([`value_key`]) -> rows.
+    attributes: HashMap<String, HashMap<String, Vec<u32>>>,
     product_of: Vec<u32>,
     category_of: Vec<u32>,
 }
@@ -97,6 +142,9 @@ impl Labels {
             if let Some(role) = it.role {
                 l.roles.entry(role).or_default().push(row);
             }
+            for (name, value) in &it.attributes {
+                l.attributes.entry(name.clone()).or_default().entry(value_key(value)).or_default().push(row);
+            }
             l.product_of.push(intern(&mut product_ids, &it.product));
             l.category_of.push(intern(&mut category_ids, &cat));
         }
@@ -105,8 +153,19 @@ impl Labels {
 
     /// The rows `f` allows. Unknown values allow nothing.
     pub fn allowed(&self, f: &Filter) -> Allowed {
-        let mut lists: Vec<&[u32]> = Vec::new();
         let none: &[u32] = &[];
+        let attribute_rows: Vec<Vec<u32>> = f
+            .attributes
+            .iter()
+            .map(|(name, text)| match self.attributes.get(name) {
+                Some(values) => {
+                    let keys = attribute_keys(text);
+                    union(&keys.iter().filter_map(|k| values.get(k).map(Vec::as_slice)).collect::<Vec<_>>())
+                }
+                None => Vec::new(),
+            })
+            .collect();
+        let mut lists: Vec<&[u32]> = attribute_rows.iter().map(Vec::as_slice).collect();
         if let Some(c) = &f.category {
             let c = normalize_category(c);
             // An empty path (after trimming) is the root: everything.
@@ -133,6 +192,11 @@ impl Labels {
         let (first, rest) = lists.split_first().expect("not empty");
         let rows = first.iter().copied().filter(|r| rest.iter().all(|l| l.binary_search(r).is_ok())).collect();
         Allowed::Rows(rows)
+    }
+
+    /// The attribute names of the generation with the number of items that have each.
+    pub fn attribute_names(&self) -> BTreeMap<String, usize> {
+        self.attributes.iter().map(|(name, values)| (name.clone(), values.values().map(Vec::len).sum())).collect()
     }
 
     /// The group id of `row` under `by` (ids are dense per generation).
@@ -199,6 +263,41 @@ mod tests {
             let f = Filter { category: Some(filter.to_string()), ..Default::default() };
             assert_eq!(rows(l.allowed(&f)), want, "{filter}");
         }
+    }
+
+    #[test]
+    fn attributes_match_exactly_by_type() {
+        let mut items: Vec<ItemRecord> = (0..6).map(|i| rec(&i.to_string(), "a", "p", "v", Split::Train)).collect();
+        let num = |x: f64| AttrValue::Number(serde_json::Number::from_f64(x).unwrap());
+        let values = [
+            ("brand", AttrValue::String("acme".into())),
+            ("brand", AttrValue::String("Acme".into())),
+            ("price", AttrValue::Number(12.into())),
+            ("price", num(12.5)),
+            ("sale", AttrValue::Bool(true)),
+            ("sale", AttrValue::String("true".into())),
+        ];
+        for (rec, (name, value)) in items.iter_mut().zip(values) {
+            rec.item.attributes.insert(name.into(), value);
+        }
+        items[0].item.attributes.insert("price".into(), num(0.0));
+        let l = Labels::new(&items);
+        let f = |pairs: &[(&str, &str)]| Filter {
+            attributes: pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            ..Default::default()
+        };
+        assert_eq!(rows(l.allowed(&f(&[("brand", "acme")]))), vec![0], "strings are case-sensitive");
+        assert_eq!(rows(l.allowed(&f(&[("price", "12")]))), vec![2]);
+        assert_eq!(rows(l.allowed(&f(&[("price", "12.0")]))), vec![2], "numbers compare by value");
+        assert_eq!(rows(l.allowed(&f(&[("price", "1.25e1")]))), vec![3]);
+        assert_eq!(rows(l.allowed(&f(&[("price", "-0")]))), vec![0]);
+        assert_eq!(rows(l.allowed(&f(&[("sale", "true")]))), vec![4, 5], "the boolean and the string");
+        assert_eq!(rows(l.allowed(&f(&[("sale", "True")]))), Vec::<u32>::new());
+        assert_eq!(rows(l.allowed(&f(&[("colour", "red")]))), Vec::<u32>::new(), "no such attribute");
+        assert_eq!(rows(l.allowed(&f(&[("brand", "acme"), ("price", "0")]))), vec![0], "every attribute must match");
+        let both = Filter { product: Some("p".into()), ..f(&[("price", "12")]) };
+        assert_eq!(rows(l.allowed(&both)), vec![2]);
+        assert_eq!(l.attribute_names(), BTreeMap::from([("brand".into(), 2), ("price".into(), 3), ("sale".into(), 2)]));
     }
 
     #[test]

@@ -169,6 +169,8 @@ pub(crate) mod testutil {
                 view: String::new(),
                 split: Split::Train,
                 role: None,
+                title: None,
+                attributes: Default::default(),
             },
             sha256: format!("{i:064x}"),
         }

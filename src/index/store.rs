@@ -645,4 +645,18 @@ mod tests {
         fs::write(tmp.path().join(CURRENT), "nonsense").unwrap();
         assert!(root.current().is_err());
     }
+
+    #[test]
+    fn items_of_generations_written_before_titles_and_attributes_still_read() {
+        // An items.jsonl line as generations wrote it before titles and attributes existed.
+        let old = r#"{"id":"a","image":"a.png","category":"x/y","product":"p","variation":"v","view":"","split":"train","role":null,"sha256":"00"}"#;
+        let rec: ItemRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((rec.item.title, rec.item.attributes.len(), rec.sha256.as_str()), (None, 0, "00"));
+        // A new line round-trips with both.
+        let mut new = item(1);
+        new.item.title = Some("t".into());
+        new.item.attributes.insert("brand".into(), crate::catalogue::AttrValue::String("acme".into()));
+        let text = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<ItemRecord>(&text).unwrap(), new);
+    }
 }

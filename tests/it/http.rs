@@ -179,6 +179,71 @@ async fn search_parameters_filter_group_and_force_exact() {
     assert_eq!(hit_ids(&j)[0], "p0-v0-w1");
 }
 
+/// Titles and attributes come back in every hit and item; `attr.NAME` filters match exactly
+/// (text, numbers by value, booleans) together with the other filters; the OpenAPI document
+/// lists the generation's attributes.
+#[tokio::test]
+async fn titles_and_attributes_in_hits_items_filters_and_the_document() {
+    let (c, _, app) = fixture();
+    let q = png(&c, "p3-v1-w0");
+    let search = |uri: &str| {
+        let (app, q, uri) = (app.clone(), q.clone(), uri.to_string());
+        async move {
+            let a = post(&app, &uri, "image/png", q).await;
+            assert_eq!(a.status, StatusCode::OK, "{uri}: {}", String::from_utf8_lossy(&a.body));
+            a.json()
+        }
+    };
+    let j = search("/v1/search?k=3").await;
+    let first = &j["hits"][0];
+    assert_eq!(first["id"], "p3-v1-w0");
+    assert_eq!(first["title"], "p3 sport");
+    assert_eq!(first["attributes"], serde_json::json!({"brand": "globex", "price": 3, "sale": true}));
+    let it = get(&app, "/v1/items/p3-v1-w0").await.json();
+    assert_eq!((&it["title"], &it["attributes"]["price"]), (&first["title"], &Value::from(3)));
+
+    let want = |f: &dyn Fn(&Item) -> bool| {
+        let mut ids: Vec<String> = c.items.iter().filter(|i| f(i)).map(|i| i.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let got = |j: &Value| {
+        let mut ids = hit_ids(j);
+        ids.sort();
+        ids
+    };
+    let acme = search("/v1/search?k=100&attr.brand=acme").await;
+    assert_eq!(got(&acme), want(&|i| i.attributes["brand"].to_string() == "acme"));
+    assert_eq!(acme["allowed"].as_u64().unwrap() as usize, got(&acme).len());
+    // Numbers compare by value, booleans by their words; every filter must hold.
+    let cheap = search("/v1/search?k=100&attr.price=4.0&attr.sale=true").await;
+    assert_eq!(got(&cheap), want(&|i| i.product == "p4" && i.variation == "v1"));
+    assert!(!got(&cheap).is_empty());
+    let garden = search("/v1/search?k=100&category=garden&attr.brand=globex&group_by=product").await;
+    let hits = garden["hits"].as_array().unwrap();
+    assert!(!hits.is_empty());
+    assert!(
+        hits.iter()
+            .all(|h| h["category"].as_str().unwrap().starts_with("garden/") && h["attributes"]["brand"] == "globex")
+    );
+    // A value no item has is an empty answer, not an error.
+    let none = search("/v1/search?attr.brand=initech").await;
+    assert_eq!((none["allowed"].as_u64(), none["hits"].as_array().unwrap().len()), (Some(0), 0));
+
+    let o = get(&app, "/openapi.json").await.json();
+    let names: Vec<String> = o["paths"]["/v1/search"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    for n in ["attr.brand", "attr.price", "attr.sale"] {
+        assert!(names.contains(&n.to_string()), "{n} not documented: {names:?}");
+    }
+    let id = &o["paths"]["/v1/items/{id}"]["get"]["parameters"][0]["example"];
+    assert_eq!(get(&app, &format!("/v1/items/{}", id.as_str().unwrap())).await.status, StatusCode::OK);
+}
+
 /// Every bad input gets its own 4xx and the JSON error shape.
 #[tokio::test]
 async fn bad_search_input_gets_its_own_client_error() {
@@ -205,10 +270,15 @@ async fn bad_search_input_gets_its_own_client_error() {
         ("/v1/search?group_by=shop", "image/png", good.clone(), 400, "invalid_parameter"),
         ("/v1/search?exact=maybe", "image/png", good.clone(), 400, "invalid_parameter"),
         ("/v1/search?categroy=garden", "image/png", good.clone(), 400, "invalid_parameter"),
-        ("/v1/search?category=garden/roses", "image/png", good.clone(), 400, "unknown_category"),
-        ("/v1/search?category=gard", "image/png", good.clone(), 400, "unknown_category"),
-        ("/v1/search?product=p999", "image/png", good.clone(), 400, "unknown_product"),
-        ("/v1/search?variation=v9", "image/png", good.clone(), 400, "unknown_variation"),
+        ("/v1/search?group_by=", "image/png", good.clone(), 400, "invalid_parameter"),
+        ("/v1/search?exact=1", "image/png", good.clone(), 400, "invalid_parameter"),
+        ("/v1/search?product=", "image/png", good.clone(), 400, "invalid_parameter"),
+        ("/v1/search?attr.colour=red", "image/png", good.clone(), 400, "invalid_parameter"),
+        ("/v1/search?attr.=red", "image/png", good.clone(), 400, "invalid_parameter"),
+        ("/v1/search?category=garden/roses", "image/png", good.clone(), 404, "unknown_category"),
+        ("/v1/search?category=gard", "image/png", good.clone(), 404, "unknown_category"),
+        ("/v1/search?product=p999", "image/png", good.clone(), 404, "unknown_product"),
+        ("/v1/search?variation=v9", "image/png", good.clone(), 404, "unknown_variation"),
         ("/v1/search", "image/png", Vec::new(), 400, "missing_image"),
         ("/v1/search", "text/plain", good.clone(), 415, "unsupported_media_type"),
         ("/v1/search", "", good.clone(), 415, "unsupported_media_type"),
@@ -422,6 +492,13 @@ async fn admin_routes_need_the_api_key() {
     let off = router(AppState::with_service(cfg, service));
     let a = call(&off, admin_reload(Some(KEY))).await;
     assert_eq!((a.status, a.error_code().as_str()), (StatusCode::FORBIDDEN, "admin_disabled"));
+    // ... and the document says so: no security scheme to satisfy, 403 its only answer.
+    let doc = get(&off, "/openapi.json").await.json();
+    let op = &doc["paths"]["/v1/admin/reload"]["post"];
+    assert!(op.get("security").is_none(), "{op}");
+    assert_eq!(op["responses"].as_object().unwrap().keys().collect::<Vec<_>>(), ["403"]);
+    let doc = get(&app, "/openapi.json").await.json();
+    assert_eq!(doc["paths"]["/v1/admin/reload"]["post"]["security"], serde_json::json!([{"api_key": []}]));
 }
 
 /// Adds a product to the catalogue and indexes it: the next generation.

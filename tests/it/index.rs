@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hiercon::Error;
-use hiercon::catalogue::{Item, Split};
+use hiercon::catalogue::{AttrValue, Attributes, Item, Split};
 use hiercon::encoder::{Encoder, TestEncoder};
 use hiercon::index::build::{self, IndexConfig};
 use hiercon::index::store::{Generation, IndexDir};
@@ -96,6 +96,9 @@ impl Catalogue {
             view: format!("w{view}"),
             split: if view == 0 { Split::Train } else { Split::Test },
             role: None,
+            // Titles and attributes as a shop's catalogue has them: text, a number, a boolean.
+            title: Some(format!("{product} {}", if variation == "v0" { "classic" } else { "sport" })),
+            attributes: attributes(product, variation),
         });
     }
 
@@ -127,6 +130,17 @@ impl Catalogue {
     fn distinct_images(&self) -> usize {
         self.items.len() - 1 // `dup` shares the first item's bytes
     }
+}
+
+/// `brand` alternates by product (`acme`, `globex`), `price` is the product number (an integer),
+/// `sale` is true for variation `v1`.
+pub(crate) fn attributes(product: &str, variation: &str) -> Attributes {
+    let n: u64 = product.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(0);
+    Attributes::from([
+        ("brand".to_string(), AttrValue::String(if n.is_multiple_of(2) { "acme" } else { "globex" }.into())),
+        ("price".to_string(), AttrValue::Number(n.into())),
+        ("sale".to_string(), AttrValue::Bool(variation == "v1")),
+    ])
 }
 
 pub(crate) fn encoder() -> Arc<dyn Encoder> {

@@ -7,6 +7,7 @@ mod fuzz;
 mod http;
 mod imported;
 mod index;
+mod logs;
 mod loss;
 mod pretrained;
 mod serve;

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
-use crate::http::{KEY, corrupt_generation, hit_ids, item, next_generation, png};
+use crate::http::{KEY, corrupt_generation, hit_ids, next_generation, png};
 use crate::index::{Catalogue, DIM, encoder};
 
 /// `hiercon serve` on a free loopback port; killed on drop.
@@ -37,15 +37,14 @@ fn spawn_server(index: &Path, extra: &[&str]) -> Server {
 
 /// `hiercon serve --port 0 --index INDEX ARGS` (admin key set), once it printed its address.
 pub(crate) fn spawn_serve(index: &Path, args: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
-        .args(["serve", "--port", "0", "--index"])
-        .arg(index)
-        .args(args)
-        .env("HIERCON_API_KEY", KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hiercon"));
+    cmd.args(["serve", "--port", "0", "--index"]).arg(index).args(args).env("HIERCON_API_KEY", KEY);
+    spawn_with(cmd)
+}
+
+/// Starts a `hiercon serve` command (which must pass `--port 0`) and waits for its address.
+fn spawn_with(mut cmd: Command) -> Server {
+    let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr = line
@@ -150,36 +149,136 @@ fn the_binary_serves_polls_reloads_on_sighup_and_stops_gracefully() {
     assert!(std::net::TcpStream::connect(addr).is_err(), "the port is closed after shutdown");
 }
 
-/// The page in headless Chromium: upload a catalogue image, the item itself comes first; pick a
-/// category; click a result. Needs `/usr/bin/chromium` and `make browser-deps` (playwright-core
-/// in web/tests/node_modules); `make test` runs it (`make browser-test`).
+/// Runs the `hiercon` binary to completion; its stderr on failure.
+fn hiercon(args: &[&std::ffi::OsStr]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_hiercon")).args(args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "hiercon {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The page in headless Chromium, end to end from a shop's CSV: images + a CSV with `title` and
+/// `attr.*` columns -> `hiercon data folder` -> `hiercon index` -> `hiercon serve` -> the page
+/// (web/tests/page.mjs): an example clicked, an upload found first with its title, the category
+/// tree, the predicted category's link, an attribute filter, grouping, a result clicked. Needs
+/// `/usr/bin/chromium` and `make browser-deps` (playwright-core in web/tests/node_modules);
+/// `make test` runs it (`make browser-test`). The screenshot is `target/browser/page.png`.
 #[test]
 #[ignore = "needs chromium and playwright-core: run by `make browser-test` (part of `make test`)"]
-fn browser_upload_finds_the_item_first() {
+fn browser_page_end_to_end() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tests = root.join("web/tests");
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(Path::new(&chromium).exists(), "{chromium} missing: apt-get install chromium");
     assert!(tests.join("node_modules/playwright-core").is_dir(), "playwright-core missing: make browser-deps");
     let c = Catalogue::new(3);
-    build::run(&c.config(), encoder().as_ref()).unwrap();
-    let server = spawn_server(&c.index_dir(), &["--poll-secs", "0"]);
-    let id = "p9-v1-w1";
+    let csv = c.dir.path().join("shop.csv");
+    let mut text = String::from("image,category,product,variation,view,title,attr.brand,attr.price,attr.sale\n");
+    for it in &c.items {
+        let a = &it.attributes;
+        let title = it.title.as_deref().unwrap_or_default();
+        text += &format!(
+            "{},{},{},{},{},{title},{},{},{}\n",
+            it.image, it.category, it.product, it.variation, it.view, a["brand"], a["price"], a["sale"]
+        );
+    }
+    std::fs::write(&csv, text).unwrap();
+    let (folder, index) = (c.dir.path().join("shop"), c.dir.path().join("index/shop"));
+    hiercon(&["data".as_ref(), "folder".as_ref(), "--csv".as_ref(), csv.as_ref(), "--out".as_ref(), folder.as_ref()]);
+    let manifest = folder.join("manifest.jsonl");
+    let dim = DIM.to_string();
+    hiercon(&[
+        "index".as_ref(),
+        "--test-encoder".as_ref(),
+        dim.as_ref(),
+        "--manifest".as_ref(),
+        manifest.as_ref(),
+        "--out".as_ref(),
+        index.as_ref(),
+    ]);
+    let imported = hiercon::catalogue::Manifest::read(&manifest).unwrap();
+    let it = imported.get("img/p9-v1-w1.png").expect("the CSV's item, id = its image path");
+    assert_eq!(it.attributes["price"].to_string(), "9", "a numeric cell is a number");
+    let server = spawn_server(&index, &["--poll-secs", "0"]);
     let shots = root.join("target/browser");
     std::fs::create_dir_all(&shots).unwrap();
+    let screenshot = shots.join("page.png");
     let out = Command::new("node")
-        .arg(tests.join("upload.mjs"))
+        .arg(tests.join("page.mjs"))
         .env("CHROMIUM", &chromium)
         .env("HIERCON_URL", format!("http://{}/", server.addr))
-        .env("HIERCON_IMAGE", c.image_path(id))
-        .env("HIERCON_EXPECT_ID", id)
-        .env("HIERCON_EXPECT_CATEGORY", &item(&c, id).category)
-        .env("HIERCON_SCREENSHOT", shots.join("page.png"))
+        .env("HIERCON_IMAGE", c.image_path("p9-v1-w1"))
+        .env("HIERCON_EXPECT_ID", &it.id)
+        .env("HIERCON_EXPECT_TITLE", it.title.as_deref().unwrap())
+        .env("HIERCON_EXPECT_CATEGORY", &it.category)
+        .env("HIERCON_ATTRIBUTE", format!("brand={}", it.attributes["brand"]))
+        .env("HIERCON_SCREENSHOT", &screenshot)
         .output()
         .unwrap();
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{log}");
     assert!(out.status.success(), "browser test failed:\n{log}");
-    assert!(log.contains("first result is the item"), "{log}");
+    assert!(log.contains("page test passed") && log.contains("first result is the item"), "{log}");
+    let png = std::fs::read(&screenshot).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "no screenshot at {}", screenshot.display());
+    println!("screenshot of the page: {} ({} bytes)", screenshot.display(), png.len());
+}
+
+/// One schemathesis run against `server` with every check (all are on by default;
+/// `tests/contract/schemathesis.toml` names the one exclusion and why). Returns its output.
+fn schemathesis(root: &Path, schemathesis: &str, server: &Server, extra: &[&str]) -> String {
+    let out = Command::new(schemathesis)
+        .args(["--config-file"])
+        .arg(root.join("tests/contract/schemathesis.toml"))
+        .args(["run", "--workers", "1", "--request-timeout", "20"])
+        .args(extra)
+        .arg(format!("http://{}/openapi.json", server.addr))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{log}");
+    assert!(out.status.success(), "schemathesis found contract failures (see above)");
+    log
+}
+
+/// The API contract: schemathesis (`make schemathesis-deps`, pinned in tests/contract) runs every
+/// check against the server's own `/openapi.json` over the emoji catalogue indexed with the
+/// shipped model (`HIERCON_CONTRACT_INDEX`, built by `make contract-test`): once with an admin key (its requests carry it; `ignored_auth` drops it), once
+/// without (the document then promises 403 and no security). Also checks the emoji titles and
+/// skin-tone names end to end. Run by `make contract-test` (part of `make test`).
+#[test]
+#[ignore = "needs schemathesis (make schemathesis-deps) and the emoji data: run by `make contract-test`"]
+fn contract_schemathesis_against_the_emoji_index() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let st = std::env::var("SCHEMATHESIS").expect("SCHEMATHESIS names the schemathesis executable");
+    let index = std::env::var_os("HIERCON_CONTRACT_INDEX").expect("HIERCON_CONTRACT_INDEX names the emoji index");
+    let data = std::env::var_os("HIERCON_TEST_DATA").expect("HIERCON_TEST_DATA names the data folder (make data)");
+    let index = Path::new(&index);
+    let server = spawn_serve(index, &["--poll-secs", "0"]);
+    let shoe = std::fs::read(Path::new(&data).join("emoji/images/1f45f-google.png")).unwrap();
+    let r = load::request(server.addr, "POST", "/v1/search?k=3", &[("Content-Type", "image/png")], &shoe).unwrap();
+    let j: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        (j["hits"][0]["id"].as_str(), j["hits"][0]["title"].as_str()),
+        (Some("google:1F45F"), Some("athletic shoe")),
+        "{j}"
+    );
+    let wave = load::request(server.addr, "GET", "/v1/items/google:1F44B-1F3FD", &[], b"").unwrap();
+    let wave: Value = serde_json::from_slice(&wave.body).unwrap();
+    assert_eq!(
+        (wave["title"].as_str(), wave["variation"].as_str()),
+        (Some("waving hand sign"), Some("medium skin tone")),
+        "{wave}"
+    );
+    let with_key = schemathesis(root, &st, &server, &["--header", &format!("Authorization: Bearer {KEY}")]);
+    drop(server);
+    let mut no_key = Command::new(env!("CARGO_BIN_EXE_hiercon"));
+    no_key.args(["serve", "--port", "0", "--poll-secs", "0", "--index"]).arg(index).env_remove("HIERCON_API_KEY");
+    let server = spawn_with(no_key);
+    let without_key = schemathesis(root, &st, &server, &[]);
+    for log in [with_key, without_key] {
+        let summary = log.lines().rev().find(|l| l.contains("generated")).unwrap_or_default().to_string();
+        println!("schemathesis: {}", summary.trim());
+    }
 }
 
 // --- the real ONNX Runtime encoder ------------------------------------------------------------

@@ -1,6 +1,8 @@
 //! The emoji catalogue from the `emoji-datasource` packages: taxonomy category/subcategory,
-//! product = the base emoji (`unified` code), variation = skin tone (`default` for the base),
-//! view = vendor (Twitter's drawings are the queries, Google's the gallery).
+//! product = the base emoji (`unified` code), variation = skin tone by name (`medium skin tone`;
+//! `default` for the base), view = vendor (Twitter's drawings are the queries, Google's the
+//! gallery), title = the emoji's Unicode name in lower case (`athletic shoe`), attribute
+//! `emoji_version` = the Emoji version that added the drawing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use serde::Deserialize;
 
 use super::{IMAGES_DIR, copy_files, create_dir, finish};
 use crate::catalogue::taxonomy::level_name;
-use crate::catalogue::{Item, Manifest, Role, Split, SplitOptions, assign_splits};
+use crate::catalogue::{AttrValue, Attributes, Item, Manifest, Role, Split, SplitOptions, assign_splits};
 use crate::{Error, Result};
 
 /// The metadata package and the two image packages, as `make fetch-emoji` unpacks them.
@@ -21,6 +23,29 @@ pub const VENDORS: [(&str, &str, Role); 2] =
 pub const DEFAULT_VARIATION: &str = "default";
 /// The image size used (the packages also ship 16, 20 and 32 px).
 const SIZE_DIR: &str = "64";
+/// The Unicode (CLDR) names of the five skin-tone modifiers, by code point: `skin_variations`
+/// is keyed by these codes, one per tone, or two joined by `-` for two-person emoji.
+const SKIN_TONES: [(&str, &str); 5] = [
+    ("1F3FB", "light skin tone"),
+    ("1F3FC", "medium-light skin tone"),
+    ("1F3FD", "medium skin tone"),
+    ("1F3FE", "medium-dark skin tone"),
+    ("1F3FF", "dark skin tone"),
+];
+
+/// The variation name of a `skin_variations` key: `1F3FD` -> `medium skin tone`, `1F3FB-1F3FF`
+/// -> `light skin tone, dark skin tone`. A code that is no skin tone is kept as written.
+pub fn skin_tone_name(key: &str) -> String {
+    key.split('-')
+        .map(|code| SKIN_TONES.iter().find(|(c, _)| c.eq_ignore_ascii_case(code)).map_or(code, |(_, name)| name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A title from an emoji-datasource name: `ATHLETIC SHOE` -> `athletic shoe`.
+pub fn title_of(name: &str) -> String {
+    name.trim().to_lowercase()
+}
 
 /// One drawing's metadata: the emoji itself or one of its skin-tone variations.
 #[derive(Debug, Deserialize)]
@@ -31,6 +56,9 @@ struct Drawing {
     has_img_google: bool,
     #[serde(default)]
     has_img_twitter: bool,
+    /// The Emoji version that added this drawing (`"0.6"`, `"13.0"`).
+    #[serde(default)]
+    added_in: Option<String>,
 }
 
 impl Drawing {
@@ -50,6 +78,9 @@ struct Emoji {
     drawing: Drawing,
     category: String,
     subcategory: String,
+    /// The Unicode name, upper case (`ATHLETIC SHOE`).
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     skin_variations: Option<BTreeMap<String, Drawing>>,
 }
@@ -88,8 +119,9 @@ pub fn import(packages: &Path, out: &Path, split: &SplitOptions) -> Result<Manif
     let mut missing = 0usize;
     for emoji in &emojis {
         let category = format!("{}/{}", level_name(&emoji.category), level_name(&emoji.subcategory));
-        let variations = std::iter::once((DEFAULT_VARIATION, &emoji.drawing))
-            .chain(emoji.skin_variations.iter().flatten().map(|(tone, d)| (tone.as_str(), d)));
+        let title = emoji.name.as_deref().map(title_of).filter(|t| !t.is_empty());
+        let variations = std::iter::once((DEFAULT_VARIATION.to_string(), &emoji.drawing))
+            .chain(emoji.skin_variations.iter().flatten().map(|(tone, d)| (skin_tone_name(tone), d)));
         for (variation, drawing) in variations {
             if drawing.image.is_empty() || drawing.image.contains(['/', '\\']) || drawing.image.starts_with('.') {
                 return Err(Error::SourceFormat {
@@ -115,10 +147,16 @@ pub fn import(packages: &Path, out: &Path, split: &SplitOptions) -> Result<Manif
                     image,
                     category: category.clone(),
                     product: emoji.drawing.unified.clone(),
-                    variation: variation.to_string(),
+                    variation: variation.clone(),
                     view: vendor.to_string(),
                     split: Split::Train,
                     role: Some(role),
+                    title: title.clone(),
+                    attributes: drawing
+                        .added_in
+                        .iter()
+                        .map(|v| ("emoji_version".to_string(), AttrValue::String(v.clone())))
+                        .collect::<Attributes>(),
                 });
             }
         }
@@ -190,9 +228,10 @@ mod tests {
         let p = dir.path();
         let meta = json!([
             {"unified": "1F44B", "image": "1f44b.png", "category": "People & Body", "subcategory": "hand-fingers-open",
+             "name": "WAVING HAND SIGN", "added_in": "0.6",
              "has_img_google": true, "has_img_twitter": true, "sort_order": 1,
              "skin_variations": {
-                "1F3FB": {"unified": "1F44B-1F3FB", "image": "1f44b-1f3fb.png", "has_img_google": true, "has_img_twitter": true},
+                "1F3FB": {"unified": "1F44B-1F3FB", "image": "1f44b-1f3fb.png", "added_in": "1.0", "has_img_google": true, "has_img_twitter": true},
                 "1F3FF": {"unified": "1F44B-1F3FF", "image": "1f44b-1f3ff.png", "has_img_google": false, "has_img_twitter": true}
              }},
             {"unified": "1F600", "image": "1f600.png", "category": "Smileys & Emotion", "subcategory": "face-smiling",
@@ -242,7 +281,17 @@ mod tests {
         );
         let wave = m.get("google:1F44B-1F3FB").unwrap();
         assert_eq!(wave.category, "People & Body/hand-fingers-open");
-        assert_eq!((wave.product.as_str(), wave.variation.as_str()), ("1F44B", "1F3FB"));
+        assert_eq!((wave.product.as_str(), wave.variation.as_str()), ("1F44B", "light skin tone"));
+        assert_eq!(wave.title.as_deref(), Some("waving hand sign"));
+        assert_eq!(wave.attributes["emoji_version"], AttrValue::String("1.0".into()));
+        assert_eq!(m.get("twitter:1F44B-1F3FF").unwrap().variation, "dark skin tone");
+        assert_eq!(m.get("twitter:1F44B").unwrap().attributes["emoji_version"].to_string(), "0.6");
+        let apple = m.get("twitter:1F34E").unwrap();
+        assert_eq!(
+            (apple.title.as_ref(), apple.attributes.len()),
+            (None, 0),
+            "no name, no version: neither is made up"
+        );
         assert_eq!((wave.view.as_str(), wave.role), ("google", Some(Role::Gallery)));
         let base = m.get("twitter:1F44B").unwrap();
         assert_eq!((base.variation.as_str(), base.role), (DEFAULT_VARIATION, Some(Role::Query)));
@@ -262,6 +311,15 @@ mod tests {
             assert!(attribution.contains(needle), "ATTRIBUTION.md lacks {needle}");
         }
         assert!(out.path().join("LICENSE.emoji-datasource").is_file());
+    }
+
+    #[test]
+    fn skin_tones_and_titles_read_as_words() {
+        assert_eq!(skin_tone_name("1F3FD"), "medium skin tone");
+        assert_eq!(skin_tone_name("1F3FB-1F3FF"), "light skin tone, dark skin tone");
+        assert_eq!(skin_tone_name("1f3fc"), "medium-light skin tone");
+        assert_eq!(skin_tone_name("ABCDE"), "ABCDE");
+        assert_eq!(title_of("ATHLETIC SHOE"), "athletic shoe");
     }
 
     #[test]

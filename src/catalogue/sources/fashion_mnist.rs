@@ -114,6 +114,8 @@ pub fn import(source: &Path, out: &Path, split: &FashionSplit) -> Result<Manifes
                 view: VIEW.to_string(),
                 split: part.split,
                 role: None,
+                title: Some(class.to_string()),
+                attributes: Default::default(),
                 id,
             });
         }

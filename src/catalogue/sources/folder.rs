@@ -1,5 +1,10 @@
 //! A catalogue from any images plus a CSV with the header `image,category,product,variation`
-//! (optional columns `view` and `role`; image paths relative to the CSV's folder).
+//! (optional columns `view`, `role`, `title` and any number of `attr.NAME`; image paths relative
+//! to the CSV's folder).
+//!
+//! An `attr.NAME` cell becomes the item's attribute `NAME`: `true` / `false` a boolean, a JSON
+//! number (`12`, `-3.5`, `1e3`; not `007` or `+1`, which stay text) a number, anything else a
+//! string; an empty cell leaves the attribute out for that item. An empty `title` means none.
 //!
 //! The images are copied to `out/images/<the CSV's path>` so the output folder is
 //! self-contained; an item's id is its image path as written in the CSV. Splits are the hashed
@@ -9,14 +14,29 @@
 use std::path::{Path, PathBuf};
 
 use super::{IMAGES_DIR, copy_files, create_dir, finish};
-use crate::catalogue::manifest::{Checker, LineIssue, Problem};
-use crate::catalogue::{Item, Manifest, Role, Split, SplitOptions, assign_splits};
+use crate::catalogue::manifest::{Checker, LineIssue, Problem, check_attribute_name};
+use crate::catalogue::{AttrValue, Attributes, Item, Manifest, Role, Split, SplitOptions, assign_splits};
 use crate::{Error, Result};
 
 /// Required CSV columns.
 pub const REQUIRED: [&str; 4] = ["image", "category", "product", "variation"];
-/// Optional CSV columns.
-pub const OPTIONAL: [&str; 2] = ["view", "role"];
+/// Optional CSV columns (besides `attr.NAME` ones).
+pub const OPTIONAL: [&str; 3] = ["view", "role", "title"];
+/// The prefix of attribute columns: `attr.brand` fills the attribute `brand`.
+pub const ATTRIBUTE_PREFIX: &str = "attr.";
+
+/// The attribute value a CSV cell holds (see the module docs); `None` for an empty cell.
+pub fn cell_value(cell: &str) -> Option<AttrValue> {
+    match cell {
+        "" => None,
+        "true" => Some(AttrValue::Bool(true)),
+        "false" => Some(AttrValue::Bool(false)),
+        _ => Some(match serde_json::from_str::<serde_json::Number>(cell) {
+            Ok(n) => AttrValue::Number(n),
+            Err(_) => AttrValue::String(cell.to_string()),
+        }),
+    }
+}
 /// Image file extensions accepted (what the image pipeline decodes).
 pub const EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
@@ -53,7 +73,25 @@ pub fn import(csv_path: &Path, out: &Path, split: &SplitOptions) -> Result<Manif
         return Err(csv_error(csv_path, missing));
     }
     let [image_col, category_col, product_col, variation_col] = REQUIRED.map(|n| column(n).unwrap_or_default());
-    let (view_col, role_col) = (column(OPTIONAL[0]), column(OPTIONAL[1]));
+    let (view_col, role_col, title_col) = (column(OPTIONAL[0]), column(OPTIONAL[1]), column(OPTIONAL[2]));
+    let mut header_issues = Vec::new();
+    let mut attr_cols: Vec<(String, usize)> = Vec::new();
+    for (col, h) in headers.iter().enumerate() {
+        let Some(name) = h.strip_prefix(ATTRIBUTE_PREFIX) else { continue };
+        let reason = check_attribute_name(name)
+            .or_else(|| attr_cols.iter().any(|(n, _)| n == name).then_some("has two columns"));
+        match reason {
+            Some(reason) => header_issues.push(LineIssue {
+                line: 1,
+                field: "header",
+                problem: Problem::BadAttribute { name: name.to_string(), reason },
+            }),
+            None => attr_cols.push((name.to_string(), col)),
+        }
+    }
+    if !header_issues.is_empty() {
+        return Err(csv_error(csv_path, header_issues));
+    }
 
     let mut checker = Checker::new(&csv_dir, true);
     let mut items = Vec::new();
@@ -102,6 +140,11 @@ pub fn import(csv_path: &Path, out: &Path, split: &SplitOptions) -> Result<Manif
             view: view_col.map(get).unwrap_or_default(),
             split: Split::Train,
             role,
+            title: title_col.map(get).filter(|t| !t.is_empty()),
+            attributes: attr_cols
+                .iter()
+                .filter_map(|(name, col)| Some((name.clone(), cell_value(record.get(*col)?)?)))
+                .collect::<Attributes>(),
         };
         checker.check(&item, line);
         let copied = format!("{IMAGES_DIR}/{image}");
@@ -199,6 +242,54 @@ mod tests {
             ]
         );
         assert!(!out.path().join("manifest.jsonl").exists());
+    }
+
+    #[test]
+    fn title_and_attribute_columns_fill_the_items() {
+        let src = tempfile::tempdir().unwrap();
+        for f in ["1.png", "2.png"] {
+            png(&src.path().join(f));
+        }
+        let csv = src.path().join("labels.csv");
+        std::fs::write(
+            &csv,
+            "image,category,product,variation,title,attr.brand,attr.price,attr.sale,attr.sku\n\
+             1.png,shoes,p1,red,Trail runner,acme,12.5,true,007\n\
+             2.png,shoes,p2,red,,,3,false,1e3\n",
+        )
+        .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let m = import(&csv, out.path(), &SplitOptions::default()).unwrap();
+        let one = m.get("1.png").unwrap();
+        assert_eq!(one.title.as_deref(), Some("Trail runner"));
+        let json = serde_json::to_string(&one.attributes).unwrap();
+        assert_eq!(json, r#"{"brand":"acme","price":12.5,"sale":true,"sku":"007"}"#);
+        let two = m.get("2.png").unwrap();
+        assert_eq!(two.title, None, "an empty title is no title");
+        assert_eq!(serde_json::to_string(&two.attributes).unwrap(), r#"{"price":3,"sale":false,"sku":1000.0}"#);
+        assert_eq!(Manifest::read(out.path().join("manifest.jsonl")).unwrap().items, m.items);
+        assert_eq!(cell_value("+1"), Some(AttrValue::String("+1".into())));
+        assert_eq!(cell_value("NaN"), Some(AttrValue::String("NaN".into())));
+        assert_eq!(cell_value(""), None);
+    }
+
+    #[test]
+    fn bad_attribute_columns_are_reported() {
+        let src = tempfile::tempdir().unwrap();
+        let csv = src.path().join("labels.csv");
+        std::fs::write(&csv, "image,category,product,variation,attr.,attr.a b,attr.ok,attr.ok\nx.png,a,b,c,1,2,3,4\n")
+            .unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let err = import(&csv, out.path(), &SplitOptions::default()).unwrap_err();
+        let Error::CsvRows { issues, .. } = &err else { panic!("{err}") };
+        let names: Vec<_> = issues
+            .iter()
+            .map(|i| match &i.problem {
+                Problem::BadAttribute { name, .. } => (i.line, i.field, name.as_str()),
+                p => panic!("{p}"),
+            })
+            .collect();
+        assert_eq!(names, [(1, "header", ""), (1, "header", "a b"), (1, "header", "ok")]);
     }
 
     #[test]

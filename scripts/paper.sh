@@ -11,8 +11,15 @@
 #
 # Budget knobs (environment): EMOJI_STEPS (default 800), FMNIST_STEPS (default 600), SEED (0),
 # PRE_STEPS (300), PRE_SIZE (128), PRE_FREEZE (6), PRE_LR (see below).
-# PARTS="scratch pretrained" (default) rebuilds the whole report; PARTS=pretrained only reruns the
-# pretrained runs and replaces that section of the existing reports/paper.md.
+# PARTS="scratch pretrained study" (default) rebuilds the whole report; PARTS=pretrained or
+# PARTS=study only reruns that part and replaces its section of the existing reports/paper.md.
+#
+# The study (does the hierarchy pay?) is the queue reports/study/queue.tsv run by
+# scripts/study.sh: every run of it (loss, seed, split) trained and evaluated on the validation
+# hold-out or on seen and unseen products, its evaluations kept in reports/study/NAME/ (committed)
+# so a rerun only trains what is missing; then `hiercon eval --study` summarises mean ± std over
+# seeds and the differences of STUDY_PAIRS, and docs/paper-study.md (the reading of the numbers)
+# follows the tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +33,8 @@ PRE_SIZE=${PRE_SIZE:-128}
 PRE_FREEZE=${PRE_FREEZE:-6}
 PRE_LR=${PRE_LR:-0.01}
 PRE_LOSSES=(ce supcon hmce)
-PARTS=${PARTS:-scratch pretrained}
+PARTS=${PARTS:-scratch pretrained study}
+STUDY_PAIRS=${STUDY_PAIRS:-emoji-hmce,emoji-supcon emoji-fit-hmce,emoji-fit-supcon emoji-fit-hmce-vc8,emoji-fit-hmce fmnist-hmce,fmnist-supcon}
 OUT=runs/paper
 mkdir -p "$OUT" reports
 
@@ -111,16 +119,40 @@ if has pretrained; then
   "$HIERCON" eval --compare "${PRE_RUNS[@]}" --report "$OUT/compare-emoji-lite0" > /dev/null
 fi
 
-if ! has scratch; then
-  # Only the pretrained section is new: splice it into the existing report.
-  [[ -f reports/paper.md ]] || { echo "reports/paper.md missing: run with PARTS=\"scratch pretrained\"" >&2; exit 1; }
-  section=$(pretrained_section)
-  python3 - "$section" <<'PY'
+study_section() {
+  echo "<!-- study:begin (scripts/paper.sh writes this section) -->"
+  echo "## Does the hierarchy pay? hmce against SupCon over seeds"
+  echo
+  echo "EfficientNet-Lite0 from ImageNet, 128 px, stem + stages 1-5 frozen, SGD lr 0.01, 32 samples x"
+  echo "2 views per step; emoji 1,500 steps, Fashion-MNIST 600. Every row is the mean ± sample standard"
+  echo "deviation over the seeds it names (a single figure: one seed). Settings are chosen on \`val\` (runs"
+  echo "trained on \`fit\`, \`emoji-fit-*\`); \`train\` (seen) and \`test\` (unseen) report runs trained on all"
+  echo "seen products. The queue of runs is reports/study/queue.tsv, each run's evaluations are in"
+  echo "reports/study/NAME/. Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)."
+  echo
+  cat reports/study/summary.md
+  echo
+  [[ -f docs/paper-study.md ]] && cat docs/paper-study.md
+  echo "<!-- study:end -->"
+}
+
+if has study; then
+  scripts/study.sh reports/study/queue.tsv
+  pairs=()
+  for p in $STUDY_PAIRS; do pairs+=(--pair "$p"); done
+  "$HIERCON" eval --study reports/study "${pairs[@]}" --report reports/study/summary > /dev/null
+fi
+
+# splice NAME: replace the section between `<!-- NAME:begin` and `<!-- NAME:end -->` of
+# reports/paper.md with stdin (appended before "## Wall time" when the report has none yet).
+splice() {
+  python3 - "$1" <<'PY'
 import re, sys
+name = sys.argv[1]
 path = "reports/paper.md"
 text = open(path).read()
-new = sys.argv[1]
-pattern = re.compile(r"<!-- pretrained:begin.*?<!-- pretrained:end -->", re.S)
+new = sys.stdin.read().rstrip("\n")
+pattern = re.compile(r"<!-- %s:begin.*?<!-- %s:end -->" % (name, name), re.S)
 if pattern.search(text):
     text = pattern.sub(lambda _: new, text)
 else:
@@ -128,7 +160,13 @@ else:
     text = text.replace(marker, new + "\n\n" + marker, 1) if marker in text else text + "\n" + new + "\n"
 open(path, "w").write(text)
 PY
-  echo "updated the pretrained section of reports/paper.md"
+}
+
+if ! has scratch; then
+  # Only some sections are new: splice them into the existing report.
+  [[ -f reports/paper.md ]] || { echo "reports/paper.md missing: run with PARTS=\"scratch pretrained study\"" >&2; exit 1; }
+  if has pretrained; then pretrained_section | splice pretrained; echo "updated the pretrained section of reports/paper.md"; fi
+  if has study; then study_section | splice study; echo "updated the study section of reports/paper.md"; fi
   exit 0
 fi
 
@@ -151,6 +189,7 @@ done
   sed "s/^## /### /" "$OUT/compare-fmnist.md"
   echo
   if has pretrained; then pretrained_section; echo; fi
+  if has study; then study_section; echo; fi
   echo "## Wall time"
   echo
   echo "Training and evaluation of the from-scratch runs took $(( total / 60 )) min in all on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); per run:"

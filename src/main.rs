@@ -79,7 +79,7 @@ enum Command {
     Data(DataArgs),
     /// Train encoder + projection head with a hierarchical loss (or a baseline); checkpoints,
     /// resume, and export of `OUT/model.onnx` + `model.json`.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Write a loss alone as an ONNX model: inputs `features` f32 [2N, D] and `labels` i64
     /// [N, K]; outputs `loss` (f32 scalar) and `features_grad` (f32 [2N, D]).
     ExportLoss(ExportLossArgs),
@@ -208,6 +208,11 @@ struct TrainArgs {
     /// augmentation diversity (K fixed views per image instead of fresh ones each step). 0 = off.
     #[arg(long, default_value_t = 0, value_name = "K")]
     view_cache: usize,
+    /// Leave a label column out of the loss and the sampler, by name (repeatable): level1, level2,
+    /// .., product, variation. E.g. `--drop-level variation` makes the product the finest
+    /// hierarchical level.
+    #[arg(long = "drop-level", value_name = "NAME")]
+    drop_levels: Vec<String>,
     /// Where view caches are kept (one folder per key: weights, frozen units, size,
     /// augmentation, seed, K, images); runs with equal keys share one.
     #[arg(long, env = "HIERCON_VIEW_CACHE_DIR", default_value = hiercon::train::trainer::DEFAULT_VIEW_CACHE_DIR)]
@@ -508,16 +513,24 @@ struct EvalArgs {
     /// eval-test.json): one table, rows = runs, columns = metrics on seen and unseen products.
     #[arg(long, num_args = 1.., conflicts_with_all = ["model", "manifest", "index", "split", "test_encoder"])]
     compare: Vec<PathBuf>,
+    /// Summarise a multi-seed study instead (`DIR/NAME-s<seed>/eval-<split>.json` and
+    /// `eval-backbone-<split>.json`, as scripts/study.sh writes them): mean ± std over seeds per
+    /// setting, split and level (top-1, top-5, mAP, NMI).
+    #[arg(long, conflicts_with_all = ["model", "manifest", "index", "split", "test_encoder", "compare"])]
+    study: Option<PathBuf>,
+    /// With --study: settings to compare, `A,B` (A − B and its standard error); repeatable.
+    #[arg(long, requires = "study", value_name = "A,B")]
+    pair: Vec<String>,
     /// Exported model `X.onnx` (its description `X.json` beside it).
-    #[arg(long, required_unless_present_any = ["test_encoder", "compare"])]
+    #[arg(long, required_unless_present_any = ["test_encoder", "compare", "study"])]
     model: Option<PathBuf>,
     /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index).
-    #[arg(long, required_unless_present_any = ["index", "compare"])]
+    #[arg(long, required_unless_present_any = ["index", "compare", "study"])]
     manifest: Option<PathBuf>,
     /// `train` evaluates the seen products (shown in training), `test` the unseen ones, `val`
     /// the validation hold-out of the seen products (choose settings here, on a run trained with
     /// --split fit), `fit` the seen products outside it.
-    #[arg(long, value_parser = parse_subset, required_unless_present = "compare")]
+    #[arg(long, value_parser = parse_subset, required_unless_present_any = ["compare", "study"])]
     split: Option<Subset>,
     /// Evaluate what is served: rank through `index/<name>`'s live generation (built with the
     /// same model) via the search service, and report recall@10 of HNSW against exact search.
@@ -694,7 +707,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data(args) => data(args.source),
-        Command::Train(args) => train(args, &rt_opts),
+        Command::Train(args) => train(*args, &rt_opts),
         Command::ExportLoss(args) => export_loss(args),
         Command::Index(args) => run_index(args, &rt_opts),
         Command::Serve(args) => serve(args, &rt_opts),
@@ -854,8 +867,10 @@ fn train(args: TrainArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         normalization,
         bgr: args.bgr,
         view_cache: args.view_cache,
+        drop_levels: args.drop_levels,
     };
-    let env = TrainEnv { halt_after: args.halt_after, view_cache_dir: Some(args.view_cache_dir) };
+    let env =
+        TrainEnv { halt_after: args.halt_after, view_cache_dir: Some(args.view_cache_dir), ..TrainEnv::default() };
     let out = hiercon::train::train(&cfg, &args.out, args.resume, rt_opts, &env)?;
     println!(
         "trained {} steps in {:.1} s, final loss {:.4}; model: {}",
@@ -990,6 +1005,25 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
 
 /// `hiercon eval`: one evaluation, or a comparison of run directories.
 fn run_eval(args: EvalArgs, rt_opts: &RuntimeOptions) -> Result<()> {
+    if let Some(dir) = &args.study {
+        let pairs: Vec<(String, String)> = args
+            .pair
+            .iter()
+            .map(|p| {
+                p.split_once(',')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .with_context(|| format!("--pair {p:?}: expected two settings as A,B"))
+            })
+            .collect::<Result<_>>()?;
+        let summary = eval::study::summarize(&eval::study::read_study(dir)?, &pairs);
+        println!("{}", summary.to_markdown());
+        if let Some(prefix) = &args.report {
+            for f in summary.write(prefix)? {
+                eprintln!("wrote {}", f.display());
+            }
+        }
+        return Ok(());
+    }
     if !args.compare.is_empty() {
         let cmp = eval::compare::compare(&args.compare)?;
         println!("{}", cmp.to_markdown());

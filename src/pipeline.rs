@@ -11,7 +11,8 @@ use std::sync::mpsc::sync_channel;
 
 /// Runs `prepare` over `jobs` on a worker thread, at most `depth` finished results ahead, and
 /// `consume` over the results on the calling thread, in job order. Stops at the first error
-/// `consume` returns (the worker is told to stop and joined) and returns it.
+/// `consume` returns (the worker is told to stop and joined) and returns it. `depth` 0 runs the
+/// serial loop on the calling thread instead (no overlap; for comparisons).
 ///
 /// # Panics
 /// A panic in `prepare` (or in the job iterator) is carried over to the caller.
@@ -24,8 +25,14 @@ pub fn pipelined<J, T, E>(
 where
     T: Send,
 {
+    if depth == 0 {
+        for job in jobs {
+            consume(prepare(job))?;
+        }
+        return Ok(());
+    }
     std::thread::scope(|s| {
-        let (tx, rx) = sync_channel::<T>(depth.max(1));
+        let (tx, rx) = sync_channel::<T>(depth);
         let worker = std::thread::Builder::new()
             .name("prefetch".into())
             .spawn_scoped(s, move || {
@@ -72,6 +79,13 @@ mod tests {
         .unwrap();
         let want: Vec<u64> = (0..50u64).map(|x| work(x * 1000)).collect();
         assert_eq!(got, want);
+        let mut serial = Vec::new();
+        pipelined(0, (0..50u64).map(|x| x * 1000), work, |v| {
+            serial.push(v);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(serial, want);
     }
 
     #[test]

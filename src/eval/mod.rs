@@ -20,8 +20,8 @@
 //!   when the gallery holds another item of its class there; per-query metrics average over
 //!   answerable queries only, and the report gives their number.
 //! - **Top-K accuracy** ([`TOP_K`]): share of queries with a same-class item among the first K.
-//! - **mAP** at product level: mean over queries of the average precision of the complete
-//!   exact ranking of the gallery.
+//! - **mAP** at every level (and, as before, `map_product`): mean over answerable queries of the
+//!   average precision of the complete exact ranking of the gallery.
 //! - **kNN accuracy** ([`KNN_K`] = 10): the first 10 hits vote by majority; ties go to the
 //!   larger summed cosine similarity, then the better-ranked voter ([`metrics::knn_predict`]).
 //! - **NMI**: k-means ([`cluster::kmeans`], k-means++ seeding from `--seed`, k = the number of
@@ -42,6 +42,7 @@ pub mod cluster;
 pub mod compare;
 pub mod metrics;
 pub mod report;
+pub mod study;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -188,6 +189,8 @@ pub enum Retrieval<'a> {
 /// One query's outcome.
 struct QueryOutcome {
     ranking: Vec<Hit>,
+    /// Average precision at each label level (`None`: not answerable there).
+    aps: Vec<Option<f64>>,
     ap: Option<f64>,
     recall: Option<f64>,
     answer: Option<Answer>,
@@ -249,27 +252,41 @@ pub fn evaluate(
         "ranking"
     );
     let progress = Progress::new("ranking", protocol.queries.len() as u64, "queries");
-    // The complete ranking is needed for average precision only; a query without a same-product
-    // gallery item (Fashion-MNIST: every image is its own product) gets the first `depth` hits.
+    // The complete ranking is needed for average precision only; a query without a same-class
+    // gallery item at any level gets the first `depth` hits.
     let has_product_match = metrics::answerable(product, &protocol);
+    let level_columns: Vec<usize> = (0..labels.image_column()).collect();
+    let answerable_somewhere: Vec<bool> = {
+        let per_level: Vec<Vec<bool>> =
+            level_columns.iter().map(|&c| metrics::answerable(labels.rows.column(c), &protocol)).collect();
+        (0..protocol.queries.len()).map(|i| per_level.iter().any(|a| a[i])).collect()
+    };
     let outcomes: Vec<QueryOutcome> = protocol
         .queries
         .par_iter()
-        .zip(&has_product_match)
-        .map(|(&q, &full_needed)| {
+        .zip(has_product_match.par_iter().zip(&answerable_somewhere))
+        .map(|(&q, (&product_match, &full_needed))| {
             let v = exact.vector(q);
             let want = if full_needed { protocol.gallery.len() } else { depth };
             let full = top_k(exact.scores(v, Some(&protocol.gallery)).filter(|h| h.row != q), want);
-            let ap = metrics::average_precision(product, q, &full);
+            let aps: Vec<Option<f64>> = level_columns
+                .iter()
+                .map(|&c| full_needed.then(|| metrics::average_precision(labels.rows.column(c), q, &full)).flatten())
+                .collect();
+            let ap = if product_match { metrics::average_precision(product, q, &full) } else { None };
             let out = match retrieval {
-                Retrieval::Exact => {
-                    QueryOutcome { ranking: full[..depth.min(full.len())].to_vec(), ap, recall: None, answer: None }
-                }
+                Retrieval::Exact => QueryOutcome {
+                    ranking: full[..depth.min(full.len())].to_vec(),
+                    aps,
+                    ap,
+                    recall: None,
+                    answer: None,
+                },
                 Retrieval::Served(svc) => {
                     let (ranking, answer) =
                         served_ranking(svc, v, &data.items[q as usize].id, &filter, depth, &row_of)?;
                     let recall = metrics::recall_against_exact(&ranking, &full, RECALL_K);
-                    QueryOutcome { ranking, ap, recall: Some(recall), answer: Some(answer) }
+                    QueryOutcome { ranking, aps, ap, recall: Some(recall), answer: Some(answer) }
                 }
             };
             progress.inc(1);
@@ -304,6 +321,10 @@ pub fn evaluate(
             queries: answerable.iter().filter(|&&a| a).count(),
             top_k: metrics::top_k_accuracy(column, &protocol.queries, &rankings, &answerable, &TOP_K),
             knn: metrics::knn_accuracy(column, &protocol.queries, &rankings, &answerable, KNN_K),
+            map: {
+                let v: Vec<f64> = outcomes.iter().filter_map(|o| o.aps[c]).collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            },
             nmi,
             nmi_note,
         });

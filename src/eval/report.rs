@@ -34,6 +34,9 @@ pub struct LevelMetrics {
     pub top_k: Vec<Option<f64>>,
     /// kNN classification accuracy.
     pub knn: Option<f64>,
+    /// Mean average precision over the answerable queries (complete exact ranking).
+    #[serde(default)]
+    pub map: Option<f64>,
     /// NMI of k-means with k = `classes`.
     pub nmi: Option<f64>,
     /// Why `nmi` is absent.
@@ -307,6 +310,7 @@ pub(crate) mod tests {
                     queries: 5,
                     top_k: vec![Some(top1), Some(1.0)],
                     knn: Some(0.8),
+                    map: Some(0.5),
                     nmi: Some(0.5),
                     nmi_note: None,
                 },
@@ -316,6 +320,7 @@ pub(crate) mod tests {
                     queries: 0,
                     top_k: vec![None, None],
                     knn: None,
+                    map: None,
                     nmi: None,
                     nmi_note: Some("x".into()),
                 },

@@ -123,7 +123,17 @@ pub fn loss_graph(
             let loss = b.level(same, None)?;
             Ok(LossParts { loss, level_losses: vec![loss] })
         }
-        _ => b.hierarchical(),
+        _ => {
+            let mut parts = b.hierarchical()?;
+            if opts.supcon_mix != 0.0 {
+                // hmc / hce / hmce + W · SupCon at --supcon-level (the product by default).
+                let same = b.same_key(opts.supcon_columns(k)?)?;
+                let sup = b.level(same, None)?;
+                let weighted = b.g.mul_scalar(sup, opts.supcon_mix)?;
+                parts.loss = b.g.add(parts.loss, weighted)?;
+            }
+            Ok(parts)
+        }
     }
 }
 

@@ -121,6 +121,11 @@ pub struct LossOptions {
     /// CE baseline: how many leading label columns define a class (default: K-2, product).
     #[arg(long)]
     pub ce_level: Option<usize>,
+    /// hmc / hce / hmce: add this weight times the SupCon loss at --supcon-level (default the
+    /// product) to the total; 0 = the hierarchical loss alone.
+    #[arg(long, default_value_t = 0.0)]
+    #[serde(default)]
+    pub supcon_mix: f64,
 }
 
 impl Default for LossOptions {
@@ -134,13 +139,21 @@ impl Default for LossOptions {
             normalize: Normalize::default(),
             supcon_level: None,
             ce_level: None,
+            supcon_mix: 0.0,
         }
     }
 }
 
 impl LossOptions {
-    /// Checks the temperatures (finite, positive).
+    /// Checks the temperatures (finite, positive) and the SupCon mix (finite, >= 0, only with a
+    /// hierarchical loss).
     pub fn validate(&self) -> Result<()> {
+        if !(self.supcon_mix.is_finite() && self.supcon_mix >= 0.0) {
+            return Err(self.config_error(format!("--supcon-mix must be finite and >= 0, got {}", self.supcon_mix)));
+        }
+        if self.supcon_mix != 0.0 && !self.kind.is_hierarchical() {
+            return Err(self.config_error("--supcon-mix adds SupCon to a hierarchical loss (hmc, hce, hmce)".into()));
+        }
         for (name, t) in [("temperature", self.temperature), ("base temperature", self.base_temperature)] {
             if !(t.is_finite() && t > 0.0) {
                 return Err(self.config_error(format!("{name} must be finite and positive, got {t}")));

@@ -66,7 +66,18 @@ pub fn loss_and_grad(
     let all: Vec<usize> = (0..n).collect();
     let batch = Batch { features, labels, n, d, k };
     match opts.kind {
-        LossKind::Hmc | LossKind::Hce | LossKind::Hmce => hierarchical(&batch, opts),
+        LossKind::Hmc | LossKind::Hce | LossKind::Hmce => {
+            let mut v = hierarchical(&batch, opts)?;
+            if opts.supcon_mix != 0.0 {
+                let columns = opts.supcon_columns(k)?;
+                let (value, grad) = level_loss(&batch, &all, |a, b| batch.same_prefix(a, b, columns), opts);
+                v.total += opts.supcon_mix * value;
+                for (g, s) in v.grad.iter_mut().zip(&grad) {
+                    *g += opts.supcon_mix * s;
+                }
+            }
+            Ok(v)
+        }
         LossKind::Supcon => {
             let columns = opts.supcon_columns(k)?;
             let (value, grad) = level_loss(&batch, &all, |a, b| batch.same_prefix(a, b, columns), opts);

@@ -864,13 +864,7 @@ impl Replay<'_, '_, '_> {
         let groups = node.attr_int("group", 1).max(1) as usize;
         let pads = window_pads(node, [xs[2], xs[3]], [ws[2], ws[3]], stride, dilation).map_err(|r| self.err(r))?;
         let c = Conv2d { stride, dilation, groups, ..Default::default() };
-        let [t, l, bo, r] = pads;
-        let y = if t == l && t == bo && t == r {
-            self.net.g.conv(x, w, b, Conv2d { pad: t, ..c })?
-        } else {
-            let p = self.net.g.pad(x, &[0, 0, t, l, 0, 0, bo, r])?;
-            self.net.g.conv(p, w, b, c)?
-        };
+        let y = self.net.conv_padded(x, w, b, c, pads)?;
         let bm = self.bm(x);
         self.set(node, y, bm);
         Ok(())

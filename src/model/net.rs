@@ -172,26 +172,56 @@ impl<'g> Net<'g> {
 
     /// Conv without bias and TensorFlow "SAME" padding (stride and groups from `c`); the weight
     /// `[cout, cin / groups, k, k]`, Kaiming-normal (fan_out) like [`Net::conv`].
-    ///
-    /// A trained depthwise convolution on a small map is written as dense per-channel matrices
-    /// ([`Graph::depthwise_dense`]): the same function, much faster through ONNX Runtime's CPU
-    /// provider in a training step. Frozen and inference-form layers keep the Conv node (ORT
-    /// runs those on its fast kernels, the weights being constants).
     pub fn conv_same(&mut self, x: Value, name: &str, cout: usize, k: usize, c: Conv2d) -> Result<Value> {
         let w = self.conv_weight(x, name, cout, k, c.groups.max(1))?;
         let sx = self.g.shape(x).to_vec();
-        let depthwise = c.groups > 1 && c.groups == sx[1] && c.groups == cout && c.dilation == 1;
-        if depthwise
+        let (t, b) = crate::graph::tf_same_pads(sx[2], k, c.stride);
+        let (l, r) = crate::graph::tf_same_pads(sx[3], k, c.stride);
+        self.conv_padded(x, w, None, c, [t, l, b, r])
+    }
+
+    /// A convolution with explicit pads `[top, left, bottom, right]` (`c.pad` is ignored): one
+    /// Conv node, after a zero Pad when the pads differ.
+    ///
+    /// A trained depthwise convolution (weight a parameter, `[C, 1, k, k]`, groups = C) on a map
+    /// of at most [`crate::graph::DENSE_DEPTHWISE_MAX_PIXELS`] pixels is written as dense
+    /// per-channel matrices instead ([`Graph::depthwise_dense`], unless
+    /// [`Net::with_depthwise`] said `Conv`): the same function, much faster through ONNX
+    /// Runtime's CPU provider in a training step. Frozen and inference-form layers keep the Conv
+    /// node, whose constant weights reach ORT's fast kernels.
+    pub fn conv_padded(&mut self, x: Value, w: Value, b: Option<Value>, c: Conv2d, pads: [usize; 4]) -> Result<Value> {
+        if self.dense_depthwise(x, w, c) {
+            let y = self.g.depthwise_dense(x, w, c.stride, pads)?;
+            return match b {
+                Some(b) => {
+                    let channels = self.g.shape(b)[0];
+                    let b4 = self.g.reshape_to(b, &[1, channels, 1, 1])?;
+                    self.g.add(y, b4)
+                }
+                None => Ok(y),
+            };
+        }
+        let [t, l, bo, r] = pads;
+        if t == l && t == bo && t == r {
+            return self.g.conv(x, w, b, Conv2d { pad: t, ..c });
+        }
+        let p = self.g.pad(x, &[0, 0, t, l, 0, 0, bo, r])?;
+        self.g.conv(p, w, b, Conv2d { pad: 0, ..c })
+    }
+
+    fn dense_depthwise(&self, x: Value, w: Value, c: Conv2d) -> bool {
+        let (sx, sw) = (self.g.shape(x), self.g.shape(w));
+        sx.len() == 4
+            && sw.len() == 4
+            && c.groups > 1
+            && c.groups == sx[1]
+            && sw[0] == c.groups
+            && sw[1] == 1
+            && c.dilation == 1
             && self.depthwise == DepthwiseLowering::Auto
             && matches!(self.mode, Mode::Train(_))
-            && !self.frozen
+            && self.g.input_info(w).is_some_and(|i| i.kind == InputKind::Param)
             && sx[2] * sx[3] <= crate::graph::DENSE_DEPTHWISE_MAX_PIXELS
-        {
-            let (t, b) = crate::graph::tf_same_pads(sx[2], k, c.stride);
-            let (l, r) = crate::graph::tf_same_pads(sx[3], k, c.stride);
-            return self.g.depthwise_dense(x, w, c.stride, [t, l, b, r]);
-        }
-        self.g.conv_tf_same(x, w, None, c)
     }
 
     fn conv_weight(&mut self, x: Value, name: &str, cout: usize, k: usize, groups: usize) -> Result<Value> {

@@ -106,6 +106,10 @@ pub struct TrainConfig {
     /// [`super::views`]); 0 = off: every step augments fresh views and runs the whole network.
     #[serde(default)]
     pub view_cache: usize,
+    /// Label columns left out of the loss and the sampler (`--drop-level`, by name: `level1`..,
+    /// `product`, `variation`): e.g. `variation`, so the finest hierarchical level is the product.
+    #[serde(default)]
+    pub drop_levels: Vec<String>,
 }
 
 impl TrainConfig {
@@ -267,8 +271,11 @@ pub struct StepMetrics {
 pub struct TrainOutcome {
     pub steps: usize,
     pub final_loss: f64,
+    /// Wall seconds of the steps (summed over resumes).
     pub seconds: f64,
     pub model: PathBuf,
+    /// Wall seconds this call spent opening or building the view cache.
+    pub view_cache_seconds: Option<f64>,
 }
 
 /// Checkpoint metadata beside the tensors.
@@ -320,6 +327,12 @@ pub struct TrainEnv {
     /// Where view caches live (`--view-cache-dir`); `None`: `.cache/views` in the working
     /// directory. Runs with the same key share one cache.
     pub view_cache_dir: Option<PathBuf>,
+    /// How trained depthwise convolutions are written (the benchmark's "before" row sets
+    /// `Conv`, the grouped Conv every step used before the dense form).
+    pub depthwise: crate::graph::DepthwiseLowering,
+    /// Prepare batches on the calling thread between steps instead of on the prefetch worker
+    /// (the benchmark's "before" row).
+    pub serial_batches: bool,
 }
 
 /// The default home of view caches, relative to the working directory.
@@ -343,9 +356,12 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
         });
     }
     let labels = Labels::encode(items.iter().copied());
-    let k = labels.n_columns();
+    // The label columns the loss and the sampler see: all, or all but --drop-level ones.
+    let kept = loss_columns(&labels, &cfg.drop_levels)?;
+    let rows = labels.rows.select(Axis(1), &kept).as_standard_layout().into_owned();
+    let k = kept.len();
     let ce_classes = match cfg.loss.kind {
-        crate::loss::LossKind::Ce => Some(labels.classes(cfg.loss.ce_columns(k)? - 1)),
+        crate::loss::LossKind::Ce => Some(labels.classes(kept[cfg.loss.ce_columns(k)? - 1])),
         _ => None,
     };
 
@@ -383,7 +399,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
                 ),
             });
         }
-        let sampler = Sampler::from_state(labels.rows.as_slice().expect("standard layout"), k, &meta.sampler)?;
+        let sampler = Sampler::from_state(rows.as_slice().expect("standard layout"), k, &meta.sampler)?;
         truncate_metrics(&run.metrics(), meta.step)?;
         tracing::info!(step = meta.step, "resuming {}", run.dir.display());
         (meta.step, Some(ckpt.state), sampler, meta.seconds)
@@ -399,7 +415,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
         std::fs::create_dir_all(&run.dir).map_err(|e| Error::io(&run.dir, e))?;
         let _ = std::fs::remove_file(run.metrics());
         let sampler = Sampler::new(
-            labels.rows.as_slice().expect("standard layout"),
+            rows.as_slice().expect("standard layout"),
             k,
             SamplerConfig::new(cfg.sampler, cfg.batch_size, cfg.seed),
         )?;
@@ -416,12 +432,14 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
     let pre = Preprocess { size: cfg.image_size as u32, mean, std };
     // Where batches come from: fresh augmentations of the images, or pooled views from the
     // frozen-prefix cache (then the step graph starts after the frozen units).
+    let cache_started = Instant::now();
     let (input, source) = if cfg.view_cache > 0 {
         let (cache, shape) = open_view_cache(cfg, &model_cfg, pretrained.as_ref(), images.clone(), rt, env)?;
         (model::StepInput::Features(shape), BatchSource::Cache(Arc::new(cache)))
     } else {
         (model::StepInput::Images, BatchSource::Fresh { images: images.clone(), augment: cfg.augment, pre })
     };
+    let view_cache_seconds = (cfg.view_cache > 0).then(|| cache_started.elapsed().as_secs_f64());
     let loss_opts = cfg.loss.clone();
     let step_graph = model::step_graph_with(
         &model_cfg,
@@ -429,7 +447,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
         cfg.batch_size,
         k,
         &cfg.optimizer(),
-        &GradOptions::for_runtime(rt),
+        &GradOptions { depthwise: env.depthwise, ..GradOptions::for_runtime(rt) },
         &input,
         |g, emb, lab| {
             let parts = crate::loss::graph::loss_graph(g, emb, lab, &loss_opts, ce_classes)?;
@@ -462,11 +480,11 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
     });
     let mut t0 = Instant::now();
     pipelined(
-        PREFETCH,
+        if env.serial_batches { 0 } else { PREFETCH },
         jobs,
         |(step, batch, state)| (step, source.batch(seed, step, &batch), batch, state),
         |(step, x, batch, sampler_state)| -> Result<()> {
-            let y = batch_labels(&labels.rows, &batch);
+            let y = batch_labels(&rows, &batch);
             let lr = schedule.lr(step);
             let out = session.run(&Tensor::F32(x.into_dyn()), &Tensor::I64(y.into_dyn()), lr)?;
             if !out.loss.is_finite() || out.level_losses.iter().any(|l| !l.is_finite()) {
@@ -545,7 +563,7 @@ pub fn train(cfg: &TrainConfig, out: &Path, resume: bool, rt: &RuntimeOptions, e
     extra.insert("loss".into(), serde_json::Value::String(cfg.loss.kind.name().into()));
     model::export(&model_cfg, &state, &run.model(), extra.clone())?;
     model::export(&model_cfg.without_head(), &state, &run.backbone_model(), extra)?;
-    Ok(TrainOutcome { steps: cfg.steps, final_loss, seconds, model: run.model() })
+    Ok(TrainOutcome { steps: cfg.steps, final_loss, seconds, model: run.model(), view_cache_seconds })
 }
 
 /// Saves the session's state, unless a value in it is NaN or infinite (an update can blow up the
@@ -570,6 +588,24 @@ fn save_checkpoint(
     let meta = CheckpointMeta { step, sampler, seconds, weights_digest };
     let ckpt = Checkpoint { state, meta: serde_json::to_value(meta).expect("meta serialises") };
     ckpt.save(&run.checkpoint())
+}
+
+/// The label columns kept for the loss: every column but those named in `drop` (never the
+/// image). Unknown or repeated names are errors that list the columns there are.
+fn loss_columns(labels: &Labels, drop: &[String]) -> Result<Vec<usize>> {
+    let names: Vec<&str> = labels.columns.iter().map(|c| c.name.as_str()).collect();
+    for (i, d) in drop.iter().enumerate() {
+        let known = names.iter().position(|n| n == d);
+        if known.is_none() || d == "image" || drop[..i].contains(d) {
+            return Err(Error::TrainConfig {
+                reason: format!(
+                    "--drop-level {d:?}: expected one of {} (each once; the image column always stays)",
+                    names[..names.len() - 1].join(", ")
+                ),
+            });
+        }
+    }
+    Ok((0..names.len()).filter(|&c| !drop.iter().any(|d| d == names[c])).collect())
 }
 
 /// Steps whose batches the worker prepares ahead of the session.

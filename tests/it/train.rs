@@ -40,6 +40,7 @@ fn config(c: &Catalogue, loss: LossKind, steps: usize) -> TrainConfig {
         normalization: None,
         bgr: false,
         view_cache: 0,
+        drop_levels: Vec::new(),
     }
 }
 
@@ -304,7 +305,7 @@ fn a_run_on_fit_leaves_the_validation_products_out() {
     // `--split fit` trains on the seen products minus the validation hold-out: the run's
     // model.json counts those items only.
     let c = Catalogue::new(6);
-    let m = hiercon::catalogue::Manifest::read(&c.manifest()).unwrap();
+    let m = hiercon::catalogue::Manifest::read(c.manifest()).unwrap();
     let fit = hiercon::catalogue::Subset::Fit.select(&m.items).len();
     let train = hiercon::catalogue::Subset::Train.select(&m.items).len();
     assert!(0 < fit && fit < train, "fit {fit} of {train}");

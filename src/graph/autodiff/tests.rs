@@ -561,7 +561,8 @@ fn depthwise_dense_equals_the_grouped_conv_and_has_exact_gradients() {
     use crate::graph::testutil::{conv_ref, rng, uniform};
     // (n, c, h, w, k, stride, pads [top, left, bottom, right]): Lite's stride-1 5x5 and 3x3 on
     // 4x4 maps, its strided 5x5 with TF-SAME's uneven pads on 8x8, a non-square map.
-    let cases: [(usize, usize, usize, usize, usize, usize, [usize; 4]); 4] = [
+    type Case = (usize, usize, usize, usize, usize, usize, [usize; 4]);
+    let cases: [Case; 4] = [
         (2, 3, 4, 4, 5, 1, [2, 2, 2, 2]),
         (2, 2, 4, 4, 3, 1, [1, 1, 1, 1]),
         (1, 3, 8, 8, 5, 2, [1, 1, 2, 2]),

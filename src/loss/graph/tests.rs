@@ -177,6 +177,7 @@ fn option_sets(k: usize) -> Vec<LossOptions> {
         sets.push(LossOptions { dedup: Dedup::None, ..o.clone() });
         sets.push(LossOptions { normalize: Normalize::Levels, ..o.clone() });
         sets.push(LossOptions { temperature: 0.5, base_temperature: 0.2, ..o.clone() });
+        sets.push(LossOptions { supcon_mix: 0.7, supcon_level: Some(k.saturating_sub(1).max(1)), ..o.clone() });
     }
     let supcon = LossOptions { kind: LossKind::Supcon, ..base.clone() };
     if k >= 3 {
@@ -336,4 +337,30 @@ fn bad_shapes_and_options_are_errors() {
     let f = g.input("features", DType::F32, &[6, 4]).unwrap();
     let l = g.input("labels", DType::F32, &[3, 3]).unwrap();
     assert!(matches!(loss_graph(&mut g, f, l, &hmce, None), Err(Error::LossGraphInput { what: "labels", .. })));
+}
+
+#[test]
+fn the_supcon_mix_adds_the_weighted_supcon_loss_to_the_hierarchical_one() {
+    // The reference's mixed loss is the sum of its two separate losses, value and gradient; the
+    // graph follows it (every_contrastive_kind_and_option_matches_the_reference).
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let (n, k, d) = (8, 4, 5);
+    let labels = nested_labels(&mut rng, n, k);
+    let f = unit_features(&mut rng, 2 * n, d);
+    let hmce = LossOptions::default();
+    let mixed = LossOptions { supcon_mix: 0.5, ..hmce.clone() };
+    let supcon = LossOptions { kind: LossKind::Supcon, ..hmce.clone() };
+    let (a, b, m) = (
+        loss_and_grad(&f, &labels, n, d, k, &hmce).unwrap(),
+        loss_and_grad(&f, &labels, n, d, k, &supcon).unwrap(),
+        loss_and_grad(&f, &labels, n, d, k, &mixed).unwrap(),
+    );
+    assert!((m.total - (a.total + 0.5 * b.total)).abs() < 1e-12);
+    assert_eq!(m.level_losses, a.level_losses, "the level losses stay the hierarchical ones");
+    for ((x, y), z) in m.grad.iter().zip(&a.grad).zip(&b.grad) {
+        assert!((x - (y + 0.5 * z)).abs() < 1e-12);
+    }
+    let bad = LossOptions { kind: LossKind::Supcon, supcon_mix: 0.5, ..hmce.clone() };
+    assert!(bad.validate().is_err());
+    assert!(LossOptions { supcon_mix: -1.0, ..hmce }.validate().is_err());
 }

@@ -16,6 +16,9 @@
 //! - HardSigmoid, HardSwish, LeakyRelu and Softmax are composed from ops with gradient rules,
 //!   AveragePool is a depthwise convolution with a constant kernel (or GlobalAveragePool when its
 //!   window is the whole map), asymmetric Conv / pool padding an explicit Pad (`-inf` for max).
+//! - Slice takes any axes and non-zero steps (ONNX's clamping; `end = INT64_MIN` runs to the
+//!   start): a positive step stays a Slice node, a negative one (TensorFlow's `x[..., ::-1]`) is a
+//!   Gather of the indices it takes; constants of any rank are sliced at import.
 //!
 //! Anything else — an unsupported op or attribute, a shape that depends on data, a non-float input
 //! — is an [`Error::OnnxImport`] naming the node, the op and what is supported.
@@ -774,11 +777,33 @@ impl Replay<'_, '_, '_> {
             "Slice" => {
                 let x = self.float_in(node, 0)?;
                 let (starts, ends, axes, steps) = self.slice_args(node)?;
-                let rank = self.g().shape(x).len() as i64;
+                let rank = self.g().shape(x).len();
                 let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-                let steps = steps.unwrap_or_default();
-                let bm = self.bm(x) && axes.iter().all(|&a| a != 0 && a != -rank);
-                let y = self.g().slice(x, &axes, &starts, &ends, &steps)?;
+                let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+                if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+                    return Err(self.err(unsupported(
+                        node,
+                        &format!("starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} differ in length"),
+                    )));
+                }
+                let axes = axes_of(&axes, rank).map_err(|r| self.err(unsupported(node, &r)))?;
+                let bm = self.bm(x) && !axes.contains(&0);
+                // Axis by axis: a positive step is a Slice node; a negative one (TensorFlow's
+                // `x[..., ::-1]`, a channel flip) is a Gather of the indices it takes, whose
+                // gradient scatters back.
+                let mut y = x;
+                for (i, &axis) in axes.iter().enumerate() {
+                    let d = self.g().shape(y)[axis];
+                    let (s, e, st) = (starts[i], ends[i], steps[i]);
+                    y = if st > 0 {
+                        self.g().slice(y, &[axis as i64], &[s], &[e], &[st])?
+                    } else {
+                        let idx = slice_indices(d, s, e, st).map_err(|r| self.err(unsupported(node, &r)))?;
+                        let n = idx.len();
+                        let idx = self.g().constant(Tensor::i64(&[n], idx.into_iter().map(|i| i as i64).collect())?);
+                        self.g().gather(y, idx, axis as i64)?
+                    };
+                }
                 self.set(node, y, bm);
             }
             "Gather" => {
@@ -1124,6 +1149,32 @@ fn axes_of(v: &[i64], rank: usize) -> std::result::Result<Vec<usize>, String> {
         .collect()
 }
 
+/// The indices ONNX `Slice` (opset 10+) takes along an axis of length `d`: a negative start or end
+/// counts from the end; both are clamped to `[0, d]` for a positive step and to `[0, d - 1]` /
+/// `[-1, d - 1]` for a negative one (so `end = INT64_MIN` with step -1 runs to the first element).
+pub(crate) fn slice_indices(d: usize, start: i64, end: i64, step: i64) -> std::result::Result<Vec<usize>, String> {
+    if step == 0 {
+        return Err("a Slice step of 0".into());
+    }
+    let n = d as i64;
+    let from_end = |v: i64| if v < 0 { v.saturating_add(n) } else { v };
+    let mut out = Vec::new();
+    if step > 0 {
+        let (mut i, e) = (from_end(start).clamp(0, n), from_end(end).clamp(0, n));
+        while i < e {
+            out.push(i as usize);
+            i = i.saturating_add(step);
+        }
+    } else if n > 0 {
+        let (mut i, e) = (from_end(start).clamp(0, n - 1), from_end(end).clamp(-1, n - 1));
+        while i > e {
+            out.push(i as usize);
+            i = i.saturating_add(step);
+        }
+    }
+    Ok(out)
+}
+
 /// Import-time evaluation of the ops that shape arithmetic uses.
 fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::Result<Tensor, String> {
     use ndarray::{ArrayD, Axis, IxDyn};
@@ -1274,29 +1325,35 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
         }
         "Slice" => {
             let a = need(0)?;
-            if a.shape().len() != 1 {
-                return Err("folding Slice is supported on 1-D tensors only".into());
-            }
-            let (starts, ends, steps) = if opset < 10 {
-                (node.attr_ints("starts").unwrap_or_default(), node.attr_ints("ends").unwrap_or_default(), vec![1])
+            let (starts, ends, axes, steps) = if opset < 10 {
+                (
+                    node.attr_ints("starts").unwrap_or_default(),
+                    node.attr_ints("ends").unwrap_or_default(),
+                    node.attr_ints("axes"),
+                    None,
+                )
             } else {
                 (
                     ints(need(1)?),
                     ints(need(2)?),
-                    ins.get(4).and_then(|t| t.as_ref()).map(ints).unwrap_or_else(|| vec![1]),
+                    ins.get(3).and_then(|t| t.as_ref()).map(ints),
+                    ins.get(4).and_then(|t| t.as_ref()).map(ints),
                 )
             };
-            let n = a.shape()[0] as i64;
-            let (Some(&s), Some(&e), Some(&st)) = (starts.first(), ends.first(), steps.first()) else {
-                return Err("folding Slice needs starts, ends and steps".into());
-            };
-            if st <= 0 {
-                return Err("folding Slice needs a positive step".into());
+            let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+            let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+            if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+                return Err(format!(
+                    "starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} differ in length"
+                ));
             }
-            let c = |v: i64| (if v < 0 { v + n } else { v }).clamp(0, n);
-            let v = a.to_f64_vec();
-            let out: Vec<f64> = (c(s)..c(e)).step_by(st as usize).map(|i| v[i as usize]).collect();
-            like(ArrayD::from_shape_vec(IxDyn(&[out.len()]), out).expect("1-D"), a.dtype())
+            let axes = axes_of(&axes, a.shape().len())?;
+            let mut out = f64s(a);
+            for (i, &axis) in axes.iter().enumerate() {
+                let idx = slice_indices(out.shape()[axis], starts[i], ends[i], steps[i])?;
+                out = out.select(Axis(axis), &idx);
+            }
+            like(out, a.dtype())
         }
         "ConstantOfShape" => {
             let shape: Vec<usize> = ints(need(0)?).iter().map(|&d| d.max(0) as usize).collect();

@@ -344,10 +344,16 @@ fn gradients_through_imported_ops_match_finite_differences() {
     // autodiff gradient along a random direction against the central difference of the loss, for
     // the parameters before and after the composed ops (HardSwish, asymmetric -inf MaxPool
     // padding, AveragePool as a constant depthwise conv with counts, LeakyRelu, HardSigmoid,
-    // Clip, Pad, ReduceMean, the folded Reshape). f32 in ONNX Runtime: as in the native step
-    // check, |ad − fd| <= 3e-2 · max(|ad|, |fd|) + 1e-3.
+    // Clip, Pad, ReduceMean, the folded Reshape).
     let dir = tempfile::tempdir().unwrap();
-    let m = Arc::new(Imported::load(&zoo_model(dir.path()), &ImportOptions::default()).unwrap());
+    check_gradients(&zoo_model(dir.path()), &["w1", "bn.s", "bn.b", "w2", "b2"]);
+}
+
+/// The step graph of an imported file in training mode: for each named parameter, the autodiff
+/// gradient along a random direction against the central difference of the loss. f32 in ONNX
+/// Runtime: as in the native step check, |ad − fd| <= 3e-2 · max(|ad|, |fd|) + 1e-3.
+fn check_gradients(path: &std::path::Path, names: &[&str]) {
+    let m = Arc::new(Imported::load(path, &ImportOptions::default()).unwrap());
     let cfg = ModelConfig { embed_dim: 4, ..ModelConfig::imported(m, [0.5; 3], [0.25; 3], 1) };
     let opt = Optimizer::Sgd(Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false });
     let mut sg = step_graph(&cfg, None, 4, 2, &opt, &GradOptions::default(), test_loss).unwrap();
@@ -363,7 +369,7 @@ fn gradients_through_imported_ops_match_finite_differences() {
     let out = run.run(&base).unwrap();
     let state = sg.initial_state();
     let mut r = rng(12);
-    for name in ["w1", "bn.s", "bn.b", "w2", "b2"] {
+    for &name in names {
         let p0 = state[name].to_f64_vec();
         let rms = (p0.iter().map(|x| x * x).sum::<f64>() / p0.len() as f64).sqrt().max(0.1);
         let eps = 1e-3 * rms;
@@ -384,6 +390,107 @@ fn gradients_through_imported_ops_match_finite_differences() {
             "{name}: autodiff {ad} vs finite difference {fd}"
         );
     }
+}
+
+/// The Slice patterns of TensorFlow-style exports, on an NHWC opset-13 model: the channel flip
+/// `x[..., ::-1]` (negative step, `end = INT64_MIN`) on the input and on a trained activation,
+/// space-to-depth as strided 2-D slices (`x[:, :, ::2, ::2]`, `x[:, :, 1::2, 1::2]`, negative
+/// axes) joined by Concat, a stride with a negative start, and constants sliced on two axes
+/// (one with a negative step) that import folds before they reach the graph.
+fn tf_slice_model(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut r = rng(33);
+    let i64s = |v: &[i64]| Tensor::i64(&[v.len()], v.to_vec()).unwrap();
+    let (min, max) = (i64::MIN, i64::MAX);
+    let inits = vec![
+        init("w1", &uniform(&mut r, DType::F32, &[8, 3, 3, 3])),
+        init("w2", &uniform(&mut r, DType::F32, &[8, 24, 1, 1])),
+        init("table", &uniform(&mut r, DType::F32, &[3, 16])),
+        init("fc.w", &uniform(&mut r, DType::F32, &[5, 8])),
+        init("fc.b", &uniform(&mut r, DType::F32, &[5])),
+        init("flip.s", &i64s(&[-1])),
+        init("flip.e", &i64s(&[min])),
+        init("flip.step", &i64s(&[-1])),
+        init("ax3", &i64s(&[3])),
+        init("ax1", &i64s(&[1])),
+        init("s2d.e", &i64s(&[max, max])),
+        init("s2d.s00", &i64s(&[0, 0])),
+        init("s2d.s11", &i64s(&[1, 1])),
+        init("s2d.s01", &i64s(&[0, 1])),
+        init("s2d.ax", &i64s(&[2, 3])),
+        init("s2d.axneg", &i64s(&[-2, -1])),
+        init("two2", &i64s(&[2, 2])),
+        init("row.s", &i64s(&[1, 0])),
+        init("row.e", &i64s(&[2, 16])),
+        init("row.ax", &i64s(&[0, 1])),
+        init("row.step", &i64s(&[1, 2])),
+        init("rev.s", &i64s(&[0, -1])),
+        init("rev.e", &i64s(&[1, min])),
+        init("rev.step", &i64s(&[1, -1])),
+        init("bias.shape", &i64s(&[1, 8, 1, 1])),
+        init("odd.s", &i64s(&[-5])),
+        init("odd.e", &i64s(&[6])),
+        init("odd.step", &i64s(&[2])),
+    ];
+    let nodes = vec![
+        n("Slice", &["x", "flip.s", "flip.e", "ax3", "flip.step"], "rgb", vec![]),
+        n("Transpose", &["rgb"], "t", vec![ints("perm", &[0, 3, 1, 2])]),
+        n("Conv", &["t", "w1"], "c1", vec![ints("pads", &[1, 1, 1, 1])]),
+        n("Relu", &["c1"], "r1", vec![]),
+        n("Slice", &["r1", "s2d.s00", "s2d.e", "s2d.ax", "two2"], "s00", vec![]),
+        n("Slice", &["r1", "s2d.s11", "s2d.e", "s2d.ax", "two2"], "s11", vec![]),
+        n("Slice", &["r1", "s2d.s01", "s2d.e", "s2d.axneg", "two2"], "s01", vec![]),
+        n("Concat", &["s00", "s11", "s01"], "s2d", vec![int("axis", 1)]),
+        n("Conv", &["s2d", "w2"], "c2", vec![]),
+        n("Slice", &["table", "row.s", "row.e", "row.ax", "row.step"], "row", vec![]),
+        n("Slice", &["row", "rev.s", "rev.e", "row.ax", "rev.step"], "rev", vec![]),
+        n("Reshape", &["rev", "bias.shape"], "bias", vec![]),
+        n("Add", &["c2", "bias"], "c2b", vec![]),
+        n("Slice", &["c2b", "flip.s", "flip.e", "ax1", "flip.step"], "flip", vec![]),
+        n("Slice", &["flip", "odd.s", "odd.e", "ax3", "odd.step"], "odd", vec![]),
+        n("Relu", &["odd"], "r2", vec![]),
+        n("ReduceMean", &["r2"], "gap", vec![ints("axes", &[2, 3]), int("keepdims", 1)]),
+        n("Flatten", &["gap"], "feat", vec![int("axis", 1)]),
+        n("Gemm", &["feat", "fc.w", "fc.b"], "logits", vec![int("transB", 1)]),
+    ];
+    let bytes = model(13, nodes, inits, info("x", 1, &[-1, 12, 12, 3]), "logits");
+    let path = dir.join("tf-slices.onnx");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[test]
+fn tensorflow_style_slices_import_match_onnx_runtime_and_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tf_slice_model(dir.path());
+    let m = Imported::load(&path, &ImportOptions::default()).unwrap();
+    assert_eq!((m.layout, m.size, m.cut.as_str(), m.feature_dim), (Layout::Nhwc, 12, "feat", 8));
+    let (d, rms) = m.check_against_ort(3).unwrap();
+    assert!(rms > 1e-3 && d <= 1e-5 * rms.max(1.0), "feature: {d} (rms {rms})");
+    // The trained weights before the space-to-depth slices and the channel flip get gradients
+    // through them (Slice's and Gather's rules).
+    check_gradients(&path, &["w1", "w2"]);
+}
+
+#[test]
+fn slice_indices_follow_onnx_semantics() {
+    let (min, max) = (i64::MIN, i64::MAX);
+    let cases: &[(usize, i64, i64, i64, &[usize])] = &[
+        (5, 0, max, 1, &[0, 1, 2, 3, 4]),
+        (5, 0, max, 2, &[0, 2, 4]),
+        (5, 1, max, 2, &[1, 3]),
+        (5, -1, min, -1, &[4, 3, 2, 1, 0]),
+        (5, max, min, -2, &[4, 2, 0]),
+        (5, -2, -5, -1, &[3, 2, 1]),
+        (5, -5, 6, 2, &[0, 2, 4]),
+        (5, 3, 1, 1, &[]),
+        (5, 1, 3, -1, &[]),
+        (5, 0, 5, max, &[0]),
+        (0, -1, min, -1, &[]),
+    ];
+    for &(d, s, e, st, want) in cases {
+        assert_eq!(slice_indices(d, s, e, st).unwrap(), want, "d {d}, start {s}, end {e}, step {st}");
+    }
+    assert!(slice_indices(5, 0, 5, 0).unwrap_err().contains("step of 0"));
 }
 
 #[test]

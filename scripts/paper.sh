@@ -19,7 +19,8 @@
 # hold-out or on seen and unseen products, its evaluations kept in reports/study/NAME/ (committed)
 # so a rerun only trains what is missing; then `hiercon eval --study` summarises mean ± std over
 # seeds and the differences of STUDY_PAIRS, and docs/paper-study.md (the reading of the numbers)
-# follows the tables.
+# follows the tables. STUDY_TRAIN=0 only summarises the runs already finished (while the queue
+# runs elsewhere, or to publish part of it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,8 @@ PRE_FREEZE=${PRE_FREEZE:-6}
 PRE_LR=${PRE_LR:-0.01}
 PRE_LOSSES=(ce supcon hmce)
 PARTS=${PARTS:-scratch pretrained study}
-STUDY_PAIRS=${STUDY_PAIRS:-emoji-hmce,emoji-supcon emoji-fit-hmce,emoji-fit-supcon emoji-fit-hmce-vc8,emoji-fit-hmce fmnist-hmce,fmnist-supcon}
+STUDY_PAIRS=${STUDY_PAIRS:-emoji-hmce,emoji-supcon emoji-fit-hmce,emoji-fit-supcon emoji-fit-hmce-vc8,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-supcon fmnist-hmce,fmnist-supcon}
+STUDY_TRAIN=${STUDY_TRAIN:-1}
 OUT=runs/paper
 mkdir -p "$OUT" reports
 
@@ -137,7 +139,7 @@ study_section() {
 }
 
 if has study; then
-  scripts/study.sh reports/study/queue.tsv
+  if [[ $STUDY_TRAIN != 0 ]]; then scripts/study.sh reports/study/queue.tsv; fi
   pairs=()
   for p in $STUDY_PAIRS; do pairs+=(--pair "$p"); done
   "$HIERCON" eval --study reports/study "${pairs[@]}" --report reports/study/summary > /dev/null

@@ -72,7 +72,7 @@ while IFS=$'\t' read -r name manifest train_split eval_splits flags; do
   done
   t2=$(date +%s)
   [[ -f $out/config.json ]] && cp "$out/config.json" "$res/config.json"
-  train_seconds=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["extra"]["training"]["seconds"])' "$out/model.json" 2>/dev/null || echo null)
+  train_seconds=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["training"]["seconds"])' "$out/model.json" 2>/dev/null || echo null)
   cat > "$res/train.json" <<JSON
 {"name": "$name", "manifest": "$manifest", "train_split": "$train_split", "eval_splits": "$eval_splits",
  "flags": "$flags", "train_seconds": $train_seconds, "wall_seconds_this_call": {"train": $((t1 - t0)), "eval": $((t2 - t1))},

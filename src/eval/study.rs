@@ -347,7 +347,7 @@ impl StudySummary {
             for d in &self.differences {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} (n={}) | {} (n={}) | {:+.2} ± {:.2} | {} |",
+                    "| {} | {} | {} | {} | {} (n={}) | {} (n={}) | {:+.2} ± {} | {} |",
                     d.catalogue,
                     d.split.as_str(),
                     d.embedding.label(),
@@ -357,8 +357,15 @@ impl StudySummary {
                     d.b,
                     d.b_stat.n,
                     100.0 * d.diff,
-                    100.0 * d.se,
-                    if d.decided() { "yes" } else { "no" }
+                    // One seed on a side: no spread, so no standard error and no verdict.
+                    if d.a_stat.n > 1 && d.b_stat.n > 1 { format!("{:.2}", 100.0 * d.se) } else { "—".into() },
+                    if d.decided() {
+                        "yes"
+                    } else if d.a_stat.n > 1 && d.b_stat.n > 1 {
+                        "no"
+                    } else {
+                        "needs 2+ seeds each"
+                    }
                 );
             }
         }
@@ -422,6 +429,7 @@ mod tests {
         // One seed each: never decided.
         let one = summarize(&[mk("a-s0", 0.9), mk("b-s0", 0.1)], &[("a".into(), "b".into())]);
         assert!(one.differences.iter().all(|d| !d.decided()));
+        assert!(one.to_markdown().contains("± — | needs 2+ seeds each |"), "{}", one.to_markdown());
         assert_eq!(Stat::of(&[]), None);
         let st = Stat::of(&[1.0, 3.0]).unwrap();
         assert!((st.std - 2f64.sqrt()).abs() < 1e-12 && (st.se() - 1.0).abs() < 1e-12);

@@ -148,12 +148,16 @@ fi
 # splice NAME: replace the section between `<!-- NAME:begin` and `<!-- NAME:end -->` of
 # reports/paper.md with stdin (appended before "## Wall time" when the report has none yet).
 splice() {
-  python3 - "$1" <<'PY'
+  # The section goes through a file: the script itself is python's stdin.
+  local section
+  section=$(mktemp)
+  cat > "$section"
+  python3 - "$1" "$section" <<'PY'
 import re, sys
 name = sys.argv[1]
 path = "reports/paper.md"
 text = open(path).read()
-new = sys.stdin.read().rstrip("\n")
+new = open(sys.argv[2]).read().rstrip("\n")
 pattern = re.compile(r"<!-- %s:begin.*?<!-- %s:end -->" % (name, name), re.S)
 if pattern.search(text):
     text = pattern.sub(lambda _: new, text)
@@ -162,6 +166,7 @@ else:
     text = text.replace(marker, new + "\n\n" + marker, 1) if marker in text else text + "\n" + new + "\n"
 open(path, "w").write(text)
 PY
+  rm -f "$section"
 }
 
 if ! has scratch; then

@@ -210,9 +210,14 @@ pub struct Difference {
 }
 
 impl Difference {
+    /// Whether both sides have 2+ seeds, so that the difference has a standard error at all.
+    pub fn has_spread(&self) -> bool {
+        self.a_stat.n > 1 && self.b_stat.n > 1
+    }
+
     /// Whether |diff| exceeds twice its standard error (and both sides have 2+ seeds).
     pub fn decided(&self) -> bool {
-        self.a_stat.n > 1 && self.b_stat.n > 1 && self.diff.abs() > 2.0 * self.se
+        self.has_spread() && self.diff.abs() > 2.0 * self.se
     }
 }
 
@@ -292,7 +297,7 @@ pub fn summarize(evals: &[StudyEval], pairs: &[(String, String)]) -> StudySummar
                     a_stat: *sa,
                     b_stat: *sb,
                     diff: sa.mean - sb.mean,
-                    se: (sa.std.powi(2) / sa.n as f64 + sb.std.powi(2) / sb.n as f64).sqrt(),
+                    se: sa.se().hypot(sb.se()),
                 });
             }
         }
@@ -358,13 +363,11 @@ impl StudySummary {
                     d.b_stat.n,
                     100.0 * d.diff,
                     // One seed on a side: no spread, so no standard error and no verdict.
-                    if d.a_stat.n > 1 && d.b_stat.n > 1 { format!("{:.2}", 100.0 * d.se) } else { "—".into() },
-                    if d.decided() {
-                        "yes"
-                    } else if d.a_stat.n > 1 && d.b_stat.n > 1 {
-                        "no"
-                    } else {
-                        "needs 2+ seeds each"
+                    if d.has_spread() { format!("{:.2}", 100.0 * d.se) } else { "—".into() },
+                    match (d.decided(), d.has_spread()) {
+                        (true, _) => "yes",
+                        (false, true) => "no",
+                        (false, false) => "needs 2+ seeds each",
                     }
                 );
             }

@@ -776,28 +776,18 @@ impl Replay<'_, '_, '_> {
             }
             "Slice" => {
                 let x = self.float_in(node, 0)?;
-                let (starts, ends, axes, steps) = self.slice_args(node)?;
                 let rank = self.g().shape(x).len();
-                let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-                let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
-                if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
-                    return Err(self.err(unsupported(
-                        node,
-                        &format!("starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} differ in length"),
-                    )));
-                }
-                let axes = axes_of(&axes, rank).map_err(|r| self.err(unsupported(node, &r)))?;
-                let bm = self.bm(x) && !axes.contains(&0);
+                let spec = slice_spec(self.slice_args(node)?, rank).map_err(|r| self.err(unsupported(node, &r)))?;
+                let bm = self.bm(x) && spec.iter().all(|&(axis, ..)| axis != 0);
                 // Axis by axis: a positive step is a Slice node; a negative one (TensorFlow's
                 // `x[..., ::-1]`, a channel flip) is a Gather of the indices it takes, whose
                 // gradient scatters back.
                 let mut y = x;
-                for (i, &axis) in axes.iter().enumerate() {
-                    let d = self.g().shape(y)[axis];
-                    let (s, e, st) = (starts[i], ends[i], steps[i]);
+                for (axis, s, e, st) in spec {
                     y = if st > 0 {
                         self.g().slice(y, &[axis as i64], &[s], &[e], &[st])?
                     } else {
+                        let d = self.g().shape(y)[axis];
                         let idx = slice_indices(d, s, e, st).map_err(|r| self.err(unsupported(node, &r)))?;
                         let n = idx.len();
                         let idx = self.g().constant(Tensor::i64(&[n], idx.into_iter().map(|i| i as i64).collect())?);
@@ -1149,6 +1139,19 @@ fn axes_of(v: &[i64], rank: usize) -> std::result::Result<Vec<usize>, String> {
         .collect()
 }
 
+/// A Slice's arguments as `(axis, start, end, step)` per sliced axis, for a tensor of rank
+/// `rank`: absent axes are the first `starts.len()`, absent steps 1; the lists must agree in length.
+fn slice_spec(args: SliceArgs, rank: usize) -> std::result::Result<Vec<(usize, i64, i64, i64)>, String> {
+    let (starts, ends, axes, steps) = args;
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+        return Err(format!("starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} differ in length"));
+    }
+    let axes = axes_of(&axes, rank)?;
+    Ok((0..axes.len()).map(|i| (axes[i], starts[i], ends[i], steps[i])).collect())
+}
+
 /// The indices ONNX `Slice` (opset 10+) takes along an axis of length `d`: a negative start or end
 /// counts from the end; both are clamped to `[0, d]` for a positive step and to `[0, d - 1]` /
 /// `[-1, d - 1]` for a negative one (so `end = INT64_MIN` with step -1 runs to the first element).
@@ -1325,7 +1328,7 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
         }
         "Slice" => {
             let a = need(0)?;
-            let (starts, ends, axes, steps) = if opset < 10 {
+            let args = if opset < 10 {
                 (
                     node.attr_ints("starts").unwrap_or_default(),
                     node.attr_ints("ends").unwrap_or_default(),
@@ -1340,17 +1343,9 @@ fn fold_op(node: &OnnxNode, ins: &[Option<Tensor>], opset: i64) -> std::result::
                     ins.get(4).and_then(|t| t.as_ref()).map(ints),
                 )
             };
-            let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-            let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
-            if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
-                return Err(format!(
-                    "starts {starts:?}, ends {ends:?}, axes {axes:?}, steps {steps:?} differ in length"
-                ));
-            }
-            let axes = axes_of(&axes, a.shape().len())?;
             let mut out = f64s(a);
-            for (i, &axis) in axes.iter().enumerate() {
-                let idx = slice_indices(out.shape()[axis], starts[i], ends[i], steps[i])?;
+            for (axis, s, e, st) in slice_spec(args, a.shape().len())? {
+                let idx = slice_indices(out.shape()[axis], s, e, st)?;
                 out = out.select(Axis(axis), &idx);
             }
             like(out, a.dtype())

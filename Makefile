@@ -95,11 +95,12 @@ $(NSFW_MODEL):
 	mv $@.tmp $@
 	@echo "open_nsfw ONNX model -> $@"
 
-pyenv: $(VENV)/.ok
+pyenv: $(VENV)/.ok-2
 
-$(VENV)/.ok:
+# Pillow: bench/ort_quantize.py (the ORT Python quantiser anchor of benches/quantized.rs).
+$(VENV)/.ok-2:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet onnx numpy scikit-learn onnxruntime==$(ORT_VERSION)
+	$(VENV)/bin/pip install --quiet onnx numpy scikit-learn pillow onnxruntime==$(ORT_VERSION)
 	touch $@
 
 # --- data --------------------------------------------------------------------------------------

@@ -280,6 +280,12 @@ enum ModelCommand {
     /// models), the chosen output or inner value flattened (and L2-normalised with
     /// --normalize) as `embeddings`. Runs it once to learn the width.
     Describe(DescribeArgs),
+    /// Write an int8 copy of a servable model (`OUT` + `OUT.json`) that `index`, `serve` and
+    /// `eval` accept like any other: BatchNorm folded, Conv/Gemm/MatMul weights int8 per output
+    /// channel, activations uint8 with ranges calibrated on images of a seen split, as ONNX
+    /// QDQ pairs that ONNX Runtime runs on its int8 kernels. Checked against the float model on
+    /// other images of the split before it is written.
+    Quantize(QuantizeArgs),
     /// Record MODEL.onnx's digest (sha256 over its initializers) in MODEL.json: for a pair
     /// exported before digests covered every initializer. Only for a pair known to belong
     /// together — the digest is what lets the encoder refuse mismatched files.
@@ -316,6 +322,44 @@ struct DescribeArgs {
     #[arg(long)]
     normalize: bool,
     /// The servable model to write (`OUT.json` beside it).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct QuantizeArgs {
+    /// The float model; its description is the `.json` beside it.
+    model: PathBuf,
+    /// The catalogue whose images calibrate the activation ranges.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Where the calibration images come from: train (default), fit or val. Never test: the
+    /// unseen split stays unseen.
+    #[arg(long, default_value = "train", value_parser = parse_subset)]
+    split: Subset,
+    /// Calibration images (a seeded sample of the split).
+    #[arg(long, default_value_t = 128)]
+    calibration_images: usize,
+    /// Other images of the split on which the int8 model is compared with the float one.
+    #[arg(long, default_value_t = 64)]
+    check_images: usize,
+    /// Seed of the sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// How an activation's range is chosen: `percentile` (the central --percentile % of the
+    /// values seen) or `minmax`.
+    #[arg(long, default_value = "percentile", value_parser = ["percentile", "minmax"])]
+    method: String,
+    /// With --method percentile: the share of values inside the range, in (50, 100].
+    #[arg(long, default_value_t = 99.999)]
+    percentile: f64,
+    /// Leave this node in float (its name, or the name of its output); repeatable.
+    #[arg(long, value_name = "NODE")]
+    keep_float: Vec<String>,
+    /// Weights in 7 bits (±63): for CPUs without VNNI, whose int8 dot product can saturate.
+    #[arg(long)]
+    reduce_range: bool,
+    /// The int8 model to write (`OUT.json` beside it).
     #[arg(long)]
     out: PathBuf,
 }
@@ -718,6 +762,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pretrained(cmd) => pretrained(cmd),
         Command::Import(args) => import_model(args),
         Command::Model(ModelCommand::Describe(args)) => describe_model(args),
+        Command::Model(ModelCommand::Quantize(args)) => quantize_model(args),
         Command::Model(ModelCommand::Rehash { model }) => {
             let bytes = std::fs::read(&model).with_context(|| format!("reading {}", model.display()))?;
             let digest = hmodel::model_digest(&model, &bytes)?;
@@ -782,6 +827,39 @@ fn import_model(args: ImportArgs) -> Result<()> {
             anyhow::bail!("the replayed graph differs from ONNX Runtime by {diff:.2e}; please report this model");
         }
     }
+    Ok(())
+}
+
+fn quantize_model(args: QuantizeArgs) -> Result<()> {
+    use hiercon::model::quantize::{CalibrationSet, QuantizeOptions, RangeMethod, quantize};
+    let set =
+        CalibrationSet::sample(&args.manifest, args.split, args.calibration_images, args.check_images, args.seed)?;
+    let method = match args.method.as_str() {
+        "minmax" => RangeMethod::MinMax,
+        _ => RangeMethod::Percentile(args.percentile),
+    };
+    let o = QuantizeOptions { method, keep_float: args.keep_float, reduce_range: args.reduce_range, ..Default::default() };
+    let (meta, r) = quantize(&args.model, &args.out, &set, &o)?;
+    println!(
+        "wrote {} + {}: {} nodes int8 ({} BatchNorms folded, {} activations calibrated on {} `{}` images, {}), \
+         digest {}",
+        args.out.display(),
+        ModelMeta::path_for(&args.out).display(),
+        r.quantized_nodes,
+        r.folded_batchnorms,
+        r.quantized_tensors,
+        set.calibration.len(),
+        args.split.as_str(),
+        method.describe(),
+        &meta.digest[..16]
+    );
+    if !r.kept_float.is_empty() {
+        println!("kept in float: {}", r.kept_float.join(", "));
+    }
+    println!(
+        "check    float vs int8 embeddings on {} other images: cosine mean {:.4}, worst {:.4}",
+        r.check_images, r.cosine_mean, r.cosine_min
+    );
     Ok(())
 }
 

@@ -25,6 +25,7 @@ pub mod imported;
 mod net;
 pub mod pretrained;
 pub mod pth;
+pub mod quantize;
 mod resnet;
 mod step;
 

@@ -10,6 +10,7 @@ mod index;
 mod logs;
 mod loss;
 mod pretrained;
+mod quantize;
 mod serve;
 mod train;
 

@@ -95,12 +95,12 @@ $(NSFW_MODEL):
 	mv $@.tmp $@
 	@echo "open_nsfw ONNX model -> $@"
 
-pyenv: $(VENV)/.ok-2
+pyenv: $(VENV)/.ok-3
 
-# Pillow: bench/ort_quantize.py (the ORT Python quantiser anchor of benches/quantized.rs).
-$(VENV)/.ok-2:
+# Pillow, sympy: bench/ort_quantize.py (the ORT Python quantiser anchor of benches/quantized.rs).
+$(VENV)/.ok-3:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet onnx numpy scikit-learn pillow onnxruntime==$(ORT_VERSION)
+	$(VENV)/bin/pip install --quiet onnx numpy scikit-learn pillow sympy onnxruntime==$(ORT_VERSION)
 	touch $@
 
 # --- data --------------------------------------------------------------------------------------

@@ -346,9 +346,9 @@ struct QuantizeArgs {
     /// Seed of the sample.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// How an activation's range is chosen: `percentile` (the central --percentile % of the
-    /// values seen) or `minmax`.
-    #[arg(long, default_value = "percentile", value_parser = ["percentile", "minmax"])]
+    /// How an activation's range is chosen: `minmax` (the smallest and largest value seen) or
+    /// `percentile` (the central --percentile % of the values).
+    #[arg(long, default_value = "minmax", value_parser = ["minmax", "percentile"])]
     method: String,
     /// With --method percentile: the share of values inside the range, in (50, 100].
     #[arg(long, default_value_t = 99.999)]

@@ -81,7 +81,7 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { method: RangeMethod::Percentile(99.999), keep_float: Vec::new(), reduce_range: false, batch: 16 }
+        QuantizeOptions { method: RangeMethod::MinMax, keep_float: Vec::new(), reduce_range: false, batch: 16 }
     }
 }
 
@@ -359,6 +359,78 @@ fn fold_batchnorms(g: &mut GraphProto, dir: &Path) -> usize {
     n
 }
 
+/// Folds every zero Pad of the spatial axes whose output only feeds Convs (as their data input)
+/// into those Convs' `pads` (TF-style SAME padding is written as Pad + Conv): one Q/DQ pair and
+/// one copy of the tensor fewer. Returns how many.
+fn fold_pads(g: &mut GraphProto, dir: &Path) -> usize {
+    let uses = consumers(g);
+    let outputs = graph_outputs(g);
+    let mut folds: Vec<(usize, Vec<usize>, Vec<i64>)> = Vec::new();
+    {
+        let consts = Consts::new(g, dir);
+        for (pi, n) in g.node.iter().enumerate() {
+            if op(n) != "Pad" || n.input.len() < 2 || n.output.len() != 1 || outputs.contains(&n.output[0]) {
+                continue;
+            }
+            let constant_mode = n.attribute.iter().all(|a| a.name.as_deref() != Some("mode") || a.s.as_deref() == Some(b"constant"));
+            let zero_fill = n.input.get(2).is_none_or(|v| v.is_empty() || consts.f32(v).is_some_and(|c| c.iter().all(|&x| x == 0.0)));
+            let pads = consts.by_name.get(n.input[1].as_str()).and_then(|t| read_tensor(t, dir).ok());
+            let Some(Tensor::I64(pads)) = pads else { continue };
+            let pads: Vec<i64> = pads.iter().copied().collect();
+            // [n0, c0, h0, w0, n1, c1, h1, w1] with nothing on the batch and channel axes.
+            if !constant_mode || !zero_fill || n.input.get(3).is_some_and(|a| !a.is_empty()) || pads.len() != 8
+                || pads[0] != 0 || pads[1] != 0 || pads[4] != 0 || pads[5] != 0 || pads.iter().any(|&p| p < 0)
+            {
+                continue;
+            }
+            let Some(users) = uses.get(&n.output[0]) else { continue };
+            let all_convs = users.iter().all(|&j| {
+                let c = &g.node[j];
+                op(c) == "Conv"
+                    && c.input[0] == n.output[0]
+                    && !c.input[1..].contains(&n.output[0])
+                    && c.attribute.iter().all(|a| a.name.as_deref() != Some("auto_pad") || matches!(a.s.as_deref(), None | Some(b"NOTSET")))
+            });
+            if all_convs {
+                folds.push((pi, users.clone(), vec![pads[2], pads[3], pads[6], pads[7]]));
+            }
+        }
+    }
+    let n = folds.len();
+    let mut dead = HashSet::new();
+    for (pi, users, extra) in folds {
+        let src = g.node[pi].input[0].clone();
+        for j in users {
+            let c = &mut g.node[j];
+            c.input[0] = src.clone();
+            match c.attribute.iter_mut().find(|a| a.name.as_deref() == Some("pads")) {
+                Some(a) => {
+                    if a.ints.len() != 4 {
+                        a.ints = vec![0; 4];
+                    }
+                    for (p, e) in a.ints.iter_mut().zip(&extra) {
+                        *p += e;
+                    }
+                }
+                None => c.attribute.push(AttributeProto {
+                    name: Some("pads".into()),
+                    r#type: Some(AttributeType::Ints as i32),
+                    ints: extra.clone(),
+                    ..Default::default()
+                }),
+            }
+        }
+        dead.insert(pi);
+    }
+    let mut i = 0;
+    g.node.retain(|_| {
+        i += 1;
+        !dead.contains(&(i - 1))
+    });
+    prune_initializers(g);
+    n
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Plan: which nodes run in int8 and which activations get a Q/DQ pair.
 
@@ -588,18 +660,14 @@ fn calibrate(
     Ok(stats)
 }
 
-/// Ops that only move or pad values: when both their input and output are quantised, the
-/// output takes the input's scale and zero point, so ORT drops the Q/DQ pair around them and
-/// runs them on uint8 (zero is exact, so constant zero padding keeps its meaning).
-const PASS_THROUGH: [&str; 6] = ["Pad", "Transpose", "Reshape", "Flatten", "MaxPool", "Squeeze"];
+/// Ops that only move values: when both their input and output are quantised, the output takes
+/// the input's scale and zero point, so ORT drops the Q/DQ pair around them and runs them on
+/// uint8.
+const PASS_THROUGH: [&str; 5] = ["Transpose", "Reshape", "Flatten", "MaxPool", "Squeeze"];
 
 fn share_pass_through_params(g: &GraphProto, params: &mut HashMap<String, (f32, u8)>) {
     for n in &g.node {
-        let constant_zero_pad = op(n) != "Pad"
-            || (n.attribute.iter().all(|a| a.name.as_deref() != Some("mode") || a.s.as_deref() == Some(b"constant"))
-                && n.input.get(2).is_none_or(|v| v.is_empty()));
         if PASS_THROUGH.contains(&op(n))
-            && constant_zero_pad
             && let (Some(x), Some(y)) = (n.input.first(), n.output.first())
             && let Some(&px) = params.get(x)
             && params.contains_key(y)
@@ -794,6 +862,7 @@ pub fn quantize(src: &Path, out: &Path, set: &CalibrationSet, o: &QuantizeOption
         });
     }
     let folded = fold_batchnorms(&mut g, dir);
+    let folded_pads = fold_pads(&mut g, dir);
     let p = plan(&g, dir, &o.keep_float);
     if p.targets.is_empty() {
         return Err(err(
@@ -801,7 +870,7 @@ pub fn quantize(src: &Path, out: &Path, set: &CalibrationSet, o: &QuantizeOption
             "nothing to quantise: no Conv, Gemm or MatMul with a constant weight (all kept float or none in the model)",
         ));
     }
-    tracing::info!(folded, nodes = p.targets.len(), tensors = p.tensors.len(), "quantisation plan");
+    tracing::info!(folded, folded_pads, nodes = p.targets.len(), tensors = p.tensors.len(), "quantisation plan");
     let pre = meta.preprocess();
     let cal = load_batches(&set.calibration_paths, &pre, o.batch)?;
     let stats = calibrate(&g, &file.proto, &meta.input.name, &p.tensors, &cal, o.method)?;
@@ -864,6 +933,7 @@ pub fn quantize(src: &Path, out: &Path, set: &CalibrationSet, o: &QuantizeOption
                 "ids": set.calibration,
             },
             "folded_batchnorms": folded,
+            "folded_pads": folded_pads,
             "quantized_nodes": p.targets.len(),
             "quantized_tensors": p.tensors.len(),
             "kept_float": p.kept_float,
@@ -897,7 +967,7 @@ mod tests {
     }
 
     #[test]
-    fn folding_batchnorm_keeps_the_model_s_output() {
+    fn folding_batchnorm_and_pads_keeps_the_model_s_output() {
         // ORT runs the original BatchNormalization nodes; the folded Convs must agree with them.
         let (path, meta, file) = shipped();
         let mut g = file.proto.graph.clone().unwrap();
@@ -906,6 +976,11 @@ mod tests {
         assert_eq!(folded, before);
         assert!(folded > 40, "{folded}");
         assert!(!g.node.iter().any(|n| op(n) == "BatchNormalization"));
+        // The SAME-padding Pads before stride-2 convolutions go into the Convs' pads too.
+        let pads = g.node.iter().filter(|n| op(n) == "Pad").count();
+        assert!(pads >= 4, "{pads}");
+        assert_eq!(fold_pads(&mut g, path.parent().unwrap()), pads);
+        assert!(!g.node.iter().any(|n| op(n) == "Pad"));
         let mut m = file.proto.clone();
         m.graph = Some(g);
         let x = vec![batch(2, meta.input.size as usize)];

@@ -115,7 +115,7 @@ enum Command {
     /// Foreign ONNX models: `model describe` makes one servable without training.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-hmce.onnx
+    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-supcon.onnx
     /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
     Demo(DemoArgs),
     /// Show which ONNX Runtime library is loaded and whether the requested device works.
@@ -480,7 +480,7 @@ impl From<SplitArgs> for SplitOptions {
 
 /// The demo catalogue `hiercon demo` summarises.
 const DEMO_MANIFEST: &str = "data/emoji/manifest.jsonl";
-const DEMO_MODEL: &str = "models/emoji-lite0-hmce.onnx";
+const DEMO_MODEL: &str = "models/emoji-lite0-supcon.onnx";
 const DEMO_INDEX: &str = "index/emoji";
 
 #[derive(Args, Debug)]
@@ -838,7 +838,8 @@ fn quantize_model(args: QuantizeArgs) -> Result<()> {
         "minmax" => RangeMethod::MinMax,
         _ => RangeMethod::Percentile(args.percentile),
     };
-    let o = QuantizeOptions { method, keep_float: args.keep_float, reduce_range: args.reduce_range, ..Default::default() };
+    let o =
+        QuantizeOptions { method, keep_float: args.keep_float, reduce_range: args.reduce_range, ..Default::default() };
     let (meta, r) = quantize(&args.model, &args.out, &set, &o)?;
     println!(
         "wrote {} + {}: {} nodes int8 ({} BatchNorms folded, {} activations calibrated on {} `{}` images, {}), \

@@ -41,9 +41,15 @@ fn python() -> PathBuf {
 /// Python side is not installed.
 fn ort_python_model(root: &Path, float: &Path, ours: &Path, manifest: &Path, out: &Path) -> Option<PathBuf> {
     let py = python();
-    let ok = Command::new(&py).args(["-c", "import onnxruntime.quantization, PIL, sympy"]).status().is_ok_and(|s| s.success());
+    let ok = Command::new(&py)
+        .args(["-c", "import onnxruntime.quantization, PIL, sympy"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("quantized: {} lacks onnxruntime, Pillow or sympy (make pyenv): no ORT Python quantiser row", py.display());
+        eprintln!(
+            "quantized: {} lacks onnxruntime, Pillow or sympy (make pyenv): no ORT Python quantiser row",
+            py.display()
+        );
         return None;
     }
     let st = Command::new(&py)

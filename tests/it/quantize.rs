@@ -111,10 +111,8 @@ fn the_shipped_model_quantises_runs_on_int8_kernels_and_stays_close_on_unseen_im
     // cosine ≥ 0.99 on average and ≥ 0.97 for every image between float and int8 embeddings.
     let m = Manifest::read(&manifest).unwrap();
     let paths: Vec<PathBuf> = Subset::Test.select(&m.items).iter().take(48).map(|it| m.image_path(it)).collect();
-    let x: Vec<_> = batch_from_files(&paths, float.preprocess(), &Limits::default())
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let x: Vec<_> =
+        batch_from_files(&paths, float.preprocess(), &Limits::default()).into_iter().collect::<Result<_, _>>().unwrap();
     let x = stack(&x);
     let c = cosines(&float.embed(x.view()).unwrap(), &int8.embed(x.view()).unwrap());
     let mean = c.iter().sum::<f32>() / c.len() as f32;

@@ -86,6 +86,24 @@ impl ModelMeta {
         Ok(meta)
     }
 
+    /// The description beside `model` and the model's bytes, after checking that the digest the
+    /// description records is the file's ([`Error::ModelDigestMismatch`] otherwise).
+    pub fn read_verified(model: &Path) -> Result<(Self, Vec<u8>)> {
+        let meta_path = Self::path_for(model);
+        let meta = Self::read(&meta_path)?;
+        let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
+        let found = crate::model::model_digest(model, &bytes)?;
+        if found != meta.digest {
+            return Err(Error::ModelDigestMismatch {
+                model: model.to_path_buf(),
+                meta: meta_path,
+                found,
+                expected: meta.digest,
+            });
+        }
+        Ok((meta, bytes))
+    }
+
     /// Writes the description as pretty JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("ModelMeta serialises");
@@ -186,17 +204,7 @@ impl OrtEncoder {
             return Err(Error::InvalidArgument { name: "sessions", reason: "must be at least 1".into() });
         }
         let meta_path = ModelMeta::path_for(model_path);
-        let meta = ModelMeta::read(&meta_path)?;
-        let bytes = std::fs::read(model_path).map_err(|e| Error::io(model_path, e))?;
-        let found = crate::model::model_digest(model_path, &bytes)?;
-        if found != meta.digest {
-            return Err(Error::ModelDigestMismatch {
-                model: model_path.to_path_buf(),
-                meta: meta_path,
-                found,
-                expected: meta.digest.clone(),
-            });
-        }
+        let (meta, _) = ModelMeta::read_verified(model_path)?;
         let rt = runtime::init()?;
         let mut pool = Vec::with_capacity(sessions);
         for _ in 0..sessions {

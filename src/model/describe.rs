@@ -18,14 +18,14 @@ use sha2::{Digest, Sha256};
 
 use super::imported::{Layout, input_layout};
 use crate::encoder::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
-use crate::graph::Tensor;
 use crate::graph::import::{OnnxFile, dtype, import_err};
+use crate::graph::onnx::attribute;
 use crate::graph::proto::{
     AttributeProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
-    attribute_proto::AttributeType, tensor_shape_proto::Dimension, tensor_shape_proto::dimension, type_proto,
+    tensor_shape_proto::Dimension, tensor_shape_proto::dimension, type_proto,
 };
+use crate::graph::{Attr, Tensor};
 use crate::runtime::RuntimeOptions;
-use crate::train::checkpoint::write_atomic;
 use crate::{Error, Result};
 
 /// What to describe.
@@ -51,21 +51,11 @@ const INPUT: &str = "images";
 const OUTPUT: &str = "embeddings";
 
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
+    attribute(name, &Attr::Ints(v.to_vec()))
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
+    attribute(name, &Attr::Int(v))
 }
 
 fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
@@ -315,11 +305,6 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
         digest,
         extra,
     };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    write_atomic(out, &bytes)?;
-    let text = serde_json::to_string_pretty(&meta).expect("ModelMeta serialises") + "\n";
-    write_atomic(&ModelMeta::path_for(out), text.as_bytes())?;
+    crate::model::write_model(out, &bytes, &meta)?;
     Ok(meta)
 }

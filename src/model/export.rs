@@ -52,6 +52,18 @@ pub fn model_digest(path: &Path, bytes: &[u8]) -> Result<String> {
     Ok(state_digest(f.initializers.iter().map(|(n, t)| (n.as_str(), t))))
 }
 
+/// Writes a model pair: `onnx_path` with `bytes`, and `meta` as the `.json` beside it, creating
+/// the folder. Each file is replaced atomically (tmp + fsync + rename), so neither is ever half
+/// written.
+pub(crate) fn write_model(onnx_path: &Path, bytes: &[u8], meta: &ModelMeta) -> Result<()> {
+    if let Some(dir) = onnx_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    write_atomic(onnx_path, bytes)?;
+    let text = serde_json::to_string_pretty(meta).expect("ModelMeta serialises") + "\n";
+    write_atomic(&ModelMeta::path_for(onnx_path), text.as_bytes())
+}
+
 /// Writes the inference model of `cfg` with the parameters and buffers in `state` (other entries,
 /// such as optimizer state or loss parameters, are ignored) to `onnx_path`, and its description
 /// to `onnx_path` with extension `.json`. The model has one input `images` f32
@@ -94,15 +106,9 @@ pub fn export(
         digest,
         extra,
     };
-    // Each file is replaced atomically (tmp + fsync + rename), so neither is ever half written. A
-    // crash between the two renames can still pair the new model with the old description;
+    // A crash between the two renames can still pair the new model with the old description;
     // `hiercon train --resume` on the finished run exports both again.
-    if let Some(dir) = onnx_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    write_atomic(onnx_path, &bytes)?;
-    let text = serde_json::to_string_pretty(&meta).expect("ModelMeta serialises") + "\n";
-    write_atomic(&ModelMeta::path_for(onnx_path), text.as_bytes())?;
+    write_model(onnx_path, &bytes, &meta)?;
     tracing::info!(path = %onnx_path.display(), arch = %cfg.arch, digest = %meta.digest, "exported model");
     Ok(meta)
 }

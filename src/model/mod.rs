@@ -29,6 +29,7 @@ pub mod quantize;
 mod resnet;
 mod step;
 
+pub(crate) use export::write_model;
 pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, model_digest, state_digest};
 pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.

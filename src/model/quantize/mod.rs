@@ -27,7 +27,7 @@
 
 mod qdq;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array4, Axis};
@@ -38,15 +38,12 @@ use sha2::{Digest, Sha256};
 use crate::catalogue::split::stable_hash;
 use crate::catalogue::{Manifest, Subset};
 use crate::encoder::ModelMeta;
-use crate::graph::import::OnnxFile;
+use crate::graph::import::{OnnxFile, import_err};
 use crate::graph::proto::{GraphProto, ModelProto};
 use crate::image::{Limits, Preprocess, batch_from_files, stack};
 use crate::runtime::RuntimeOptions;
-use crate::train::checkpoint::write_atomic;
 use crate::{Error, Result};
-use qdq::{
-    activation_params, err, float_output, fold_batchnorms, fold_pads, op, plan, rewrite, share_pass_through_params,
-};
+use qdq::{activation_params, float_output, fold_batchnorms, fold_pads, op, plan, rewrite, share_pass_through_params};
 
 /// How an activation's range is chosen from the calibration images.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -335,20 +332,10 @@ pub fn quantize(
     {
         return Err(Error::InvalidArgument { name: "percentile", reason: format!("{p} is not in (50, 100]") });
     }
-    let meta = ModelMeta::read(&ModelMeta::path_for(src))?;
-    let bytes = std::fs::read(src).map_err(|e| Error::io(src, e))?;
-    let found = crate::model::model_digest(src, &bytes)?;
-    if found != meta.digest {
-        return Err(Error::ModelDigestMismatch {
-            model: src.to_path_buf(),
-            meta: ModelMeta::path_for(src),
-            found,
-            expected: meta.digest.clone(),
-        });
-    }
+    let (meta, bytes) = ModelMeta::read_verified(src)?;
     let file = OnnxFile::from_bytes(src, &bytes)?;
     if file.opset < 13 {
-        return Err(err(
+        return Err(import_err(
             src,
             format!(
                 "opset {} is too old: per-channel QuantizeLinear/DequantizeLinear need opset 13 or later",
@@ -357,9 +344,9 @@ pub fn quantize(
         ));
     }
     let dir = src.parent().unwrap_or(Path::new("."));
-    let mut g = file.proto.graph.clone().ok_or_else(|| err(src, "the model has no graph"))?;
+    let mut g = file.proto.graph.clone().ok_or_else(|| import_err(src, "the model has no graph"))?;
     if g.node.iter().any(|n| matches!(op(n), "QuantizeLinear" | "DequantizeLinear" | "QLinearConv")) {
-        return Err(err(src, "the model is quantised already"));
+        return Err(import_err(src, "the model is quantised already"));
     }
     let unknown: Vec<&String> = o
         .keep_float
@@ -376,7 +363,7 @@ pub fn quantize(
     let folded_pads = fold_pads(&mut g, dir);
     let p = plan(&g, dir, &o.keep_float);
     if p.targets.is_empty() {
-        return Err(err(
+        return Err(import_err(
             src,
             "nothing to quantise: no Conv, Gemm or MatMul with a constant weight (all kept float or none in the model)",
         ));
@@ -385,14 +372,13 @@ pub fn quantize(
     let pre = meta.preprocess();
     let cal = load_batches(&set.calibration_paths, &pre, o.batch)?;
     let stats = calibrate(&g, &file.proto, &meta.input.name, &p.tensors, &cal, o.method)?;
-    let params: HashMap<String, (f32, u8)> = stats
+    let mut params: HashMap<String, (f32, u8)> = stats
         .iter()
         .map(|(t, s)| {
             let (lo, hi) = s.range(o.method);
             (t.clone(), activation_params(lo, hi))
         })
         .collect();
-    let mut params = params;
     share_pass_through_params(&g, &mut params);
     let qmax = if o.reduce_range { 63.0 } else { 127.0 };
     let qg = rewrite(&g, dir, &p, &params, qmax)?;
@@ -405,12 +391,12 @@ pub fn quantize(
     let check = load_batches(check_paths, &pre, o.batch)?;
     let a = run_embeddings(&bytes, &meta, &check)?;
     let b = run_embeddings(&qbytes, &meta, &check)
-        .map_err(|e| err(out, format!("ONNX Runtime does not run the quantised model: {e}")))?;
+        .map_err(|e| import_err(out, format!("ONNX Runtime does not run the quantised model: {e}")))?;
     let cos: Vec<f64> = a.iter().zip(&b).map(|(x, y)| cosine(x, y)).collect();
     let cosine_mean = cos.iter().sum::<f64>() / cos.len().max(1) as f64;
     let cosine_min = cos.iter().copied().fold(f64::INFINITY, f64::min);
     if !cosine_mean.is_finite() {
-        return Err(err(out, "the quantised model's embeddings are not finite"));
+        return Err(import_err(out, "the quantised model's embeddings are not finite"));
     }
     let report = QuantizeReport {
         folded_batchnorms: folded,
@@ -425,7 +411,6 @@ pub fn quantize(
     let digest = crate::model::model_digest(out, &qbytes)?;
     let mut qmeta = meta.clone();
     qmeta.digest = digest;
-    let ranges: BTreeMap<&str, [f32; 2]> = stats.iter().map(|(t, s)| (t.as_str(), [s.min, s.max])).collect();
     qmeta.extra.insert(
         "quantization".into(),
         serde_json::json!({
@@ -449,15 +434,9 @@ pub fn quantize(
             "quantized_tensors": p.tensors.len(),
             "kept_float": p.kept_float,
             "check": { "images": cos.len(), "cosine_mean": cosine_mean, "cosine_min": cosine_min },
-            "observed_ranges": ranges.len(),
         }),
     );
-    if let Some(d) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
-    }
-    write_atomic(out, &qbytes)?;
-    let text = serde_json::to_string_pretty(&qmeta).expect("ModelMeta serialises") + "\n";
-    write_atomic(&ModelMeta::path_for(out), text.as_bytes())?;
+    crate::model::write_model(out, &qbytes, &qmeta)?;
     Ok((qmeta, report))
 }
 

@@ -7,29 +7,14 @@ use std::path::Path;
 
 use ndarray::{ArrayD, Axis};
 
-use crate::graph::Tensor;
+use crate::Result;
 use crate::graph::import::{dtype, import_err, read_tensor};
-use crate::graph::proto::{
-    AttributeProto, GraphProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
-    type_proto,
-};
-use crate::{Error, Result};
+use crate::graph::onnx::attribute;
+use crate::graph::proto::{GraphProto, NodeProto, TensorProto, TypeProto, ValueInfoProto, type_proto};
+use crate::graph::{Attr, Tensor};
 
 // ---------------------------------------------------------------------------------------------
 // Small protobuf helpers.
-
-pub(super) fn err(path: &Path, reason: impl Into<String>) -> Error {
-    import_err(path, reason)
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
 
 fn node_attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
     n.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i).unwrap_or(default)
@@ -63,7 +48,7 @@ fn qdq_node(op: &str, name: &str, inputs: [&str; 3], output: &str, axis: Option<
         name: Some(name.into()),
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.into()],
-        attribute: axis.map(|a| vec![attr_int("axis", a)]).unwrap_or_default(),
+        attribute: axis.map(|a| vec![attribute("axis", &Attr::Int(a))]).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -126,6 +111,16 @@ fn prune_initializers(g: &mut GraphProto) {
         g.initializer.iter().filter_map(|t| t.name.clone()).filter(|n| !used.contains(n)).collect();
     g.initializer.retain(|t| !dropped.contains(t.name.as_deref().unwrap_or("")));
     g.input.retain(|v| !dropped.contains(v.name.as_deref().unwrap_or("")));
+}
+
+/// Removes the nodes at the indices in `dead`, then the initializers only they read.
+fn remove_nodes(g: &mut GraphProto, dead: &HashSet<usize>) {
+    let mut i = 0;
+    g.node.retain(|_| {
+        i += 1;
+        !dead.contains(&(i - 1))
+    });
+    prune_initializers(g);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,12 +198,7 @@ pub(super) fn fold_batchnorms(g: &mut GraphProto, dir: &Path) -> usize {
         g.initializer.push(bt);
         dead.insert(bi);
     }
-    let mut i = 0;
-    g.node.retain(|_| {
-        i += 1;
-        !dead.contains(&(i - 1))
-    });
-    prune_initializers(g);
+    remove_nodes(g, &dead);
     n
 }
 
@@ -278,22 +268,12 @@ pub(super) fn fold_pads(g: &mut GraphProto, dir: &Path) -> usize {
                         *p += e;
                     }
                 }
-                None => c.attribute.push(AttributeProto {
-                    name: Some("pads".into()),
-                    r#type: Some(AttributeType::Ints as i32),
-                    ints: extra.clone(),
-                    ..Default::default()
-                }),
+                None => c.attribute.push(attribute("pads", &Attr::Ints(extra.clone()))),
             }
         }
         dead.insert(pi);
     }
-    let mut i = 0;
-    g.node.retain(|_| {
-        i += 1;
-        !dead.contains(&(i - 1))
-    });
-    prune_initializers(g);
+    remove_nodes(g, &dead);
     n
 }
 
@@ -437,6 +417,31 @@ pub(super) fn quantize_weight(w: &ArrayD<f32>, axis: usize, qmax: f32) -> (Vec<i
     (q, scales)
 }
 
+/// Adds the integer constant `values` (named N), its per-channel `scales` along `axis` and zero
+/// zero points of its own type as initializers, and a DequantizeLinear to `N/dq`.
+fn dequantize_const(
+    values: TensorProto,
+    scales: &[f32],
+    axis: i64,
+    nodes: &mut Vec<NodeProto>,
+    inits: &mut Vec<TensorProto>,
+) {
+    let name = values.name.clone().unwrap_or_default();
+    let code = values.data_type.unwrap_or(dtype::INT8);
+    let width = if code == dtype::INT32 { 4 } else { 1 };
+    let (s, z) = (format!("{name}/scale"), format!("{name}/zero_point"));
+    inits.push(values);
+    inits.push(f32_tensor(&s, &[scales.len()], scales));
+    inits.push(raw_tensor(&z, &[scales.len()], code, vec![0; width * scales.len()]));
+    nodes.push(qdq_node(
+        "DequantizeLinear",
+        &format!("{name}/dequantize"),
+        [&name, &s, &z],
+        &format!("{name}/dq"),
+        Some(axis),
+    ));
+}
+
 pub(super) fn rewrite(
     g: &GraphProto,
     dir: &Path,
@@ -477,32 +482,25 @@ pub(super) fn rewrite(
         if let Some(t) = targets.get(&i) {
             let x_name = &g.node[i].input[0];
             let x_scale = params.get(x_name.as_str()).map(|v| v.0).ok_or_else(|| {
-                err(dir, format!("internal: the input `{x_name}` of a quantised node has no calibrated range"))
+                import_err(dir, format!("internal: the input `{x_name}` of a quantised node has no calibrated range"))
             })?;
             let w_name = g.node[i].input[t.weight].clone();
-            let w =
-                consts.f32(&w_name).ok_or_else(|| err(dir, format!("weight `{w_name}` is not a float constant")))?;
+            let w = consts
+                .f32(&w_name)
+                .ok_or_else(|| import_err(dir, format!("weight `{w_name}` is not a float constant")))?;
             let axis = t.axis as usize;
             let (q, scales) = quantize_weight(&w, axis, qmax);
             let wq = format!("{w_name}/q{axis}");
             if made.insert(wq.clone()) {
-                let channels = scales.len();
-                new_inits.push(raw_tensor(&wq, w.shape(), dtype::INT8, q.iter().map(|&v| v as u8).collect()));
-                new_inits.push(f32_tensor(&format!("{wq}/scale"), &[channels], &scales));
-                new_inits.push(raw_tensor(&format!("{wq}/zero_point"), &[channels], dtype::INT8, vec![0; channels]));
-                out.node.push(qdq_node(
-                    "DequantizeLinear",
-                    &format!("{wq}/dequantize"),
-                    [&wq, &format!("{wq}/scale"), &format!("{wq}/zero_point")],
-                    &format!("{wq}/dq"),
-                    Some(t.axis),
-                ));
+                let values = raw_tensor(&wq, w.shape(), dtype::INT8, q.iter().map(|&v| v as u8).collect());
+                dequantize_const(values, &scales, t.axis, &mut out.node, &mut new_inits);
             }
             n.input[t.weight] = format!("{wq}/dq");
             if let Some(bi) = t.bias {
                 let b_name = g.node[i].input[bi].clone();
-                let b =
-                    consts.f32(&b_name).ok_or_else(|| err(dir, format!("bias `{b_name}` is not a float constant")))?;
+                let b = consts
+                    .f32(&b_name)
+                    .ok_or_else(|| import_err(dir, format!("bias `{b_name}` is not a float constant")))?;
                 let node_key = g.node[i].output[0].clone();
                 let bq = format!("{node_key}/bias_q");
                 let b_scales: Vec<f32> = scales.iter().map(|s| s * x_scale).collect();
@@ -511,22 +509,9 @@ pub(super) fn rewrite(
                     .zip(&b_scales)
                     .map(|(&v, &s)| (v as f64 / s as f64).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32)
                     .collect();
-                let len = qb.len();
-                new_inits.push(raw_tensor(
-                    &bq,
-                    &[len],
-                    dtype::INT32,
-                    qb.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                ));
-                new_inits.push(f32_tensor(&format!("{bq}/scale"), &[len], &b_scales));
-                new_inits.push(raw_tensor(&format!("{bq}/zero_point"), &[len], dtype::INT32, vec![0; 4 * len]));
-                out.node.push(qdq_node(
-                    "DequantizeLinear",
-                    &format!("{bq}/dequantize"),
-                    [&bq, &format!("{bq}/scale"), &format!("{bq}/zero_point")],
-                    &format!("{bq}/dq"),
-                    Some(0),
-                ));
+                let values =
+                    raw_tensor(&bq, &[qb.len()], dtype::INT32, qb.iter().flat_map(|v| v.to_le_bytes()).collect());
+                dequantize_const(values, &b_scales, 0, &mut out.node, &mut new_inits);
                 n.input[bi] = format!("{bq}/dq");
             }
         }

@@ -335,7 +335,7 @@ pub fn evaluate(
     let served = match retrieval {
         Retrieval::Exact => None,
         Retrieval::Served(svc) => {
-            let g = svc.generation();
+            let g = svc.local().ok_or_else(|| Error::EvalInput { reason: "eval --index reads a local index".into() })?;
             let query_rows: Vec<u32> =
                 protocol.queries.iter().filter_map(|&q| g.row_of(&data.items[q as usize].id)).collect();
             let recalls: Vec<f64> = outcomes.iter().filter_map(|o| o.recall).collect();

@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 pub use router::router;
-pub use state::{AppState, EncoderSource, ServeConfig};
+pub use state::{AppState, EncoderSource, MilvusTarget, ServeConfig};
 
 use crate::{Error, Result};
 

@@ -646,7 +646,9 @@ struct ServeArgs {
     /// Prefer the environment variable to the flag (flags show in `ps`).
     #[arg(long, env = "HIERCON_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Seconds between checks of CURRENT for a new generation (0: only reload / SIGHUP).
+    /// Seconds between checks of CURRENT for a new generation (0: only reload / SIGHUP); with
+    /// --milvus at most 5 (searches follow the alias by themselves; the poll retries a server
+    /// that could not open and refreshes the metrics).
     #[arg(long, default_value_t = 30.0, env = "HIERCON_POLL_SECS")]
     poll_secs: f64,
     /// Largest request body in bytes (also the largest encoded image).
@@ -674,6 +676,9 @@ struct ServeArgs {
     test_encoder: Option<usize>,
 }
 
+/// The longest poll with --milvus.
+const MILVUS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ServeArgs {
     fn config(&self, rt_opts: &RuntimeOptions) -> Result<ServeConfig> {
         let mut cfg = ServeConfig::new(self.index.clone().unwrap_or_default());
@@ -695,6 +700,11 @@ impl ServeArgs {
         cfg.api_key = self.api_key.clone().filter(|k| !k.is_empty());
         anyhow::ensure!(self.poll_secs.is_finite() && self.poll_secs >= 0.0, "--poll-secs must be >= 0");
         cfg.poll = (self.poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(self.poll_secs));
+        if cfg.milvus.is_some() {
+            // Searches follow the alias by themselves; the poll only retries a server that could
+            // not open yet and refreshes the metrics: keep it short.
+            cfg.poll = Some(cfg.poll.unwrap_or(MILVUS_POLL).min(MILVUS_POLL));
+        }
         cfg.max_body_bytes = self.max_body_bytes;
         cfg.search.limits.max_bytes = self.max_body_bytes;
         cfg.search.limits.max_pixels = self.max_pixels;

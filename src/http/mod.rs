@@ -51,6 +51,10 @@ impl Server {
             Err(Error::NoLiveGeneration { path }) => {
                 tracing::warn!(index = %path.display(), "no live generation yet: not ready until one appears")
             }
+            // Milvus down, or its alias not written yet: not ready until the poll finds it.
+            Err(e @ (Error::MilvusUnavailable { .. } | Error::MilvusCollection { .. })) => {
+                tracing::warn!(error = %e, "Milvus not serving this alias yet: not ready until it does")
+            }
             Err(e) => return Err(e),
         }
         let listener = tokio::net::TcpListener::bind(addr)

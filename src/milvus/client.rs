@@ -153,6 +153,8 @@ impl Client {
                     tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
                         unavailable(source_chain(&s))
                     }
+                    // A connection dropped mid-call (Milvus stopping) surfaces as Unknown.
+                    tonic::Code::Unknown if s.message().contains("transport error") => unavailable(source_chain(&s)),
                     _ => Error::Milvus { op, reason: format!("{:?}: {}", s.code(), s.message()) },
                 });
             }

@@ -15,7 +15,12 @@ use hiercon::index::build;
 use hiercon::milvus::{MilvusBackend, MilvusIndexConfig, index as mindex};
 use hiercon::search::{Filter, GroupBy, SearchConfig, SearchRequest, Service};
 
+use hiercon::http::load;
+use serde_json::Value;
+
+use super::http::{KEY, hit_ids, png};
 use super::index::{Catalogue, DIM, draw, encoder};
+use super::serve::{Server, ready_generation, spawn_serve, spawn_with, wait_for};
 
 /// The server's address, started once for the whole test binary.
 pub(crate) fn milvus() -> &'static str {
@@ -289,4 +294,259 @@ fn find_process(root: u32, name: &str) -> Option<u32> {
         frontier.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
     }
     None
+}
+
+fn serve_milvus(address: &str, alias: &str, extra: &[&str]) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hiercon"));
+    let dim = DIM.to_string();
+    cmd.args(["serve", "--port", "0", "--milvus", address, "--collection", alias, "--test-encoder", &dim])
+        .args(extra)
+        .env("HIERCON_API_KEY", KEY);
+    spawn_with(cmd)
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> load::Response {
+    load::request(addr, "GET", path, &[], b"").unwrap()
+}
+
+fn search_http(addr: std::net::SocketAddr, query: &str, image: &[u8]) -> load::Response {
+    load::request(addr, "POST", &format!("/v1/search?{query}"), &[("Content-Type", "image/png")], image).unwrap()
+}
+
+fn json(r: &load::Response) -> Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
+}
+
+/// (id, score) of each hit.
+fn scored(j: &Value) -> Vec<(String, f64)> {
+    j["hits"].as_array().unwrap().iter().map(|h| (h["id"].as_str().unwrap().to_string(), h["score"].as_f64().unwrap())).collect()
+}
+
+/// The real `serve` over Milvus gives the HTTP answers the local index gives (same JSON up to the
+/// generation's name), and follows an alias switch made during a c = 8 load with no error, every
+/// answer coming from the old or the new generation.
+#[test]
+fn the_binary_serves_from_milvus_like_the_local_index_and_follows_a_switch_under_load() {
+    let mut c = Catalogue::new(4);
+    let alias = "served";
+    mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    build::run(&c.config(), encoder().as_ref()).unwrap();
+    let dim = DIM.to_string();
+    let local = spawn_serve(&c.index_dir(), &["--test-encoder", &dim]);
+    let remote = serve_milvus(milvus(), alias, &[]);
+    wait_for("both servers ready", || {
+        ready_generation(local.addr).is_some() && ready_generation(remote.addr).as_deref() == Some("served_g1")
+    });
+    for query in ["k=5", "k=5&category=clothing", "k=3&group_by=product", "k=4&attr.brand=acme", "k=20&product=p2"] {
+        for id in ["p1-v0-w0", "p11-v1-w1"] {
+            let image = png(&c, id);
+            let (a, b) = (search_http(local.addr, query, &image), search_http(remote.addr, query, &image));
+            assert_eq!((a.status, b.status), (200, 200), "{query}");
+            let (a, b) = (json(&a), json(&b));
+            let (sa, sb) = (scored(&a), scored(&b));
+            assert_eq!(sa.len(), sb.len(), "{query}");
+            for ((ia, xa), (ib, xb)) in sa.iter().zip(&sb) {
+                assert!((xa - xb).abs() < 1e-5 && (ia == ib || (xa - xb).abs() < 1e-6), "{query}: {ia} {xa} vs {ib} {xb}");
+            }
+            assert_eq!(a["allowed"], b["allowed"], "{query}");
+            assert_eq!(a["predicted"]["category"], b["predicted"]["category"], "{query}");
+            assert_eq!(b["generation"], "served_g1");
+        }
+    }
+    // The catalogue endpoints.
+    let (ta, tb) = (json(&get(local.addr, "/v1/taxonomy")), json(&get(remote.addr, "/v1/taxonomy")));
+    assert_eq!((&ta["roots"], &ta["items"]), (&tb["roots"], &tb["items"]));
+    let (ea, eb) = (json(&get(local.addr, "/v1/examples")), json(&get(remote.addr, "/v1/examples")));
+    assert_eq!(ea["items"], eb["items"]);
+    let (mut ia, mut ib) = (json(&get(local.addr, "/v1/items/p3-v1-w0")), json(&get(remote.addr, "/v1/items/p3-v1-w0")));
+    assert_eq!(ib["generation"], "served_g1");
+    ia["generation"] = Value::Null;
+    ib["generation"] = Value::Null;
+    assert_eq!(ia, ib);
+    let (ga, gb) = (get(local.addr, "/v1/images/p3-v1-w0"), get(remote.addr, "/v1/images/p3-v1-w0"));
+    assert_eq!((ga.status, gb.status), (200, 200));
+    assert_eq!(ga.body, gb.body);
+    let sim = |addr| json(&load::request(addr, "POST", "/v1/search/similar/p3-v1-w0?k=3", &[], b"").unwrap());
+    assert_eq!(scored(&sim(local.addr)).into_iter().map(|h| h.0).collect::<Vec<_>>(), hit_ids(&sim(remote.addr)));
+    // Unknown values: the same statuses and codes.
+    for (query, status, code) in [
+        ("product=nope", 404, "unknown_product"),
+        ("variation=nope", 404, "unknown_variation"),
+        ("category=nope", 404, "unknown_category"),
+        ("attr.colour=red", 400, "invalid_parameter"),
+        ("exact=true", 400, "invalid_parameter"),
+    ] {
+        let r = search_http(remote.addr, query, &png(&c, "p1-v0-w0"));
+        assert_eq!((r.status, json(&r)["error"]["code"].as_str().unwrap()), (status, code), "{query}");
+        if query != "exact=true" {
+            assert_eq!(search_http(local.addr, query, &png(&c, "p1-v0-w0")).status, status, "{query}");
+        }
+    }
+    assert_eq!(get(remote.addr, "/v1/items/nope").status, 404);
+
+    // Switch the alias under load: one item removed, one added.
+    let before: HashSet<String> = c.items.iter().map(|i| i.id.clone()).collect();
+    c.items.retain(|i| i.id != "p2-v1-w1");
+    c.add("fresh-item", "garden/pots", "p90", "v0", draw(905, 0, 1), 0);
+    c.write_manifest();
+    let after: HashSet<String> = c.items.iter().map(|i| i.id.clone()).collect();
+    let images: Vec<Vec<u8>> = ["p2-v1-w1", "fresh-item", "p0-v0-w0", "p5-v1-w0"]
+        .iter()
+        .map(|id| std::fs::read(c.dir.path().join(format!("img/{id}.png"))).unwrap())
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let addr = remote.addr;
+    let (answers, switched) = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let (images, stop, before, after) = (&images, &stop, &before, &after);
+                s.spawn(move || {
+                    let mut seen = (0usize, 0usize);
+                    let mut i = w;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = search_http(addr, "k=10", &images[i % images.len()]);
+                        i += 1;
+                        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                        let j = json(&r);
+                        let ids: Vec<String> = hit_ids(&j);
+                        match j["generation"].as_str().unwrap() {
+                            "served_g1" => {
+                                assert!(ids.iter().all(|id| before.contains(id)), "{ids:?}");
+                                seen.0 += 1;
+                            }
+                            "served_g2" => {
+                                assert!(ids.iter().all(|id| after.contains(id)), "{ids:?}");
+                                seen.1 += 1;
+                            }
+                            other => panic!("answer from {other}"),
+                        }
+                    }
+                    seen
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let out = mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+        // Keep the load on until the servers' refresh period has passed.
+        std::thread::sleep(hiercon::milvus::backend::REFRESH + Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let seen = workers.into_iter().map(|w| w.join().unwrap()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        (seen, out.collection)
+    });
+    assert_eq!(switched, "served_g2");
+    assert!(answers.0 > 0 && answers.1 > 0, "answers from the old and the new generation: {answers:?}");
+    assert_eq!(ready_generation(remote.addr).as_deref(), Some("served_g2"));
+}
+
+/// Milvus stopped: 503 with a retry hint and /readyz false, quickly; Milvus back: answers again,
+/// the serve process untouched. (Its own Milvus server, so the other tests keep theirs.)
+#[test]
+fn milvus_down_gives_503_and_serve_answers_again_when_it_is_back() {
+    let data = repo().join("target/milvus-test-restart");
+    let _ = std::fs::remove_dir_all(&data);
+    let script = repo().join("scripts/milvus.py");
+    let ctl = |cmd: &str| {
+        let out = Command::new(super::python())
+            .arg(&script)
+            .args([cmd, "--data"])
+            .arg(&data)
+            .args(["--watch", &std::process::id().to_string(), "--timeout", "180"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "milvus {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let address = ctl("start");
+    let c = Catalogue::new(1);
+    let mut cfg = config(&c, "restarts");
+    cfg.address = address.clone();
+    mindex::run(&cfg, encoder().as_ref()).unwrap();
+    let s = serve_milvus(&address, "restarts", &["--milvus-timeout-ms", "1000"]);
+    wait_for("ready", || ready_generation(s.addr).is_some());
+    let image = png(&c, "p1-v0-w0");
+    assert_eq!(search_http(s.addr, "k=3", &image).status, 200);
+    ctl("stop");
+    let r = search_http(s.addr, "k=3", &image);
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let code = json(&r)["error"]["code"].as_str().unwrap().to_string();
+    assert!(code == "backend_unavailable" || code == "backend_error", "{code}");
+    assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
+    assert_eq!(get(s.addr, "/readyz").status, 503);
+    assert_eq!(get(s.addr, "/healthz").status, 200, "the process itself is alive");
+    assert_eq!(get(s.addr, "/v1/items/p1-v0-w0").status, 503);
+    assert_eq!(ctl("start"), address, "same address after a restart");
+    let t = std::time::Instant::now();
+    while search_http(s.addr, "k=3", &image).status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(120), "serve did not answer again after Milvus came back");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(get(s.addr, "/readyz").status, 200);
+    ctl("stop");
+}
+
+/// `kill -9` of `hiercon index --milvus` in each phase: the alias keeps naming a good
+/// collection (the old one before the switch, the new one after), and the next run cleans up.
+#[test]
+fn killing_index_in_any_phase_leaves_the_alias_on_a_good_collection() {
+    let mut c = Catalogue::new(2);
+    let alias = "killed";
+    mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    let dim = DIM.to_string();
+    for (n, (phase, switched)) in [
+        ("phase: embedding", false),
+        ("phase: writing collection", false),
+        ("phase: HNSW index", false),
+        ("phase: verification", false),
+        ("alias switched", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let before = service(alias).live().unwrap().name();
+        c.add(&format!("kill-{n}"), "garden/pots", &format!("p{}", 80 + n), "v0", draw(910 + n as u64, 0, 1), 0);
+        c.write_manifest();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+            .args(["index", "--milvus", milvus(), "--collection", alias, "--test-encoder", &dim, "--manifest"])
+            .arg(c.manifest())
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+        let mut log = String::new();
+        loop {
+            let line = lines.next().unwrap_or_else(|| panic!("index ended before {phase:?}:\n{log}")).unwrap();
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains(phase) {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let m = service(alias);
+        let live = m.live().unwrap().name();
+        // Before the switch the kill may land a moment late (these runs take a second or two),
+        // so the alias names the old collection or, if the run got that far, the new one.
+        if switched {
+            assert_ne!(live, before, "{phase}");
+        }
+        // Whatever it names answers, with every item it should hold.
+        let count = m.live().unwrap().count();
+        let q = m.item_embedding("p1-v1-w0").unwrap().unwrap();
+        let r = m.search_embedding(&q, &req(count, Filter::default(), None)).unwrap();
+        assert_eq!(r.hits.len(), count, "{phase}");
+        assert_eq!(r.hits[0].id, "p1-v1-w0");
+    }
+    // A clean run goes live and drops what the killed ones left.
+    c.add("kill-last", "garden/pots", "p89", "v0", draw(920, 0, 1), 0);
+    c.write_manifest();
+    let ok = mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    let m = service(alias);
+    assert_eq!(m.live().unwrap().name(), ok.collection);
+    assert_eq!(m.live().unwrap().count(), c.items.len());
+    let client = hiercon::milvus::Client::new(milvus(), Duration::from_secs(10)).unwrap();
+    let left: Vec<String> = client.collections().unwrap().into_iter().filter(|n| n.starts_with("killed_g")).collect();
+    assert_eq!(left.len(), 2, "the live generation and the one before it: {left:?}");
 }

@@ -20,7 +20,7 @@ export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
         pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help \
-        schemathesis-deps contract-test docker-test milvus milvus-stop milvus-install
+        schemathesis-deps contract-test docker-test milvus milvus-stop milvus-install bench-milvus
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -40,6 +40,7 @@ help:
 	@echo "make docker-test - build the CPU image (local bases) and run serve + the re-index job in it (.ci/run runs it)"
 	@echo "make milvus - start a loopback-only Milvus $(MILVUS_VERSION) standalone (PyPI wheel; data in $(MILVUS_DATA)); prints its address"
 	@echo "make milvus-stop - stop it (data kept)"
+	@echo "make bench-milvus - the 1M x 128 vectors through the local index and Milvus, and the emoji load test with each backend"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
 ort: $(ORT_LIB)
@@ -244,6 +245,14 @@ $(BENCH_VENV)/.ok:
 bench-index: $(BENCH_VENV)/.ok
 	$(CARGO) build --locked --release --example bench_index
 	BENCH_PYTHON=$(BENCH_VENV)/bin/python scripts/bench_index.sh
+
+# The same vectors through the local index and through Milvus in one run, then the emoji HTTP load
+# test against serve --index and serve --milvus (scripts/bench_milvus.sh; BENCH_MILVUS_N overrides 1M)
+# -> bench/results/milvus-side-by-side.{md,json}.
+bench-milvus: $(BENCH_VENV)/.ok milvus-install ort
+	$(CARGO) build --locked --release --example bench_index --example bench_milvus
+	$(CARGO) build --locked --release
+	BENCH_PYTHON=$(BENCH_VENV)/bin/python VENV_PYTHON=$(VENV)/bin/python scripts/bench_milvus.sh
 
 bench-load: ort
 	$(CARGO) build --locked --release

@@ -586,8 +586,9 @@ struct EvalArgs {
     /// Exported model `X.onnx` (its description `X.json` beside it).
     #[arg(long, required_unless_present_any = ["test_encoder", "compare", "study"])]
     model: Option<PathBuf>,
-    /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index).
-    #[arg(long, required_unless_present_any = ["index", "compare", "study"])]
+    /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index
+    /// or --milvus).
+    #[arg(long, required_unless_present_any = ["index", "milvus", "compare", "study"])]
     manifest: Option<PathBuf>,
     /// `train` evaluates the seen products (shown in training), `test` the unseen ones, `val`
     /// the validation hold-out of the seen products (choose settings here, on a run trained with
@@ -598,6 +599,13 @@ struct EvalArgs {
     /// same model) via the search service, and report recall@10 of HNSW against exact search.
     #[arg(long)]
     index: Option<PathBuf>,
+    /// Evaluate what Milvus serves instead: the collection the alias `--collection` names at this
+    /// address (its items and stored embeddings of the split, ranked by Milvus's HNSW search).
+    #[arg(long, requires = "collection", conflicts_with_all = ["index", "compare", "study"])]
+    milvus: Option<String>,
+    /// With --milvus: the alias `hiercon index --milvus --collection` switches.
+    #[arg(long, requires = "milvus")]
+    collection: Option<String>,
     /// Write PATH.md, PATH.json and PATH-acc.png (with --compare: PATH.md and PATH.json).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -1228,6 +1236,14 @@ fn run_eval(args: EvalArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     cfg.seed = args.seed;
     cfg.nmi_max_classes = args.nmi_max_classes;
     let report = match &args.index {
+        None if args.milvus.is_some() => {
+            let (address, alias) =
+                (args.milvus.as_deref().unwrap_or_default(), args.collection.as_deref().unwrap_or_default());
+            let backend = hiercon::milvus::MilvusBackend::new(address, alias, std::time::Duration::from_secs(60))?;
+            let data = eval::data_from_milvus(&backend, split)?;
+            let service = Service::open_milvus(backend, encoder.clone(), SearchConfig::default())?;
+            eval::evaluate(&data, Retrieval::Served(&service), &cfg, model)?
+        }
         Some(index_dir) => {
             let service = Service::open(index_dir.clone(), encoder.clone(), SearchConfig::default())?;
             let g = service.local().context("a local index")?;

@@ -107,7 +107,7 @@ pub struct ReloadOutcome {
 /// Where the items live.
 enum Backend {
     Local { root: IndexDir, current: RwLock<Arc<Generation>> },
-    Milvus(MilvusBackend),
+    Milvus(Box<MilvusBackend>),
 }
 
 /// The live index, whichever backend holds it.
@@ -218,7 +218,7 @@ impl Service {
     pub fn open_milvus(backend: MilvusBackend, encoder: Arc<dyn Encoder>, config: SearchConfig) -> Result<Self> {
         let live = backend.live(true)?;
         let s = Service {
-            backend: Backend::Milvus(backend),
+            backend: Backend::Milvus(Box::new(backend)),
             reloading: Mutex::new(()),
             encoder,
             config,
@@ -255,7 +255,9 @@ impl Service {
     /// The live index (with Milvus: its description, read again when stale).
     pub fn live(&self) -> Result<LiveIndex> {
         match &self.backend {
-            Backend::Local { current, .. } => Ok(LiveIndex::Local(current.read().unwrap_or_else(|e| e.into_inner()).clone())),
+            Backend::Local { current, .. } => {
+                Ok(LiveIndex::Local(current.read().unwrap_or_else(|e| e.into_inner()).clone()))
+            }
             Backend::Milvus(m) => Ok(LiveIndex::Milvus(Box::new(self.milvus_live(m, false)?))),
         }
     }
@@ -336,7 +338,10 @@ impl Service {
         }
         let check_ef = |ef: usize| {
             if ef == 0 || ef > self.config.max_ef {
-                return Err(Error::InvalidArgument { name: "ef", reason: format!("must be in 1..={}", self.config.max_ef) });
+                return Err(Error::InvalidArgument {
+                    name: "ef",
+                    reason: format!("must be in 1..={}", self.config.max_ef),
+                });
             }
             Ok(ef)
         };
@@ -353,7 +358,12 @@ impl Service {
                 let ef = check_ef(req.ef.unwrap_or(live.ef_search))?;
                 let r = m.search(&live, embedding, req.k, ef, &req.filter, req.group_by)?;
                 let hits = r.hits.iter().map(|(score, rec)| hit(*score, rec)).collect();
-                return Ok(SearchResponse { hits, answered_by: r.answer, generation: r.collection, allowed: r.allowed });
+                return Ok(SearchResponse {
+                    hits,
+                    answered_by: r.answer,
+                    generation: r.collection,
+                    allowed: r.allowed,
+                });
             }
         };
         let ef = check_ef(req.ef.unwrap_or(g.meta.ef_search))?;

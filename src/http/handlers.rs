@@ -149,7 +149,11 @@ fn unknown_values(service: &Service, filter: &crate::search::Filter, generation:
     if let Some(v) = &filter.product
         && only(crate::search::Filter { product: Some(v.clone()), ..Default::default() })? == 0
     {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_product", format!("no product {v:?} in {generation}")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_product",
+            format!("no product {v:?} in {generation}"),
+        ));
     }
     if let Some(v) = &filter.variation
         && only(crate::search::Filter { variation: Some(v.clone()), ..Default::default() })? == 0
@@ -455,16 +459,24 @@ pub async fn healthz() -> Json<dto::Health> {
     responses((status = 200, description = "Ready", body = dto::Ready), (status = 503, description = "No index loaded", body = dto::Ready))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<dto::Ready>) {
-    let not_ready =
-        || (StatusCode::SERVICE_UNAVAILABLE, Json(dto::Ready { ready: false, generation: None, items: None, model_digest: None }));
+    let not_ready = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(dto::Ready { ready: false, generation: None, items: None, model_digest: None }),
+        )
+    };
     let Some(s) = state.service() else {
         return not_ready();
     };
     let digest = s.encoder().digest().to_string();
     match lookup(move || Ok(s.ready()?)).await {
         Ok(l) => {
-            let ready =
-                dto::Ready { ready: true, generation: Some(l.name()), items: Some(l.count()), model_digest: Some(digest) };
+            let ready = dto::Ready {
+                ready: true,
+                generation: Some(l.name()),
+                items: Some(l.count()),
+                model_digest: Some(digest),
+            };
             (StatusCode::OK, Json(ready))
         }
         Err(e) => {

@@ -218,9 +218,7 @@ pub fn read_manifest_items(manifest: &Path, split: Option<Split>) -> Result<Vec<
         }
     }
     if items.is_empty() {
-        return Err(Error::EmptyIndex {
-            reason: format!("{} has no items in the chosen split", manifest.display()),
-        });
+        return Err(Error::EmptyIndex { reason: format!("{} has no items in the chosen split", manifest.display()) });
     }
     Ok(items)
 }

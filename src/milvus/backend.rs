@@ -124,10 +124,11 @@ impl MilvusBackend {
         {
             return Ok(l.clone());
         }
-        let (collection, meta) = live_collection(&self.client, &self.alias)?.ok_or_else(|| Error::MilvusCollection {
-            collection: self.alias.clone(),
-            reason: "no such alias: run `hiercon index --milvus` first".into(),
-        })?;
+        let (collection, meta) =
+            live_collection(&self.client, &self.alias)?.ok_or_else(|| Error::MilvusCollection {
+                collection: self.alias.clone(),
+                reason: "no such alias: run `hiercon index --milvus` first".into(),
+            })?;
         let d = self.client.describe_collection(&collection)?;
         let ef_search = d
             .properties
@@ -170,7 +171,8 @@ impl MilvusBackend {
             let mut hits = Vec::with_capacity(k);
             let mut groups = std::collections::HashSet::new();
             for h in raw {
-                let rec = h.record.ok_or_else(|| Error::Milvus { op: "search", reason: "a hit without its item".into() })?;
+                let rec =
+                    h.record.ok_or_else(|| Error::Milvus { op: "search", reason: "a hit without its item".into() })?;
                 let keep = match group_by {
                     None => true,
                     Some(GroupBy::Product) => groups.insert(rec.item.product.clone()),
@@ -215,6 +217,30 @@ impl MilvusBackend {
         let fields = self.client.query(&live.collection, &expr, &[collection::VECTOR], None)?;
         let v = if fields.is_empty() { Vec::new() } else { collection::vector_column(&fields)? };
         Ok((v.len() == live.meta.dim).then_some(v))
+    }
+
+    /// Every row matching `expr`, in row order: the items and their vectors (row-major). Read in
+    /// pages of 4,096 rows (eval reads a whole split this way).
+    pub fn rows(&self, live: &Live, expr: &str) -> Result<(Vec<ItemRecord>, Vec<f32>)> {
+        let (mut records, mut vectors) = (Vec::new(), Vec::new());
+        for start in (0..live.meta.count).step_by(4096) {
+            let page = format!("row >= {start} and row < {} and ({expr})", start + 4096);
+            let fields = self.client.query(&live.collection, &page, &["row", "item", collection::VECTOR], None)?;
+            let rows = collection::long_column(&fields, "row")?;
+            let items = collection::item_column(&fields)?;
+            let vecs = if rows.is_empty() { Vec::new() } else { collection::vector_column(&fields)? };
+            let dim = live.meta.dim;
+            if items.len() != rows.len() || vecs.len() != rows.len() * dim {
+                return Err(Error::Milvus { op: "query", reason: "columns of different lengths".into() });
+            }
+            let mut order: Vec<usize> = (0..rows.len()).collect();
+            order.sort_by_key(|&i| rows[i]);
+            for i in order {
+                records.push(items[i].clone());
+                vectors.extend_from_slice(&vecs[i * dim..(i + 1) * dim]);
+            }
+        }
+        Ok((records, vectors))
     }
 
     /// A cheap liveness check.

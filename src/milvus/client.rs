@@ -74,7 +74,11 @@ impl Answered for common::Status {
 fn check_status(op: &'static str, s: Option<&common::Status>) -> Result<()> {
     match s {
         Some(s) if s.error_code != 0 || s.code != 0 => {
-            let reason = if s.reason.is_empty() { format!("error code {} / {}", s.error_code, s.code) } else { s.reason.clone() };
+            let reason = if s.reason.is_empty() {
+                format!("error code {} / {}", s.error_code, s.code)
+            } else {
+                s.reason.clone()
+            };
             Err(Error::Milvus { op, reason })
         }
         _ => Ok(()),
@@ -103,7 +107,10 @@ impl Client {
             .map_err(|e| Error::Milvus { op: "client", reason: format!("cannot start its runtime: {e}") })?;
         let uri = endpoint_uri(address);
         let endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| Error::InvalidArgument { name: "milvus", reason: format!("{address:?} is not an address: {e}") })?
+            .map_err(|e| Error::InvalidArgument {
+                name: "milvus",
+                reason: format!("{address:?} is not an address: {e}"),
+            })?
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .tcp_nodelay(true);
         let channel = {
@@ -228,7 +235,10 @@ impl Client {
         };
         let r: api::MutationResult = self.call("insert", "Insert", req)?;
         if r.insert_cnt as usize != num_rows {
-            return Err(Error::Milvus { op: "insert", reason: format!("{} of {num_rows} rows inserted", r.insert_cnt) });
+            return Err(Error::Milvus {
+                op: "insert",
+                reason: format!("{} of {num_rows} rows inserted", r.insert_cnt),
+            });
         }
         Ok(())
     }
@@ -243,7 +253,8 @@ impl Client {
     /// Rows in a collection (from flushed segments' statistics).
     pub fn row_count(&self, collection: &str) -> Result<u64> {
         let req = api::GetCollectionStatisticsRequest { collection_name: collection.into(), ..Default::default() };
-        let r: api::GetCollectionStatisticsResponse = self.call("collection statistics", "GetCollectionStatistics", req)?;
+        let r: api::GetCollectionStatisticsResponse =
+            self.call("collection statistics", "GetCollectionStatistics", req)?;
         let n = r.stats.iter().find(|kv| kv.key == "row_count").map(|kv| kv.value.clone()).unwrap_or_default();
         n.parse().map_err(|_| Error::Milvus { op: "collection statistics", reason: format!("row_count {n:?}") })
     }
@@ -301,11 +312,18 @@ impl Client {
     /// Points `alias` at `collection`, creating the alias when it does not exist.
     pub fn point_alias(&self, alias: &str, collection: &str, exists: bool) -> Result<()> {
         if exists {
-            let req = api::AlterAliasRequest { collection_name: collection.into(), alias: alias.into(), ..Default::default() };
+            let req = api::AlterAliasRequest {
+                collection_name: collection.into(),
+                alias: alias.into(),
+                ..Default::default()
+            };
             let _: common::Status = self.call("alter alias", "AlterAlias", req)?;
         } else {
-            let req =
-                api::CreateAliasRequest { collection_name: collection.into(), alias: alias.into(), ..Default::default() };
+            let req = api::CreateAliasRequest {
+                collection_name: collection.into(),
+                alias: alias.into(),
+                ..Default::default()
+            };
             let _: common::Status = self.call("create alias", "CreateAlias", req)?;
         }
         Ok(())

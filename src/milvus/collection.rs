@@ -149,8 +149,9 @@ pub fn schema(name: &str, meta: &CollectionMeta) -> Result<schema::CollectionSch
 /// The metadata of a collection hiercon wrote (from its description).
 pub fn read_meta(name: &str, s: &schema::CollectionSchema) -> Result<CollectionMeta> {
     let bad = |reason: String| Error::MilvusCollection { collection: name.into(), reason };
-    let meta: CollectionMeta = serde_json::from_str(&s.description)
-        .map_err(|e| bad(format!("its description is not hiercon metadata ({e}); was it written by `hiercon index`?")))?;
+    let meta: CollectionMeta = serde_json::from_str(&s.description).map_err(|e| {
+        bad(format!("its description is not hiercon metadata ({e}); was it written by `hiercon index`?"))
+    })?;
     if meta.format != FORMAT {
         return Err(bad(format!("format {:?}, this hiercon reads {FORMAT:?}", meta.format)));
     }
@@ -196,7 +197,10 @@ fn string_arrays(name: &str, rows: Vec<Vec<String>>) -> schema::FieldData {
     scalar(
         name,
         schema::DataType::Array,
-        schema::scalar_field::Data::ArrayData(schema::ArrayArray { data, element_type: schema::DataType::VarChar as i32 }),
+        schema::scalar_field::Data::ArrayData(schema::ArrayArray {
+            data,
+            element_type: schema::DataType::VarChar as i32,
+        }),
     )
 }
 
@@ -214,7 +218,9 @@ fn check_text(what: &str, id: &str, s: &str) -> Result<()> {
 pub fn columns(first: usize, records: &[ItemRecord], vectors: &[f32], dim: usize) -> Result<Vec<schema::FieldData>> {
     for r in records {
         let it = &r.item;
-        for (what, s) in [("id", &it.id), ("product", &it.product), ("variation", &it.variation), ("category", &it.category)] {
+        for (what, s) in
+            [("id", &it.id), ("product", &it.product), ("variation", &it.variation), ("category", &it.category)]
+        {
             check_text(what, &it.id, s)?;
         }
         if ancestors(&it.category).len() > MAX_ARRAY || it.attributes.len() > MAX_ARRAY {
@@ -255,7 +261,10 @@ pub fn columns(first: usize, records: &[ItemRecord], vectors: &[f32], dim: usize
         strings("role", col(&|r| r.item.role.map(role_str).unwrap_or_default().to_string())),
         string_arrays(
             "attrs",
-            records.iter().map(|r| r.item.attributes.iter().map(|(k, v)| format!("{k}={}", value_key(v))).collect()).collect(),
+            records
+                .iter()
+                .map(|r| r.item.attributes.iter().map(|(k, v)| format!("{k}={}", value_key(v))).collect())
+                .collect(),
         ),
         strings("sha256", col(&|r| r.sha256.clone())),
         scalar("item", schema::DataType::Json, schema::scalar_field::Data::JsonData(schema::JsonArray { data: items })),
@@ -353,10 +362,10 @@ pub fn item_column(fields: &[schema::FieldData]) -> Result<Vec<ItemRecord>> {
 
 /// Reads the vector column of a result (row-major; empty when the answer has no rows).
 pub fn vector_column(fields: &[schema::FieldData]) -> Result<Vec<f32>> {
-    let f = fields.iter().find(|f| f.field_name == VECTOR).ok_or_else(|| Error::Milvus {
-        op: "read result",
-        reason: format!("no field {VECTOR} in the answer"),
-    })?;
+    let f = fields
+        .iter()
+        .find(|f| f.field_name == VECTOR)
+        .ok_or_else(|| Error::Milvus { op: "read result", reason: format!("no field {VECTOR} in the answer") })?;
     match &f.field {
         Some(schema::field_data::Field::Vectors(schema::VectorField {
             data: Some(schema::vector_field::Data::FloatVector(v)),

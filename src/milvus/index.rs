@@ -21,8 +21,8 @@ use super::proto::common::{IndexState, LoadState};
 use crate::catalogue::Split;
 use crate::encoder::Encoder;
 use crate::image::Limits;
-use crate::index::build::{EmbeddingCache, embed_items, read_manifest_items, short_digest};
 use crate::index::AnnIndex;
+use crate::index::build::{EmbeddingCache, embed_items, read_manifest_items, short_digest};
 use crate::index::exact::{ExactIndex, dot};
 use crate::index::hnsw::HnswParams;
 use crate::index::store::{ItemRecord, ModelInfo};
@@ -155,7 +155,10 @@ pub fn live_collection(client: &Client, alias: &str) -> Result<Option<(String, C
     // Milvus 2.3 echoes the asked name in `collection_name`; the schema carries the physical one.
     let schema_name = d.schema.as_ref().map(|s| s.name.clone()).unwrap_or_default();
     tracing::debug!(alias, collection_name = %d.collection_name, schema_name = %schema_name, aliases = ?d.aliases, "alias described");
-    let name = [schema_name, d.collection_name.clone()].into_iter().find(|n| !n.is_empty() && n != alias).unwrap_or_else(|| alias.to_string());
+    let name = [schema_name, d.collection_name.clone()]
+        .into_iter()
+        .find(|n| !n.is_empty() && n != alias)
+        .unwrap_or_else(|| alias.to_string());
     if name == alias {
         return Err(Error::MilvusCollection {
             collection: alias.into(),
@@ -164,7 +167,8 @@ pub fn live_collection(client: &Client, alias: &str) -> Result<Option<(String, C
                 .into(),
         });
     }
-    let schema = d.schema.ok_or_else(|| Error::MilvusCollection { collection: name.clone(), reason: "no schema".into() })?;
+    let schema =
+        d.schema.ok_or_else(|| Error::MilvusCollection { collection: name.clone(), reason: "no schema".into() })?;
     let meta = collection::read_meta(&name, &schema)?;
     Ok(Some((name, meta)))
 }
@@ -343,7 +347,8 @@ fn insert_all(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<
     let dim = emb.ncols();
     let per_call = ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000);
     let progress = Progress::new("inserting", records.len() as u64, "rows");
-    let flat = emb.as_slice().ok_or_else(|| Error::Milvus { op: "insert", reason: "embeddings not contiguous".into() })?;
+    let flat =
+        emb.as_slice().ok_or_else(|| Error::Milvus { op: "insert", reason: "embeddings not contiguous".into() })?;
     for start in (0..records.len()).step_by(per_call) {
         let end = (start + per_call).min(records.len());
         let cols = collection::columns(start, &records[start..end], &flat[start * dim..end * dim], dim)?;
@@ -361,7 +366,10 @@ fn wait_index(client: &Client, name: &str, rows: usize, timeout: Duration) -> Re
         match state {
             IndexState::Finished if indexed as usize >= rows || total == 0 => return Ok(()),
             IndexState::Failed => {
-                return Err(Error::Milvus { op: "create index", reason: format!("{name}: the index build failed: {why}") });
+                return Err(Error::Milvus {
+                    op: "create index",
+                    reason: format!("{name}: the index build failed: {why}"),
+                });
             }
             _ => {}
         }
@@ -379,7 +387,10 @@ fn wait_loaded(client: &Client, name: &str, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     while client.load_state(name)? != LoadState::Loaded {
         if started.elapsed() > timeout {
-            return Err(Error::Milvus { op: "load collection", reason: format!("{name} not loaded after {} s", timeout.as_secs()) });
+            return Err(Error::Milvus {
+                op: "load collection",
+                reason: format!("{name} not loaded after {} s", timeout.as_secs()),
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -394,7 +405,11 @@ fn search_ids(client: &Client, name: &str, queries: &[&[f32]], k: usize, ef: usi
     let mut out = Vec::with_capacity(queries.len());
     for chunk in queries.chunks(VERIFY_BATCH) {
         let r = client.search(name, chunk, "", &[], search_params(k, ef))?;
-        out.extend(super::backend::split_hits(&r)?.into_iter().map(|hits| hits.into_iter().map(|h| (h.id, h.score)).collect::<Vec<_>>()));
+        out.extend(
+            super::backend::split_hits(&r)?
+                .into_iter()
+                .map(|hits| hits.into_iter().map(|h| (h.id, h.score)).collect::<Vec<_>>()),
+        );
     }
     Ok(out)
 }
@@ -412,7 +427,13 @@ pub fn search_params(k: usize, ef: usize) -> Vec<super::proto::common::KeyValueP
 
 /// Count, tie-aware recall@k against an exact scan of the same embeddings (widening `ef` up to
 /// `max_ef` as local verification does), and self-retrieval of the recall sample.
-fn verify(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<f32>, cfg: &MilvusIndexConfig) -> Result<MilvusVerify> {
+fn verify(
+    client: &Client,
+    name: &str,
+    records: &[ItemRecord],
+    emb: &Array2<f32>,
+    cfg: &MilvusIndexConfig,
+) -> Result<MilvusVerify> {
     let v = &cfg.verify;
     let n = records.len();
     let rows = client.row_count(name)?;
@@ -439,7 +460,8 @@ fn verify(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<f32>
     let data = std::sync::Arc::new(emb.clone());
     let exact = ExactIndex::new(data);
     use rayon::prelude::*;
-    let kth: Vec<f32> = sample.par_iter().map(|&r| exact.search(exact.vector(r as u32), k, 0, None)[k - 1].score).collect();
+    let kth: Vec<f32> =
+        sample.par_iter().map(|&r| exact.search(exact.vector(r as u32), k, 0, None)[k - 1].score).collect();
     let queries: Vec<&[f32]> = sample.iter().map(|&r| exact.vector(r as u32)).collect();
     let mut ef = cfg.ef_search;
     loop {
@@ -452,9 +474,10 @@ fn verify(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<f32>
                 hits.iter().map(|(id, _)| row_of.get(id.as_str()).map(|&r| dot(qv, exact.vector(r as u32)))).collect();
             good += scores.iter().flatten().filter(|&&s| s >= kth - TIE_EPS).count();
             let first = hits.first().and_then(|(id, _)| row_of.get(id.as_str()).copied());
-            let found_self = first.is_some_and(|r| {
-                r == q || exact.vector(r as u32).iter().zip(qv).all(|(a, b)| a.to_bits() == b.to_bits())
-            }) || hits.iter().any(|(id, s)| row_of.get(id.as_str()) == Some(&q) && *s >= hits[0].1 - TIE_EPS);
+            let found_self =
+                first.is_some_and(|r| {
+                    r == q || exact.vector(r as u32).iter().zip(qv).all(|(a, b)| a.to_bits() == b.to_bits())
+                }) || hits.iter().any(|(id, s)| row_of.get(id.as_str()) == Some(&q) && *s >= hits[0].1 - TIE_EPS);
             if !found_self {
                 self_misses += 1;
             }

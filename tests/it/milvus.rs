@@ -150,8 +150,11 @@ fn milvus_answers_like_the_local_exact_scan_with_filters_and_grouping() {
         for (a, b) in got.hits.iter().zip(&want.hits) {
             assert!((a.score - b.score).abs() < 1e-5, "{by:?}: {a:?} vs {b:?}");
         }
-        let keys: HashSet<String> =
-            got.hits.iter().map(|h| if by == GroupBy::Product { h.product.clone() } else { h.category.clone() }).collect();
+        let keys: HashSet<String> = got
+            .hits
+            .iter()
+            .map(|h| if by == GroupBy::Product { h.product.clone() } else { h.category.clone() })
+            .collect();
         assert_eq!(keys.len(), 5, "{by:?}");
     }
     // Items, stored embeddings and images come from Milvus.
@@ -166,7 +169,10 @@ fn milvus_answers_like_the_local_exact_scan_with_filters_and_grouping() {
     // An image query takes the same path as locally.
     let bytes = std::fs::read(c.image_path("p3-v1-w0")).unwrap();
     assert_eq!(m.search_image(&bytes, &req(1, Filter::default(), None)).unwrap().hits[0].id, "p3-v1-w0");
-    assert!(matches!(m.search_embedding(&[1.0; 3], &SearchRequest::default()), Err(Error::WrongVectorDimension { .. })));
+    assert!(matches!(
+        m.search_embedding(&[1.0; 3], &SearchRequest::default()),
+        Err(Error::WrongVectorDimension { .. })
+    ));
 }
 
 #[test]
@@ -319,7 +325,12 @@ fn json(r: &load::Response) -> Value {
 
 /// (id, score) of each hit.
 fn scored(j: &Value) -> Vec<(String, f64)> {
-    j["hits"].as_array().unwrap().iter().map(|h| (h["id"].as_str().unwrap().to_string(), h["score"].as_f64().unwrap())).collect()
+    j["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["id"].as_str().unwrap().to_string(), h["score"].as_f64().unwrap()))
+        .collect()
 }
 
 /// The real `serve` over Milvus gives the HTTP answers the local index gives (same JSON up to the
@@ -346,7 +357,10 @@ fn the_binary_serves_from_milvus_like_the_local_index_and_follows_a_switch_under
             let (sa, sb) = (scored(&a), scored(&b));
             assert_eq!(sa.len(), sb.len(), "{query}");
             for ((ia, xa), (ib, xb)) in sa.iter().zip(&sb) {
-                assert!((xa - xb).abs() < 1e-5 && (ia == ib || (xa - xb).abs() < 1e-6), "{query}: {ia} {xa} vs {ib} {xb}");
+                assert!(
+                    (xa - xb).abs() < 1e-5 && (ia == ib || (xa - xb).abs() < 1e-6),
+                    "{query}: {ia} {xa} vs {ib} {xb}"
+                );
             }
             assert_eq!(a["allowed"], b["allowed"], "{query}");
             assert_eq!(a["predicted"]["category"], b["predicted"]["category"], "{query}");
@@ -358,7 +372,8 @@ fn the_binary_serves_from_milvus_like_the_local_index_and_follows_a_switch_under
     assert_eq!((&ta["roots"], &ta["items"]), (&tb["roots"], &tb["items"]));
     let (ea, eb) = (json(&get(local.addr, "/v1/examples")), json(&get(remote.addr, "/v1/examples")));
     assert_eq!(ea["items"], eb["items"]);
-    let (mut ia, mut ib) = (json(&get(local.addr, "/v1/items/p3-v1-w0")), json(&get(remote.addr, "/v1/items/p3-v1-w0")));
+    let (mut ia, mut ib) =
+        (json(&get(local.addr, "/v1/items/p3-v1-w0")), json(&get(remote.addr, "/v1/items/p3-v1-w0")));
     assert_eq!(ib["generation"], "served_g1");
     ia["generation"] = Value::Null;
     ib["generation"] = Value::Null;
@@ -549,4 +564,32 @@ fn killing_index_in_any_phase_leaves_the_alias_on_a_good_collection() {
     let client = hiercon::milvus::Client::new(milvus(), Duration::from_secs(10)).unwrap();
     let left: Vec<String> = client.collections().unwrap().into_iter().filter(|n| n.starts_with("killed_g")).collect();
     assert_eq!(left.len(), 2, "the live generation and the one before it: {left:?}");
+}
+
+/// `eval` through Milvus gives the metrics the exact scan of the same embeddings gives.
+#[test]
+fn eval_through_milvus_matches_the_exact_scan() {
+    use hiercon::catalogue::Subset;
+    use hiercon::eval::{self, EvalConfig, EvaluatedModel, Retrieval};
+    let c = Catalogue::new(6);
+    let alias = "evaluated";
+    mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    let backend = MilvusBackend::new(milvus(), alias, Duration::from_secs(30)).unwrap();
+    let e = encoder();
+    let model = EvaluatedModel { digest: e.digest().into(), dim: DIM, ..Default::default() };
+    for split in [Subset::Train, Subset::Test] {
+        let cfg = EvalConfig::new(split);
+        let data = eval::data_from_milvus(&backend, split).unwrap();
+        let local = eval::embed_manifest(&c.manifest(), split, e.as_ref(), 8, &Default::default()).unwrap();
+        assert_eq!(data.items, local.items, "{split:?}: the split's items in manifest order");
+        assert_eq!(data.embeddings, local.embeddings);
+        let served = service(alias);
+        let got = eval::evaluate(&data, Retrieval::Served(&served), &cfg, model.clone()).unwrap();
+        let want = eval::evaluate(&local, Retrieval::Exact, &cfg, model.clone()).unwrap();
+        assert_eq!(got.levels, want.levels, "{split:?}");
+        let r = got.served.as_ref().unwrap();
+        assert!(r.served_recall >= 0.99, "{r:?}");
+        assert_eq!(got.generation.as_deref(), Some("evaluated_g1"));
+    }
+    assert!(eval::data_from_milvus(&backend, Subset::Val).is_err());
 }

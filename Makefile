@@ -20,7 +20,7 @@ export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
         pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help \
-        schemathesis-deps contract-test docker-test
+        schemathesis-deps contract-test docker-test milvus milvus-stop milvus-install bench-milvus
 
 help:
 	@echo "make demo   - set everything up and run the shipped default"
@@ -38,6 +38,9 @@ help:
 	@echo "make bench-torch - the PyTorch eager twin of the training step (for torch_ratio)"
 	@echo "make contract-test - schemathesis (all checks, seeded) against the served emoji index (part of make test)"
 	@echo "make docker-test - build the CPU image (local bases) and run serve + the re-index job in it (.ci/run runs it)"
+	@echo "make milvus - start a loopback-only Milvus $(MILVUS_VERSION) standalone (PyPI wheel; data in $(MILVUS_DATA)); prints its address"
+	@echo "make milvus-stop - stop it (data kept)"
+	@echo "make bench-milvus - the 1M x 128 vectors through the local index and Milvus, and the emoji load test with each backend"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
 ort: $(ORT_LIB)
@@ -147,7 +150,7 @@ clean-data:
 build: ort
 	$(CARGO) build --locked $(CARGO_PROFILE_FLAG)
 
-test: ort pyenv pretrained foreign browser-deps schemathesis-deps
+test: ort pyenv pretrained foreign browser-deps schemathesis-deps milvus-install
 	$(MAKE) --no-print-directory data PROFILE=debug
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) test --locked
@@ -243,11 +246,35 @@ bench-index: $(BENCH_VENV)/.ok
 	$(CARGO) build --locked --release --example bench_index
 	BENCH_PYTHON=$(BENCH_VENV)/bin/python scripts/bench_index.sh
 
+# The same vectors through the local index and through Milvus in one run, then the emoji HTTP load
+# test against serve --index and serve --milvus (scripts/bench_milvus.sh; BENCH_MILVUS_N overrides 1M)
+# -> bench/results/milvus-side-by-side.{md,json}.
+bench-milvus: $(BENCH_VENV)/.ok milvus-install ort
+	$(CARGO) build --locked --release --example bench_index --example bench_milvus
+	$(CARGO) build --locked --release
+	BENCH_PYTHON=$(BENCH_VENV)/bin/python VENV_PYTHON=$(VENV)/bin/python scripts/bench_milvus.sh
+
 bench-load: ort
 	$(CARGO) build --locked --release
 	@test -f $(LOAD_INDEX)/CURRENT || { echo "bench-load: $(LOAD_INDEX) has no live generation (make demo builds index/emoji)"; exit 1; }
 	target/release/hiercon bench-load --index $(LOAD_INDEX) --manifest $(LOAD_MANIFEST) \
 	    $(if $(LOAD_MODEL),--model $(LOAD_MODEL),) --out bench/results/load.json $(LOAD_ARGS)
+
+# --- Milvus 2.3.5 standalone: the real server binary from the PyPI `milvus` wheel, run by
+# scripts/milvus.py in a network namespace of its own (only `lo`), its gRPC and health ports bridged
+# to 127.0.0.1 by socat. `make test` starts its own (target/milvus-test) for the Milvus tests.
+MILVUS_VERSION := 2.3.5
+MILVUS_DATA    ?= $(CACHE)/milvus/data
+milvus-install: $(CACHE)/milvus/$(MILVUS_VERSION)/.ok
+
+$(CACHE)/milvus/$(MILVUS_VERSION)/.ok: | pyenv
+	$(VENV)/bin/python scripts/milvus.py install
+
+milvus: milvus-install
+	$(VENV)/bin/python scripts/milvus.py start --data $(MILVUS_DATA)
+
+milvus-stop:
+	$(VENV)/bin/python scripts/milvus.py stop --data $(MILVUS_DATA)
 
 # Serve an index built by `hiercon index` (HIERCON_API_KEY in the environment enables /v1/admin/*).
 INDEX ?= index/emoji

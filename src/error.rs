@@ -213,6 +213,19 @@ pub enum Error {
 
     #[error("nothing to index: {reason}")]
     EmptyIndex { reason: String },
+    // --- milvus (the scale-out backend) --------------------------------------------------------
+    /// Milvus could not be reached or did not answer in time; worth retrying.
+    #[error("Milvus at {address} is unavailable ({op}): {reason}")]
+    MilvusUnavailable { address: String, op: &'static str, reason: String },
+
+    /// Milvus answered a call with an error.
+    #[error("Milvus {op}: {reason}")]
+    Milvus { op: &'static str, reason: String },
+
+    /// A collection that does not hold what hiercon wrote (another schema, missing metadata).
+    #[error("Milvus collection {collection}: {reason}")]
+    MilvusCollection { collection: String, reason: String },
+
     // --- eval / http ----------------------------------------------------------------------------
     /// What `eval` was given cannot be evaluated (too few items, no queries, an empty split).
     #[error("eval: {reason}")]

@@ -15,6 +15,7 @@ pub mod http;
 pub mod image;
 pub mod index;
 pub mod loss;
+pub mod milvus;
 pub mod model;
 pub mod pipeline;
 pub mod plot;

@@ -502,8 +502,25 @@ struct IndexArgs {
     #[arg(long, required_unless_present = "test_encoder")]
     model: Option<PathBuf>,
     /// Index directory, e.g. `index/emoji`; generations `gen-<n>/` and `CURRENT` live inside.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "milvus")]
+    out: Option<PathBuf>,
+    /// Index into Milvus at this address (`HOST:PORT` of its proxy) instead of a local directory:
+    /// each run writes a collection `<collection>_g<n>`, verifies it and points the alias
+    /// `--collection` at it.
+    #[arg(long, requires = "collection", conflicts_with_all = ["out", "full", "max_tombstones", "max_new"])]
+    milvus: Option<String>,
+    /// With --milvus: the alias the live collection is reached by (what `serve --collection` names).
+    #[arg(long, requires = "milvus")]
+    collection: Option<String>,
+    /// With --milvus: seconds each Milvus call may take.
+    #[arg(long, default_value_t = 30.0, requires = "milvus")]
+    milvus_timeout: f64,
+    /// With --milvus: in-memory replicas of the collection (needs as many query nodes).
+    #[arg(long, default_value_t = 1, requires = "milvus")]
+    replicas: i32,
+    /// With --milvus: write a new collection even when nothing changed.
+    #[arg(long, requires = "milvus")]
+    force: bool,
     /// Index only this split: train or test (default: every item).
     #[arg(long, value_parser = parse_split)]
     split: Option<Split>,
@@ -523,9 +540,10 @@ struct IndexArgs {
     /// reached it is served); equal to `--ef-search` turns that off.
     #[arg(long, default_value_t = 512)]
     max_ef_search: usize,
-    /// Generations to keep on disk (the live one is never deleted).
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
+    /// Generations to keep on disk (the live one is never deleted); with --milvus, earlier
+    /// collections kept besides the live one (default 1).
+    #[arg(long)]
+    keep: Option<usize>,
     /// Minimum recall@10 of HNSW against exact search on the sample; below it the new
     /// generation is not switched to.
     #[arg(long, default_value_t = 0.98)]
@@ -568,8 +586,9 @@ struct EvalArgs {
     /// Exported model `X.onnx` (its description `X.json` beside it).
     #[arg(long, required_unless_present_any = ["test_encoder", "compare", "study"])]
     model: Option<PathBuf>,
-    /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index).
-    #[arg(long, required_unless_present_any = ["index", "compare", "study"])]
+    /// Catalogue manifest; its images of the chosen split are embedded (not needed with --index
+    /// or --milvus).
+    #[arg(long, required_unless_present_any = ["index", "milvus", "compare", "study"])]
     manifest: Option<PathBuf>,
     /// `train` evaluates the seen products (shown in training), `test` the unseen ones, `val`
     /// the validation hold-out of the seen products (choose settings here, on a run trained with
@@ -580,6 +599,13 @@ struct EvalArgs {
     /// same model) via the search service, and report recall@10 of HNSW against exact search.
     #[arg(long)]
     index: Option<PathBuf>,
+    /// Evaluate what Milvus serves instead: the collection the alias `--collection` names at this
+    /// address (its items and stored embeddings of the split, ranked by Milvus's HNSW search).
+    #[arg(long, requires = "collection", conflicts_with_all = ["index", "compare", "study"])]
+    milvus: Option<String>,
+    /// With --milvus: the alias `hiercon index --milvus --collection` switches.
+    #[arg(long, requires = "milvus")]
+    collection: Option<String>,
     /// Write PATH.md, PATH.json and PATH-acc.png (with --compare: PATH.md and PATH.json).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -603,8 +629,18 @@ struct EvalArgs {
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// Index directory (`index/<name>`) whose live generation (CURRENT) is served.
-    #[arg(long, env = "HIERCON_INDEX")]
-    index: PathBuf,
+    #[arg(long, env = "HIERCON_INDEX", required_unless_present = "milvus")]
+    index: Option<PathBuf>,
+    /// Serve from Milvus at this address (`HOST:PORT` of its proxy) instead of a local index:
+    /// the collection the alias `--collection` names, followed across switches.
+    #[arg(long, env = "HIERCON_MILVUS", requires = "collection", conflicts_with = "index")]
+    milvus: Option<String>,
+    /// With --milvus: the alias `hiercon index --milvus --collection` switches.
+    #[arg(long, env = "HIERCON_COLLECTION", requires = "milvus")]
+    collection: Option<String>,
+    /// With --milvus: milliseconds each Milvus call may take (then 503 `backend_unavailable`).
+    #[arg(long, default_value_t = 2000, env = "HIERCON_MILVUS_TIMEOUT_MS")]
+    milvus_timeout_ms: u64,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1", env = "HIERCON_HOST")]
     host: std::net::IpAddr,
@@ -618,7 +654,9 @@ struct ServeArgs {
     /// Prefer the environment variable to the flag (flags show in `ps`).
     #[arg(long, env = "HIERCON_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Seconds between checks of CURRENT for a new generation (0: only reload / SIGHUP).
+    /// Seconds between checks of CURRENT for a new generation (0: only reload / SIGHUP); with
+    /// --milvus at most 5 (searches follow the alias by themselves; the poll retries a server
+    /// that could not open and refreshes the metrics).
     #[arg(long, default_value_t = 30.0, env = "HIERCON_POLL_SECS")]
     poll_secs: f64,
     /// Largest request body in bytes (also the largest encoded image).
@@ -646,9 +684,20 @@ struct ServeArgs {
     test_encoder: Option<usize>,
 }
 
+/// The longest poll with --milvus.
+const MILVUS_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl ServeArgs {
     fn config(&self, rt_opts: &RuntimeOptions) -> Result<ServeConfig> {
-        let mut cfg = ServeConfig::new(&self.index);
+        let mut cfg = ServeConfig::new(self.index.clone().unwrap_or_default());
+        if let (Some(address), Some(alias)) = (&self.milvus, &self.collection) {
+            anyhow::ensure!(self.milvus_timeout_ms > 0, "--milvus-timeout-ms must be positive");
+            cfg.milvus = Some(hiercon::http::MilvusTarget {
+                address: address.clone(),
+                alias: alias.clone(),
+                timeout: std::time::Duration::from_millis(self.milvus_timeout_ms),
+            });
+        }
         cfg.addr = std::net::SocketAddr::new(self.host, self.port);
         cfg.encoder = match (&self.test_encoder, &self.model) {
             (Some(dim), _) => EncoderSource::Test { dim: *dim },
@@ -659,6 +708,11 @@ impl ServeArgs {
         cfg.api_key = self.api_key.clone().filter(|k| !k.is_empty());
         anyhow::ensure!(self.poll_secs.is_finite() && self.poll_secs >= 0.0, "--poll-secs must be >= 0");
         cfg.poll = (self.poll_secs > 0.0).then(|| std::time::Duration::from_secs_f64(self.poll_secs));
+        if cfg.milvus.is_some() {
+            // Searches follow the alias by themselves; the poll only retries a server that could
+            // not open yet and refreshes the metrics: keep it short.
+            cfg.poll = Some(cfg.poll.unwrap_or(MILVUS_POLL).min(MILVUS_POLL));
+        }
         cfg.max_body_bytes = self.max_body_bytes;
         cfg.search.limits.max_bytes = self.max_body_bytes;
         cfg.search.limits.max_pixels = self.max_pixels;
@@ -1049,13 +1103,17 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         (None, Some(model)) => Arc::new(OrtEncoder::load(model, rt_opts)?),
         (None, None) => unreachable!("clap requires --model without --test-encoder"),
     };
-    let mut cfg = IndexConfig::new(&args.manifest, &args.out);
+    if let Some(address) = &args.milvus {
+        return run_index_milvus(&args, address, encoder.as_ref());
+    }
+    let out_dir = args.out.clone().context("--out is required without --milvus")?;
+    let mut cfg = IndexConfig::new(&args.manifest, &out_dir);
     cfg.model_path = args.model.clone();
     cfg.split = args.split;
     cfg.batch_size = args.batch_size;
     cfg.hnsw = index::HnswParams { m: args.m, ef_construction: args.ef_construction };
     cfg.ef_search = args.ef_search;
-    cfg.keep = args.keep;
+    cfg.keep = args.keep.unwrap_or(3);
     cfg.verify.min_recall = args.min_recall;
     cfg.verify.recall_sample = args.recall_sample;
     cfg.verify.max_self_misses = args.max_self_misses;
@@ -1070,7 +1128,7 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     println!(
         "{} is live in {}: {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4} at ef {}",
         out.generation,
-        args.out.display(),
+        out_dir.display(),
         out.count,
         out.stats.embedded,
         out.stats.reused,
@@ -1079,6 +1137,49 @@ fn run_index(args: IndexArgs, rt_opts: &RuntimeOptions) -> Result<()> {
         out.report.recall,
         out.report.ef_search
     );
+    Ok(())
+}
+
+/// `hiercon index --milvus`.
+fn run_index_milvus(args: &IndexArgs, address: &str, encoder: &dyn Encoder) -> Result<()> {
+    let alias = args.collection.as_deref().context("--collection is required with --milvus")?;
+    anyhow::ensure!(args.milvus_timeout.is_finite() && args.milvus_timeout > 0.0, "--milvus-timeout must be positive");
+    let mut cfg = hiercon::milvus::MilvusIndexConfig::new(address, alias, &args.manifest);
+    cfg.model_path = args.model.clone();
+    cfg.split = args.split;
+    cfg.batch_size = args.batch_size;
+    cfg.hnsw = index::HnswParams { m: args.m, ef_construction: args.ef_construction };
+    cfg.ef_search = args.ef_search;
+    cfg.keep = args.keep.unwrap_or(1);
+    cfg.verify.min_recall = args.min_recall;
+    cfg.verify.recall_sample = args.recall_sample;
+    cfg.verify.max_self_misses = args.max_self_misses;
+    cfg.verify.max_ef = args.max_ef_search;
+    cfg.timeout = std::time::Duration::from_secs_f64(args.milvus_timeout);
+    cfg.replicas = args.replicas;
+    cfg.force = args.force;
+    let out = hiercon::milvus::index::run(&cfg, encoder)?;
+    let phases: Vec<String> = out.seconds.iter().map(|(p, s)| format!("{p} {s:.1} s")).collect();
+    println!("took {}", phases.join(", "));
+    match &out.verify {
+        None => println!(
+            "nothing changed: {alias} still names {} ({} items, reused {}); nothing written",
+            out.collection, out.count, out.reused
+        ),
+        Some(v) => println!(
+            "full build: {alias} now names {} (was {}): {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4} at ef {}{}",
+            out.collection,
+            out.previous.as_deref().unwrap_or("nothing"),
+            out.count,
+            out.embedded,
+            out.reused,
+            out.skipped,
+            v.recall_k,
+            v.recall,
+            v.ef_search,
+            if out.dropped.is_empty() { String::new() } else { format!("; dropped {}", out.dropped.join(", ")) }
+        ),
+    }
     Ok(())
 }
 
@@ -1135,9 +1236,17 @@ fn run_eval(args: EvalArgs, rt_opts: &RuntimeOptions) -> Result<()> {
     cfg.seed = args.seed;
     cfg.nmi_max_classes = args.nmi_max_classes;
     let report = match &args.index {
+        None if args.milvus.is_some() => {
+            let (address, alias) =
+                (args.milvus.as_deref().unwrap_or_default(), args.collection.as_deref().unwrap_or_default());
+            let backend = hiercon::milvus::MilvusBackend::new(address, alias, std::time::Duration::from_secs(60))?;
+            let data = eval::data_from_milvus(&backend, split)?;
+            let service = Service::open_milvus(backend, encoder.clone(), SearchConfig::default())?;
+            eval::evaluate(&data, Retrieval::Served(&service), &cfg, model)?
+        }
         Some(index_dir) => {
             let service = Service::open(index_dir.clone(), encoder.clone(), SearchConfig::default())?;
-            let g = service.generation();
+            let g = service.local().context("a local index")?;
             if let Some(m) = &args.manifest
                 && std::path::absolute(m).ok().as_ref() != Some(&g.meta.manifest)
             {

@@ -65,16 +65,21 @@ impl Taxonomy {
 
     /// The tree of these paths; each occurrence counts as one item.
     pub fn from_paths<'a>(paths: impl IntoIterator<Item = &'a str>) -> Taxonomy {
+        Taxonomy::from_counts(paths.into_iter().map(|p| (p, 1)))
+    }
+
+    /// The tree of these paths, each holding the given number of items (a path may repeat).
+    pub fn from_counts<'a>(paths: impl IntoIterator<Item = (&'a str, usize)>) -> Taxonomy {
         // Every prefix of every path is a node; count exact occurrences.
         let mut own: BTreeMap<&str, usize> = BTreeMap::new();
-        for path in paths {
+        for (path, count) in paths {
             let mut end = 0;
             for seg in path.split('/') {
                 end += seg.len();
                 own.entry(&path[..end]).or_insert(0);
                 end += 1;
             }
-            *own.entry(path).or_insert(0) += 1;
+            *own.entry(path).or_insert(0) += count;
         }
         let mut tax = Taxonomy::default();
         // BTreeMap order puts `a` before `a/b`, but `a b` sorts between them; parents are looked
@@ -204,6 +209,25 @@ impl Taxonomy {
         }
         self.roots.iter().map(|&r| build(self, r)).collect()
     }
+}
+
+/// One item per top-level category, in the order of `roots`, at most `max`: the first
+/// query-role item of that category in `items` order, else its first item (the page's and
+/// `GET /v1/examples`' suggestions).
+pub fn example_items<'a>(items: impl IntoIterator<Item = &'a Item>, roots: &[&str], max: usize) -> Vec<&'a Item> {
+    let mut first: BTreeMap<&str, (&'a Item, bool)> = BTreeMap::new();
+    for it in items {
+        let root = it.category.split('/').map(str::trim).find(|s| !s.is_empty()).unwrap_or("");
+        let is_query = it.role == Some(crate::catalogue::Role::Query);
+        match first.get(root) {
+            Some(&(_, true)) => {}
+            Some(&(_, false)) if !is_query => {}
+            _ => {
+                first.insert(root, (it, is_query));
+            }
+        }
+    }
+    roots.iter().filter_map(|r| first.get(r)).take(max).map(|&(it, _)| it).collect()
 }
 
 #[cfg(test)]

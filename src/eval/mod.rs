@@ -176,6 +176,29 @@ pub fn data_from_generation(g: &Generation, split: Subset) -> Result<EvalData> {
     })
 }
 
+/// The items of `split` in the collection a Milvus backend's alias names, with their stored
+/// embeddings (as [`data_from_generation`] for a local index).
+pub fn data_from_milvus(m: &crate::milvus::MilvusBackend, split: Subset) -> Result<EvalData> {
+    if !matches!(split, Subset::Train | Subset::Test) {
+        return Err(Error::EvalInput {
+            reason: format!("an index answers over whole splits (train, test); evaluate `{split}` from the manifest"),
+        });
+    }
+    let live = m.live(true)?;
+    let (records, vectors) = m.rows(&live, &format!("split == \"{}\"", split.split().as_str()))?;
+    let items = in_split(records.into_iter().map(|r| r.item), split)?;
+    let emb = Array2::from_shape_vec((items.len(), live.meta.dim), vectors)
+        .map_err(|_| Error::EvalInput { reason: "Milvus returned vectors of another width".into() })?;
+    Ok(EvalData {
+        items,
+        embeddings: Arc::new(emb),
+        skipped: 0,
+        embed_seconds: 0.0,
+        manifest: Some(live.meta.manifest.clone()),
+        index: Some((PathBuf::from(format!("milvus://{}/{}", m.address(), m.alias())), live.collection)),
+    })
+}
+
 /// Which path ranks the gallery.
 #[derive(Clone, Copy)]
 pub enum Retrieval<'a> {
@@ -335,15 +358,23 @@ pub fn evaluate(
     let served = match retrieval {
         Retrieval::Exact => None,
         Retrieval::Served(svc) => {
-            let g = svc.generation();
-            let query_rows: Vec<u32> =
-                protocol.queries.iter().filter_map(|&q| g.row_of(&data.items[q as usize].id)).collect();
             let recalls: Vec<f64> = outcomes.iter().filter_map(|o| o.recall).collect();
+            let served_recall = recalls.iter().sum::<f64>() / recalls.len().max(1) as f64;
+            // Locally the graph's own recall (no filter) beside the served one; in Milvus the
+            // served ranking is its HNSW search, so the two are one figure.
+            let (hnsw_recall, ef_search) = match svc.live()? {
+                crate::search::LiveIndex::Local(g) => {
+                    let query_rows: Vec<u32> =
+                        protocol.queries.iter().filter_map(|&q| g.row_of(&data.items[q as usize].id)).collect();
+                    (verify::recall_at_k(&g, &query_rows, RECALL_K, g.meta.ef_search), g.meta.ef_search)
+                }
+                crate::search::LiveIndex::Milvus(l) => (served_recall, l.ef_search),
+            };
             Some(ServedRecall {
                 k: RECALL_K,
-                served_recall: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
-                hnsw_recall: verify::recall_at_k(&g, &query_rows, RECALL_K, g.meta.ef_search),
-                ef_search: g.meta.ef_search,
+                served_recall,
+                hnsw_recall,
+                ef_search,
                 approx_answers: outcomes.iter().filter(|o| o.answer == Some(Answer::Approx)).count(),
                 exact_answers: outcomes.iter().filter(|o| o.answer == Some(Answer::Exact)).count(),
             })

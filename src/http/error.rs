@@ -53,7 +53,10 @@ impl From<Error> for ApiError {
             Error::ImageTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "image_too_large"),
             Error::ImageTooManyPixels { .. } => (S::PAYLOAD_TOO_LARGE, "image_too_many_pixels"),
             Error::WrongVectorDimension { .. } => (S::BAD_REQUEST, "wrong_vector_dimension"),
-            Error::NoLiveGeneration { .. } => (S::SERVICE_UNAVAILABLE, "not_ready"),
+            Error::NoLiveGeneration { .. } | Error::MilvusCollection { .. } => (S::SERVICE_UNAVAILABLE, "not_ready"),
+            // The index backend (Milvus) is down, slow or failing: retry, never a 500.
+            Error::MilvusUnavailable { .. } => (S::SERVICE_UNAVAILABLE, "backend_unavailable"),
+            Error::Milvus { .. } => (S::SERVICE_UNAVAILABLE, "backend_error"),
             Error::ModelMismatch { .. } | Error::IndexCorrupt { .. } => (S::CONFLICT, "reload_refused"),
             _ => (S::INTERNAL_SERVER_ERROR, "internal"),
         };
@@ -68,8 +71,14 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.status, code = self.code, message = %self.message, "request refused");
         }
+        let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;
         let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if retry {
+            // A hint for clients and load balancers: the condition is expected to pass.
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

@@ -28,11 +28,19 @@ fn live(state: &AppState) -> ApiResult<Arc<Service>> {
     state.service().ok_or_else(ApiError::not_ready)
 }
 
-/// The live generation's lookup tables (built off the async threads on first use).
+/// The live generation's lookup tables (built off the async threads on first use; with Milvus
+/// the live description may be read again there).
 async fn live_info(state: &AppState) -> ApiResult<Arc<GenInfo>> {
-    let g = live(state)?.generation();
+    let service = live(state)?;
     let state = state.clone();
-    tokio::task::spawn_blocking(move || state.info(&g)).await.map_err(|e| ApiError::internal(e.to_string()))
+    tokio::task::spawn_blocking(move || -> ApiResult<Arc<GenInfo>> { Ok(state.info(&service.live()?)) })
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// Runs a blocking lookup (an item, an image, readiness) off the async threads.
+async fn lookup<T: Send + 'static>(f: impl FnOnce() -> ApiResult<T> + Send + 'static) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// A checked search: the service request, forced-exact flag, and the generation's tables.
@@ -63,13 +71,13 @@ fn check(state: &AppState, info: &GenInfo, p: &SearchParams) -> ApiResult<Checke
     {
         return Err(not_found("unknown_category", "category", c));
     }
-    if let Some(v) = &filter.product
-        && !info.products.contains(v)
+    if let (Some(v), Some(known)) = (&filter.product, &info.products)
+        && !known.contains(v)
     {
         return Err(not_found("unknown_product", "product", v));
     }
-    if let Some(v) = &filter.variation
-        && !info.variations.contains(v)
+    if let (Some(v), Some(known)) = (&filter.variation, &info.variations)
+        && !known.contains(v)
     {
         return Err(not_found("unknown_variation", "variation", v));
     }
@@ -103,6 +111,9 @@ fn search_and_vote(
     let mut req = c.req.clone();
     req.k += extra;
     let mut res = service.search_embedding_with(embedding, &req, &planning)?;
+    if res.allowed == 0 {
+        unknown_values(service, &c.req.filter, &res.generation)?;
+    }
     let drop_excluded = |hits: &mut Vec<crate::search::SearchHit>, k: usize| {
         hits.retain(|h| Some(h.id.as_str()) != exclude);
         hits.truncate(k);
@@ -126,6 +137,34 @@ fn search_and_vote(
         predicted: dto::vote(&neighbours),
         hits: res.hits.iter().map(dto::Hit::from).collect(),
     })
+}
+
+/// A 404 for a product or variation the index does not have, where the lookup tables could not
+/// tell before the search (Milvus): asked only when a filter allowed nothing.
+fn unknown_values(service: &Service, filter: &crate::search::Filter, generation: &str) -> ApiResult<()> {
+    if service.local().is_some() {
+        return Ok(());
+    }
+    let only = |f: crate::search::Filter| service.allowed(&f);
+    if let Some(v) = &filter.product
+        && only(crate::search::Filter { product: Some(v.clone()), ..Default::default() })? == 0
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_product",
+            format!("no product {v:?} in {generation}"),
+        ));
+    }
+    if let Some(v) = &filter.variation
+        && only(crate::search::Filter { variation: Some(v.clone()), ..Default::default() })? == 0
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_variation",
+            format!("no variation {v:?} in {generation}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `f` on the blocking pool under the decode timeout.
@@ -258,7 +297,7 @@ pub async fn search(
     let started = Instant::now();
     let params = SearchParams::parse(&query_pairs(query)?)?;
     let service = live(&state)?;
-    let info = state.info(&service.generation());
+    let info = live_info(&state).await?;
     let checked = check(&state, &info, &params)?;
     let image = image_from_request(req, state.config.max_body_bytes).await?;
     let vote_k = state.config.vote_k;
@@ -290,14 +329,14 @@ pub async fn similar(
     let started = Instant::now();
     let params = SearchParams::parse(&query_pairs(query)?)?;
     let service = live(&state)?;
-    let g = service.generation();
-    let info = state.info(&g);
+    let info = live_info(&state).await?;
     let checked = check(&state, &info, &params)?;
-    let row = g.row_of(&id).ok_or_else(|| ApiError::item_not_found(&id))?;
-    let embedding = g.exact.vector(row).to_vec();
     let vote_k = state.config.vote_k;
-    let out =
-        blocking(&state, move || search_and_vote(&service, &embedding, &checked, vote_k, Some(&id), started)).await?;
+    let out = blocking(&state, move || {
+        let embedding = service.item_embedding(&id)?.ok_or_else(|| ApiError::item_not_found(&id))?;
+        search_and_vote(&service, &embedding, &checked, vote_k, Some(&id), started)
+    })
+    .await?;
     Ok(Json(out))
 }
 
@@ -313,9 +352,12 @@ pub async fn similar(
 )]
 pub async fn item(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<dto::Item>> {
     let service = live(&state)?;
-    let g = service.generation();
-    let row = g.row_of(&id).ok_or_else(|| ApiError::item_not_found(&id))?;
-    let r = g.item(row);
+    let (r, generation) = lookup(move || {
+        let generation = service.live()?.name();
+        let r = service.item(&id)?.ok_or_else(|| ApiError::item_not_found(&id))?;
+        Ok((r, generation))
+    })
+    .await?;
     let it = &r.item;
     Ok(Json(dto::Item {
         id: it.id.clone(),
@@ -329,7 +371,7 @@ pub async fn item(State(state): State<AppState>, Path(id): Path<String>) -> ApiR
         sha256: r.sha256.clone(),
         attributes: it.attributes.clone(),
         image_url: dto::image_url(&it.id),
-        generation: g.name(),
+        generation,
     }))
 }
 
@@ -357,13 +399,13 @@ fn image_mime(bytes: &[u8]) -> &'static str {
 )]
 pub async fn image(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
     let service = live(&state)?;
-    let g = service.generation();
-    let row = g.row_of(&id).ok_or_else(|| ApiError::item_not_found(&id))?;
-    let etag = format!("\"{}\"", g.item(row).sha256);
+    let wanted = id.clone();
+    let (path, sha256) =
+        lookup(move || service.image(&wanted)?.ok_or_else(|| ApiError::item_not_found(&wanted))).await?;
+    let etag = format!("\"{sha256}\"");
     if headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let path = g.image_path(row);
     let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path).map_err(|e| (path, e)))
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
@@ -417,21 +459,30 @@ pub async fn healthz() -> Json<dto::Health> {
     responses((status = 200, description = "Ready", body = dto::Ready), (status = 503, description = "No index loaded", body = dto::Ready))
 )]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<dto::Ready>) {
-    match state.service() {
-        Some(s) => {
-            let g = s.generation();
+    let not_ready = || {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(dto::Ready { ready: false, generation: None, items: None, model_digest: None }),
+        )
+    };
+    let Some(s) = state.service() else {
+        return not_ready();
+    };
+    let digest = s.encoder().digest().to_string();
+    match lookup(move || Ok(s.ready()?)).await {
+        Ok(l) => {
             let ready = dto::Ready {
                 ready: true,
-                generation: Some(g.name()),
-                items: Some(g.items.len()),
-                model_digest: Some(s.encoder().digest().to_string()),
+                generation: Some(l.name()),
+                items: Some(l.count()),
+                model_digest: Some(digest),
             };
             (StatusCode::OK, Json(ready))
         }
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(dto::Ready { ready: false, generation: None, items: None, model_digest: None }),
-        ),
+        Err(e) => {
+            tracing::warn!(code = e.code, message = %e.message, "not ready");
+            not_ready()
+        }
     }
 }
 

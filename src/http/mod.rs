@@ -24,7 +24,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 pub use router::router;
-pub use state::{AppState, EncoderSource, ServeConfig};
+pub use state::{AppState, EncoderSource, MilvusTarget, ServeConfig};
 
 use crate::{Error, Result};
 
@@ -50,6 +50,10 @@ impl Server {
             Ok(r) => tracing::info!(generation = %r.current, "index loaded"),
             Err(Error::NoLiveGeneration { path }) => {
                 tracing::warn!(index = %path.display(), "no live generation yet: not ready until one appears")
+            }
+            // Milvus down, or its alias not written yet: not ready until the poll finds it.
+            Err(e @ (Error::MilvusUnavailable { .. } | Error::MilvusCollection { .. })) => {
+                tracing::warn!(error = %e, "Milvus not serving this alias yet: not ready until it does")
             }
             Err(e) => return Err(e),
         }

@@ -174,7 +174,12 @@ pub fn document_for(served: &Served<'_>) -> Value {
 
 /// The document of the running server, as JSON text.
 pub fn document(state: &AppState) -> String {
-    let info = state.service().map(|s| state.info(&s.generation()));
+    // Local tables are built here when missing; with Milvus only tables already read are used
+    // (building them would ask Milvus from an async thread).
+    let info = state.service().and_then(|s| match s.local() {
+        Some(g) => Some(state.info(&crate::search::LiveIndex::Local(g))),
+        None => state.cached_info(),
+    });
     let served = Served {
         max_k: state.config.max_k,
         max_ef: state.config.search.max_ef,

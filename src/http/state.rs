@@ -15,10 +15,12 @@ use std::time::Duration;
 use super::dto;
 use super::metrics::Metrics;
 use crate::catalogue::Taxonomy;
+use crate::catalogue::taxonomy::example_items;
 use crate::encoder::{Encoder, OrtEncoder, TestEncoder};
 use crate::index::store::{Generation, IndexDir, read_meta};
+use crate::milvus::backend::Live as MilvusLive;
 use crate::runtime::RuntimeOptions;
-use crate::search::{SearchConfig, Service};
+use crate::search::{LiveIndex, SearchConfig, Service};
 use crate::{Error, Result};
 
 /// Where the query encoder comes from.
@@ -33,11 +35,30 @@ pub enum EncoderSource {
     Test { dim: usize },
 }
 
+/// A Milvus alias to serve instead of a local index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MilvusTarget {
+    /// The proxy's `HOST:PORT`.
+    pub address: String,
+    /// The alias `hiercon index --milvus` switches.
+    pub alias: String,
+    /// Deadline of each Milvus call.
+    pub timeout: Duration,
+}
+
+impl MilvusTarget {
+    fn backend(&self) -> Result<crate::milvus::MilvusBackend> {
+        crate::milvus::MilvusBackend::new(&self.address, &self.alias, self.timeout)
+    }
+}
+
 /// Validated `serve` settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// `index/<name>`.
+    /// `index/<name>` (unused with `milvus`).
     pub index: PathBuf,
+    /// Serve the collection this Milvus alias names instead of the local index.
+    pub milvus: Option<MilvusTarget>,
     pub addr: SocketAddr,
     pub encoder: EncoderSource,
     pub runtime: RuntimeOptions,
@@ -68,6 +89,7 @@ impl ServeConfig {
     pub fn new(index: impl Into<PathBuf>) -> Self {
         ServeConfig {
             index: index.into(),
+            milvus: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             encoder: EncoderSource::FromIndex,
             runtime: RuntimeOptions::default(),
@@ -120,8 +142,10 @@ pub struct GenInfo {
     pub name: String,
     pub taxonomy: dto::Taxonomy,
     pub categories: HashSet<String>,
-    pub products: HashSet<String>,
-    pub variations: HashSet<String>,
+    /// Every product and variation id (`None` with Milvus: too large to hold; the search's
+    /// allowed count tells an unknown one instead).
+    pub products: Option<HashSet<String>>,
+    pub variations: Option<HashSet<String>>,
     /// Attribute names, with the number of items that have each.
     pub attributes: BTreeMap<String, usize>,
     /// The first item (the OpenAPI document's examples of an id, a category, a product, ...).
@@ -133,51 +157,55 @@ pub struct GenInfo {
 /// How many example items `GET /v1/examples` offers at most.
 pub const MAX_EXAMPLES: usize = 8;
 
-/// One item per top-level category (in the order the taxonomy lists them), at most
-/// [`MAX_EXAMPLES`]: the first query-role item of that category in row order, else its first item.
-fn examples(g: &Generation, roots: &[dto::TaxonomyNode]) -> Vec<dto::Example> {
-    let mut first: BTreeMap<&str, (usize, bool)> = BTreeMap::new();
-    for (row, rec) in g.items.iter().enumerate() {
-        let root = rec.item.category.split('/').map(str::trim).find(|s| !s.is_empty()).unwrap_or("");
-        let is_query = rec.item.role == Some(crate::catalogue::Role::Query);
-        match first.get(root) {
-            Some(&(_, true)) => {}
-            Some(&(_, false)) if !is_query => {}
-            _ => {
-                first.insert(root, (row, is_query));
-            }
-        }
+fn example(it: &crate::catalogue::Item) -> dto::Example {
+    dto::Example {
+        id: it.id.clone(),
+        title: it.title.clone(),
+        category: it.category.clone(),
+        image_url: dto::image_url(&it.id),
     }
-    roots
-        .iter()
-        .filter_map(|r| first.get(r.name.as_str()))
-        .take(MAX_EXAMPLES)
-        .map(|&(row, _)| {
-            let it = &g.items[row].item;
-            dto::Example {
-                id: it.id.clone(),
-                title: it.title.clone(),
-                category: it.category.clone(),
-                image_url: dto::image_url(&it.id),
-            }
-        })
-        .collect()
 }
 
 impl GenInfo {
-    fn of(g: &Generation) -> Self {
+    fn of(live: &LiveIndex) -> Self {
+        match live {
+            LiveIndex::Local(g) => GenInfo::of_generation(g),
+            LiveIndex::Milvus(l) => GenInfo::of_milvus(l),
+        }
+    }
+
+    fn of_generation(g: &Generation) -> Self {
         let items = || g.items.iter().map(|r| &r.item);
         let tax = Taxonomy::from_items(items());
         let roots: Vec<dto::TaxonomyNode> = tax.tree().iter().map(dto::TaxonomyNode::from).collect();
+        let root_names: Vec<&str> = roots.iter().map(|r| r.name.as_str()).collect();
         GenInfo {
-            examples: examples(g, &roots),
+            examples: example_items(items(), &root_names, MAX_EXAMPLES).into_iter().map(example).collect(),
             name: g.name(),
             taxonomy: dto::Taxonomy { generation: g.name(), items: g.items.len(), roots },
             categories: tax.nodes().iter().map(|n| n.path.clone()).collect(),
-            products: items().map(|i| i.product.clone()).collect(),
-            variations: items().map(|i| i.variation.clone()).collect(),
+            products: Some(items().map(|i| i.product.clone()).collect()),
+            variations: Some(items().map(|i| i.variation.clone()).collect()),
             attributes: g.labels.attribute_names(),
             example: items().next().cloned(),
+        }
+    }
+
+    /// From the summary `hiercon index --milvus` keeps in the collection's metadata: no
+    /// per-item table (products and variations are checked by Milvus when a filter names them).
+    fn of_milvus(l: &MilvusLive) -> Self {
+        let s = &l.meta.summary;
+        let tax = Taxonomy::from_counts(s.categories.iter().map(|(p, n)| (p.as_str(), *n)));
+        let roots: Vec<dto::TaxonomyNode> = tax.tree().iter().map(dto::TaxonomyNode::from).collect();
+        GenInfo {
+            examples: s.examples.iter().take(MAX_EXAMPLES).map(example).collect(),
+            name: l.collection.clone(),
+            taxonomy: dto::Taxonomy { generation: l.collection.clone(), items: l.meta.count, roots },
+            categories: tax.nodes().iter().map(|n| n.path.clone()).collect(),
+            products: None,
+            variations: None,
+            attributes: s.attributes.clone(),
+            example: s.examples.first().cloned(),
         }
     }
 }
@@ -220,17 +248,28 @@ fn open_service(cfg: &ServeConfig) -> Result<Service> {
         EncoderSource::Test { dim } => Arc::new(TestEncoder::new(*dim, 0)),
         EncoderSource::Model(path) => Arc::new(OrtEncoder::load_pool(path, &cfg.runtime, cfg.sessions)?),
         EncoderSource::FromIndex => {
-            let root = IndexDir::new(&cfg.index);
-            let name = root.current()?.ok_or_else(|| Error::NoLiveGeneration { path: cfg.index.clone() })?;
-            let meta = read_meta(&root.root.join(&name))?;
-            let path = meta.model.path.ok_or_else(|| Error::InvalidArgument {
+            let (name, path) = match &cfg.milvus {
+                None => {
+                    let root = IndexDir::new(&cfg.index);
+                    let name = root.current()?.ok_or_else(|| Error::NoLiveGeneration { path: cfg.index.clone() })?;
+                    (name.clone(), read_meta(&root.root.join(&name))?.model.path)
+                }
+                Some(m) => {
+                    let live = m.backend()?.live(true)?;
+                    (live.collection, live.meta.model.path)
+                }
+            };
+            let path = path.ok_or_else(|| Error::InvalidArgument {
                 name: "model",
                 reason: format!("{name} records no model path (built with a test encoder?): pass --model"),
             })?;
             Arc::new(OrtEncoder::load_pool(&path, &cfg.runtime, cfg.sessions)?)
         }
     };
-    Service::open(cfg.index.clone(), encoder, cfg.search.clone())
+    match &cfg.milvus {
+        None => Service::open(cfg.index.clone(), encoder, cfg.search.clone()),
+        Some(m) => Service::open_milvus(m.backend()?, encoder, cfg.search.clone()),
+    }
 }
 
 impl AppState {
@@ -255,8 +294,9 @@ impl AppState {
     }
 
     fn publish(&self, service: Arc<Service>) {
-        let g = service.generation();
-        self.metrics.set_generation(g.meta.generation, g.items.len());
+        if let Ok(l) = service.live() {
+            self.metrics.set_generation(l.number(), l.count());
+        }
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = Some(service);
     }
 
@@ -265,17 +305,22 @@ impl AppState {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The lookup tables of `g` (built on first use, kept for the live generation).
-    pub fn info(&self, g: &Generation) -> Arc<GenInfo> {
+    /// The lookup tables of `live` (built on first use, kept for the live generation).
+    pub fn info(&self, live: &LiveIndex) -> Arc<GenInfo> {
         let mut slot = self.info.lock().unwrap_or_else(|e| e.into_inner());
         match slot.as_ref() {
-            Some(i) if i.name == g.name() => i.clone(),
+            Some(i) if i.name == live.name() => i.clone(),
             _ => {
-                let i = Arc::new(GenInfo::of(g));
+                let i = Arc::new(GenInfo::of(live));
                 *slot = Some(i.clone());
                 i
             }
         }
+    }
+
+    /// The lookup tables last built, without asking the backend (the OpenAPI document's).
+    pub fn cached_info(&self) -> Option<Arc<GenInfo>> {
+        self.info.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Loads the generation `CURRENT` names and swaps it in (blocking: run it off the async
@@ -288,11 +333,10 @@ impl AppState {
             Ok(r) => {
                 *refused = None;
                 self.metrics.reload(if r.changed { "switched" } else { "unchanged" });
-                if let Some(s) = self.service() {
-                    let g = s.generation();
-                    self.metrics.set_generation(g.meta.generation, g.items.len());
+                if let Some(l) = self.service().and_then(|s| s.live().ok()) {
+                    self.metrics.set_generation(l.number(), l.count());
                     // Build the lookup tables here, off the async threads, not in the first query.
-                    self.info(&g);
+                    self.info(&l);
                 }
                 if r.changed {
                     tracing::info!(previous = ?r.previous, current = %r.current, "serving a new generation");
@@ -300,8 +344,15 @@ impl AppState {
             }
             // Nothing to load yet (no `hiercon index` run has finished): not a refusal.
             Err(Error::NoLiveGeneration { .. }) => {}
+            // Milvus unreachable: not a refusal of a generation; serve keeps trying.
+            Err(Error::MilvusUnavailable { .. }) => {
+                tracing::warn!(error = %result.as_ref().err().map(|e| e.to_string()).unwrap_or_default(), "reload: Milvus unavailable");
+            }
             Err(e) => {
-                *refused = IndexDir::new(&self.config.index).current().ok().flatten();
+                *refused = match &self.config.milvus {
+                    None => IndexDir::new(&self.config.index).current().ok().flatten(),
+                    Some(_) => None,
+                };
                 self.metrics.reload("refused");
                 tracing::warn!(error = %e, "reload refused; the previous generation keeps serving");
             }
@@ -312,7 +363,7 @@ impl AppState {
     fn reload_locked(&self) -> Result<Reloaded> {
         let Some(service) = self.service() else {
             let s = Arc::new(open_service(&self.config)?);
-            let current = s.generation().name();
+            let current = s.live()?.name();
             self.publish(s);
             return Ok(Reloaded { previous: None, current, changed: true });
         };
@@ -321,9 +372,9 @@ impl AppState {
             // A generation built with another model: open it with its own model if the model
             // comes from the index.
             Err(Error::ModelMismatch { .. }) if self.config.encoder == EncoderSource::FromIndex => {
-                let previous = service.generation().name();
+                let previous = self.cached_info().map(|i| i.name.clone()).unwrap_or_default();
                 let s = Arc::new(open_service(&self.config)?);
-                let current = s.generation().name();
+                let current = s.live()?.name();
                 self.publish(s);
                 Ok(Reloaded { previous: Some(previous), current, changed: true })
             }
@@ -334,10 +385,15 @@ impl AppState {
     /// Whether `CURRENT` names a generation other than the live one and other than the one
     /// last refused (what the poll checks before reloading).
     pub fn current_changed(&self) -> bool {
+        if self.config.milvus.is_some() {
+            // The service follows the alias itself; a reload refreshes the metrics, retries a
+            // service that could not open, and re-checks the model (one describe call).
+            return true;
+        }
         let Ok(Some(name)) = IndexDir::new(&self.config.index).current() else {
             return false;
         };
-        let live = self.service().map(|s| s.generation().name());
+        let live = self.service().and_then(|s| s.local()).map(|g| g.name());
         let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
         live.as_deref() != Some(name.as_str()) && refused.as_deref() != Some(name.as_str())
     }

@@ -171,6 +171,16 @@ impl EmbeddingCache {
         cache
     }
 
+    /// A cache of `embeddings` (one row per hash of `hashes`), e.g. read back from Milvus.
+    pub fn from_rows(hashes: &[String], embeddings: Array2<f32>) -> Self {
+        let mut cache = EmbeddingCache::empty();
+        for (row, h) in hashes.iter().enumerate() {
+            cache.by_hash.entry(h.clone()).or_insert((0, row));
+        }
+        cache.sources.push(embeddings);
+        cache
+    }
+
     /// Cached embedding of an image hash.
     pub fn get(&self, sha256: &str) -> Option<ArrayView1<'_, f32>> {
         self.by_hash.get(sha256).map(|&(s, r)| self.sources[s].row(r))
@@ -188,23 +198,27 @@ impl EmbeddingCache {
 
 /// Reads and filters the manifest; duplicate ids are bad input.
 fn read_items(cfg: &IndexConfig) -> Result<Vec<Item>> {
+    read_manifest_items(&cfg.manifest, cfg.split)
+}
+
+/// The items of `manifest` (only `split`'s when given) an index run embeds; duplicate ids and an
+/// empty selection are errors.
+pub fn read_manifest_items(manifest: &Path, split: Option<Split>) -> Result<Vec<Item>> {
     // Missing images are skipped and counted while embedding, so a nightly run is not stopped
     // by one deleted file; malformed lines still fail the run.
-    let items = Manifest::read_with(&cfg.manifest, &ReadOptions { check_images: false })?.items;
-    let items: Vec<Item> = items.into_iter().filter(|it| cfg.split.is_none_or(|s| it.split == s)).collect();
+    let items = Manifest::read_with(manifest, &ReadOptions { check_images: false })?.items;
+    let items: Vec<Item> = items.into_iter().filter(|it| split.is_none_or(|s| it.split == s)).collect();
     let mut seen = HashSet::new();
     for it in &items {
         if !seen.insert(it.id.as_str()) {
             return Err(Error::InvalidArgument {
                 name: "manifest",
-                reason: format!("{}: duplicate item id {:?}", cfg.manifest.display(), it.id),
+                reason: format!("{}: duplicate item id {:?}", manifest.display(), it.id),
             });
         }
     }
     if items.is_empty() {
-        return Err(Error::EmptyIndex {
-            reason: format!("{} has no items in the chosen split", cfg.manifest.display()),
-        });
+        return Err(Error::EmptyIndex { reason: format!("{} has no items in the chosen split", manifest.display()) });
     }
     Ok(items)
 }

@@ -62,7 +62,7 @@ pub fn normalize_category(path: &str) -> String {
 /// The key an attribute value is indexed under: strings as `s:TEXT`, booleans as `b:true` /
 /// `b:false`, numbers as `n:` and the shortest decimal of their 64-bit float value (`12` and
 /// `12.0` are both `n:12`).
-fn value_key(v: &AttrValue) -> String {
+pub fn value_key(v: &AttrValue) -> String {
     match v {
         AttrValue::String(s) => format!("s:{s}"),
         AttrValue::Bool(b) => format!("b:{b}"),

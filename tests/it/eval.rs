@@ -146,7 +146,7 @@ fn served_evaluation_matches_the_exact_scan() {
     let model = EvaluatedModel { digest: encoder.digest().into(), dim: DIM, ..Default::default() };
     for split in [Subset::Train, Subset::Test] {
         let cfg = EvalConfig::new(split);
-        let served_data = eval::data_from_generation(&service.generation(), split).unwrap();
+        let served_data = eval::data_from_generation(&service.local().unwrap(), split).unwrap();
         let served = eval::evaluate(&served_data, Retrieval::Served(&service), &cfg, model.clone()).unwrap();
         let data = eval::embed_manifest(&manifest, split, encoder.as_ref(), 8, &Limits::default()).unwrap();
         let exact = eval::evaluate(&data, Retrieval::Exact, &cfg, model.clone()).unwrap();

@@ -156,7 +156,7 @@ fn service(c: &Catalogue) -> Service {
 }
 
 fn search(s: &Service, query_id: &str, req: &SearchRequest) -> hiercon::search::SearchResponse {
-    let g = s.generation();
+    let g = s.local().unwrap();
     let q = g.exact.vector(g.row_of(query_id).unwrap()).to_vec();
     s.search_embedding(&q, req).unwrap()
 }
@@ -174,7 +174,7 @@ fn a_run_makes_a_live_generation_whose_approx_answers_agree_with_exact() {
     assert_eq!(out.stats.reused, 1, "the duplicate image is embedded once");
     assert!(out.report.passed && out.report.duplicate_items == 2, "{:?}", out.report);
     let s = service(&c);
-    let g = s.generation();
+    let g = s.local().unwrap();
     let mut overlap = 0;
     for it in &c.items {
         let approx = search(&s, &it.id, &req(10, Filter::default(), None));
@@ -258,7 +258,7 @@ fn group_by_returns_the_best_hit_of_each_group_best_first() {
     let c = Catalogue::new(8);
     build::run(&c.config(), encoder().as_ref()).unwrap();
     let s = service(&c);
-    let g = s.generation();
+    let g = s.local().unwrap();
     for (by, key) in [
         (GroupBy::Product, Box::new(|i: &Item| i.product.clone()) as Box<dyn Fn(&Item) -> String>),
         (GroupBy::Category, Box::new(|i: &Item| i.category.clone())),
@@ -315,8 +315,8 @@ fn a_rerun_reembeds_only_changed_and_added_images_and_drops_removed_items() {
     assert_eq!(third.stats.reused, c.items.len() - 3);
     assert_eq!(third.count, c.items.len());
     let s = service(&c);
-    assert!(s.item("p3-v0-w1").is_none(), "removed items disappear");
-    assert!(s.item("new-item").is_some());
+    assert!(s.item("p3-v0-w1").unwrap().is_none(), "removed items disappear");
+    assert!(s.item("new-item").unwrap().is_some());
     // The changed image's new embedding is what is served.
     let bytes = std::fs::read(c.image_path("p1-v0-w0")).unwrap();
     let r = s.search_image(&bytes, &req(1, Filter::default(), None)).unwrap();
@@ -373,7 +373,7 @@ fn the_service_reloads_owning_generations_and_refuses_bad_ones() {
     cfg.keep = 1;
     build::run(&cfg, encoder().as_ref()).unwrap();
     let s = service(&c);
-    let old = s.generation(); // a query in flight holds this
+    let old = s.local().unwrap(); // a query in flight holds this
     assert!(!s.reload().unwrap().changed);
     c.items.retain(|i| i.id != "p0-v1-w1");
     c.write_manifest();
@@ -381,7 +381,7 @@ fn the_service_reloads_owning_generations_and_refuses_bad_ones() {
     assert!(!c.index_dir().join("gen-1").exists(), "--keep 1 deleted the old generation's files");
     let r = s.reload().unwrap();
     assert_eq!((r.previous.as_str(), r.current.as_str(), r.changed), ("gen-1", "gen-2", true));
-    assert!(s.item("p0-v1-w1").is_none());
+    assert!(s.item("p0-v1-w1").unwrap().is_none());
     // The old generation still answers from memory although its directory is gone.
     let q = old.exact.vector(old.row_of("p0-v1-w1").unwrap()).to_vec();
     let hits = old.query(&q, 3, 64, &Filter::default(), None, &Default::default()).unwrap();
@@ -392,7 +392,7 @@ fn the_service_reloads_owning_generations_and_refuses_bad_ones() {
     std::fs::create_dir(c.index_dir().join("gen-3")).unwrap();
     root.switch_current("gen-3").unwrap();
     assert!(s.reload().is_err());
-    assert_eq!(s.generation().name(), "gen-2");
+    assert_eq!(s.local().unwrap().name(), "gen-2");
     assert!(!search(&s, "p1-v0-w0", &SearchRequest::default()).hits.is_empty());
     // A generation built with another model is refused too.
     root.switch_current("gen-2").unwrap();
@@ -533,7 +533,7 @@ fn unreadable_images_are_skipped_and_counted() {
     assert_eq!(out.count, c.items.len() - 2);
     assert_eq!(out.stats.embedded + out.stats.reused + out.stats.skipped, c.items.len());
     let s = service(&c);
-    assert!(s.item("p1-v0-w0").is_none() && s.item("p2-v1-w1").is_none());
+    assert!(s.item("p1-v0-w0").unwrap().is_none() && s.item("p2-v1-w1").unwrap().is_none());
     // A catalogue with no readable image at all is bad input (exit code 2), not an empty index.
     for it in &c.items {
         let _ = std::fs::remove_file(c.dir.path().join(&it.image));
@@ -577,8 +577,8 @@ fn a_small_change_reuses_the_live_graph_and_a_large_one_rebuilds_it() {
     // Served answers are those of a full build: every item finds itself first, HNSW agrees with
     // the exact scan, removed items never come back, filters see the new category.
     let s = service(&c);
-    assert!(s.item("p3-v1-w1").is_none());
-    let g = s.generation();
+    assert!(s.item("p3-v1-w1").unwrap().is_none());
+    let g = s.local().unwrap();
     assert_eq!(g.items.len(), c.items.len());
     for it in &c.items {
         let r = search(&s, &it.id, &req(5, Filter::default(), None));

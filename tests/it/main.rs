@@ -9,6 +9,7 @@ mod imported;
 mod index;
 mod logs;
 mod loss;
+mod milvus;
 mod pretrained;
 mod quantize;
 mod serve;

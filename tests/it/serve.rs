@@ -43,7 +43,7 @@ pub(crate) fn spawn_serve(index: &Path, args: &[&str]) -> Server {
 }
 
 /// Starts a `hiercon serve` command (which must pass `--port 0`) and waits for its address.
-fn spawn_with(mut cmd: Command) -> Server {
+pub(crate) fn spawn_with(mut cmd: Command) -> Server {
     let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -56,7 +56,7 @@ fn spawn_with(mut cmd: Command) -> Server {
     Server { child, addr }
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
         assert!(t.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
@@ -64,7 +64,7 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn ready_generation(addr: std::net::SocketAddr) -> Option<String> {
+pub(crate) fn ready_generation(addr: std::net::SocketAddr) -> Option<String> {
     let r = load::request(addr, "GET", "/readyz", &[], b"").ok()?;
     let j: Value = serde_json::from_slice(&r.body).ok()?;
     j["generation"].as_str().map(String::from)

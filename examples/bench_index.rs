@@ -34,13 +34,9 @@ const K: usize = 10;
 const EFS: [usize; 5] = [16, 32, 64, 128, 256];
 const SELECTIVITY: [(&str, u8); 3] = [("0.01", 1), ("0.05", 5), ("0.1", 10)];
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
-}
-
-fn need(args: &[String], name: &str) -> String {
-    arg(args, name).unwrap_or_else(|| panic!("{name} is required (see the file's docs)"))
-}
+#[path = "shared/cli.rs"]
+mod cli;
+use cli::{arg, need};
 
 struct Data {
     desc: Value,

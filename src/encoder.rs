@@ -24,113 +24,12 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use rand::SeedableRng;
 use rand_distr_free::standard_normal;
-use serde::{Deserialize, Serialize};
 
 use crate::image::Preprocess;
 use crate::runtime::{self, RuntimeOptions};
 use crate::{Error, Result};
 
-/// The `format` string of a model description this build reads.
-pub const MODEL_FORMAT: &str = "hiercon-model/1";
-
-/// The description written beside an exported model (`X.json` for `X.onnx`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelMeta {
-    /// Always [`MODEL_FORMAT`].
-    pub format: String,
-    /// Backbone name (informational).
-    pub arch: String,
-    pub input: InputMeta,
-    pub output: OutputMeta,
-    /// [`crate::model::model_digest`] of the `.onnx` file (its initializers): the model's
-    /// fingerprint, checked on load. Embedding caches are keyed by it.
-    pub digest: String,
-    /// Any other fields (training run, loss, ...), kept as they are.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-/// The model's image input.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputMeta {
-    /// Graph input name.
-    pub name: String,
-    /// Square side in pixels.
-    pub size: u32,
-    /// Per-channel mean and std applied to 0..1 pixel values.
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
-}
-
-/// The model's embedding output.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct OutputMeta {
-    /// Graph output name.
-    pub name: String,
-    /// Embedding width.
-    pub dim: usize,
-}
-
-impl ModelMeta {
-    /// `X.json` for `X.onnx`.
-    pub fn path_for(model: &Path) -> PathBuf {
-        model.with_extension("json")
-    }
-
-    /// Reads and validates a description.
-    pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let meta: ModelMeta = serde_json::from_str(&text)
-            .map_err(|e| Error::ModelMeta { path: path.to_path_buf(), reason: e.to_string() })?;
-        meta.validate().map_err(|reason| Error::ModelMeta { path: path.to_path_buf(), reason })?;
-        Ok(meta)
-    }
-
-    /// The description beside `model` and the model's bytes, after checking that the digest the
-    /// description records is the file's ([`Error::ModelDigestMismatch`] otherwise).
-    pub fn read_verified(model: &Path) -> Result<(Self, Vec<u8>)> {
-        let meta_path = Self::path_for(model);
-        let meta = Self::read(&meta_path)?;
-        let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
-        let found = crate::model::model_digest(model, &bytes)?;
-        if found != meta.digest {
-            return Err(Error::ModelDigestMismatch {
-                model: model.to_path_buf(),
-                meta: meta_path,
-                found,
-                expected: meta.digest,
-            });
-        }
-        Ok((meta, bytes))
-    }
-
-    /// Writes the description as pretty JSON.
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("ModelMeta serialises");
-        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
-    }
-
-    fn validate(&self) -> std::result::Result<(), String> {
-        if self.format != MODEL_FORMAT {
-            return Err(format!("format is {:?}, expected {MODEL_FORMAT:?}", self.format));
-        }
-        if self.input.size == 0 || self.output.dim == 0 {
-            return Err("input.size and output.dim must be positive".into());
-        }
-        if self.input.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
-            return Err(format!("input.std must be positive, got {:?}", self.input.std));
-        }
-        if self.digest.is_empty() {
-            return Err("digest is empty".into());
-        }
-        Ok(())
-    }
-
-    /// The preprocessing this model expects.
-    pub fn preprocess(&self) -> Preprocess {
-        Preprocess { size: self.input.size, mean: self.input.mean, std: self.input.std }
-    }
-}
+pub use crate::modelfile::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
 
 /// Turns a batch of preprocessed images into L2-normalised embeddings, one row per image.
 ///
@@ -506,7 +405,7 @@ mod tests {
         let path = dir.join("model.onnx");
         let bytes = pooled_projection_model(size as i64, w);
         std::fs::write(&path, &bytes).unwrap();
-        let meta = ModelMeta { digest: crate::model::model_digest(&path, &bytes).unwrap(), ..meta.clone() };
+        let meta = ModelMeta { digest: crate::modelfile::model_digest(&path, &bytes).unwrap(), ..meta.clone() };
         meta.write(&ModelMeta::path_for(&path)).unwrap();
         path
     }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::report::{EvalReport, dec3, pct};
-use crate::encoder::ModelMeta;
+use crate::modelfile::ModelMeta;
 use crate::{Error, Result};
 
 /// One run's evaluations.

@@ -363,7 +363,7 @@ pub fn verify_dir(dir: &Path, cfg: &VerifyConfig, self_rows: Option<&[u32]>) -> 
         store::write_meta(dir, &store::GenerationMeta { ef_search: report.ef_search, ..g.meta.clone() })?;
     }
     let text = serde_json::to_string_pretty(&report).expect("report serialises");
-    store::write_atomic(&dir.join(store::VERIFICATION), (text + "\n").as_bytes())?;
+    crate::fsutil::write_atomic(&dir.join(store::VERIFICATION), (text + "\n").as_bytes())?;
     match &report.reason {
         None => Ok(report),
         Some(reason) => Err(Error::IndexVerification { generation: name, reason: reason.clone() }),

@@ -14,6 +14,7 @@ use super::exact::ExactIndex;
 use super::filter::Labels;
 use super::hnsw::{HnswIndex, HnswParams, NodeMap, compact_file};
 use crate::catalogue::{Item, Split};
+use crate::fsutil::write_atomic;
 use crate::{Error, Result};
 
 /// `format` of `generation.json`.
@@ -185,18 +186,6 @@ pub fn sync_file(path: &Path) -> Result<()> {
 /// fsync a directory, so renames and creations inside it are durable.
 pub fn sync_dir(path: &Path) -> Result<()> {
     File::open(path).and_then(|f| f.sync_all()).map_err(|e| Error::io(path, e))
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, rename, fsync the dir.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().expect("a file path");
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().unwrap().to_string_lossy(), std::process::id()));
-    {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    sync_dir(dir)
 }
 
 fn write_items(path: &Path, items: &[ItemRecord]) -> Result<()> {

@@ -17,7 +17,6 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::imported::{Layout, input_layout};
-use crate::encoder::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
 use crate::graph::import::{OnnxFile, dtype, import_err};
 use crate::graph::onnx::attribute;
 use crate::graph::proto::{
@@ -25,6 +24,7 @@ use crate::graph::proto::{
     tensor_shape_proto::Dimension, tensor_shape_proto::dimension, type_proto,
 };
 use crate::graph::{Attr, Tensor};
+use crate::modelfile::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
 use crate::runtime::RuntimeOptions;
 use crate::{Error, Result};
 
@@ -296,7 +296,7 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
         }),
     );
     let bytes = proto.encode_to_vec();
-    let digest = crate::model::model_digest(out, &bytes)?;
+    let digest = crate::modelfile::model_digest(out, &bytes)?;
     let meta = ModelMeta {
         format: MODEL_FORMAT.to_string(),
         arch: "onnx".into(),
@@ -305,6 +305,6 @@ pub fn describe(src: &Path, out: &Path, o: &DescribeOptions) -> Result<ModelMeta
         digest,
         extra,
     };
-    crate::model::write_model(out, &bytes, &meta)?;
+    crate::modelfile::write_model(out, &bytes, &meta)?;
     Ok(meta)
 }

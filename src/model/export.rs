@@ -5,64 +5,17 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 
 use super::ModelConfig;
 use super::step::inference_graph;
-use crate::encoder::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta};
 use crate::graph::{InputKind, Tensor, WriteOptions};
-use crate::train::checkpoint::write_atomic;
+use crate::modelfile::{InputMeta, MODEL_FORMAT, ModelMeta, OutputMeta, model_digest, write_model};
 use crate::{Error, Result};
 
 /// Per-channel mean the exported model expects on 0..1 RGB pixels (ImageNet's, as torchvision).
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// Per-channel std the exported model expects (ImageNet's, as torchvision).
 pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-/// Hex sha256 over the named tensors in name order. Each contributes its UTF-8 name, a 0 byte,
-/// its ONNX data-type code and rank (u64 little-endian), its dimensions (u64 LE) and its
-/// elements (little-endian). Equal digests mean equal parameters, names and shapes.
-pub fn state_digest<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>) -> String {
-    let mut sorted: Vec<(&str, &Tensor)> = tensors.into_iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut h = Sha256::new();
-    for (name, t) in sorted {
-        h.update(name.as_bytes());
-        h.update([0u8]);
-        h.update((t.dtype().onnx() as u64).to_le_bytes());
-        h.update((t.shape().len() as u64).to_le_bytes());
-        for &d in t.shape() {
-            h.update((d as u64).to_le_bytes());
-        }
-        match t {
-            Tensor::F32(a) => a.iter().for_each(|x| h.update(x.to_le_bytes())),
-            Tensor::F64(a) => a.iter().for_each(|x| h.update(x.to_le_bytes())),
-            Tensor::I64(a) => a.iter().for_each(|x| h.update(x.to_le_bytes())),
-            Tensor::Bool(a) => a.iter().for_each(|&x| h.update([x as u8])),
-        }
-    }
-    hex::encode(h.finalize())
-}
-
-/// The model digest of ONNX model bytes: [`state_digest`] over every initializer of the file, as
-/// [`crate::graph::import`] reads it. `model.json` records it; [`OrtEncoder`](crate::encoder::OrtEncoder)
-/// recomputes it from the `.onnx` file and refuses a pair that disagrees.
-pub fn model_digest(path: &Path, bytes: &[u8]) -> Result<String> {
-    let f = crate::graph::import::OnnxFile::from_bytes(path, bytes)?;
-    Ok(state_digest(f.initializers.iter().map(|(n, t)| (n.as_str(), t))))
-}
-
-/// Writes a model pair: `onnx_path` with `bytes`, and `meta` as the `.json` beside it, creating
-/// the folder. Each file is replaced atomically (tmp + fsync + rename), so neither is ever half
-/// written.
-pub(crate) fn write_model(onnx_path: &Path, bytes: &[u8], meta: &ModelMeta) -> Result<()> {
-    if let Some(dir) = onnx_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    write_atomic(onnx_path, bytes)?;
-    let text = serde_json::to_string_pretty(meta).expect("ModelMeta serialises") + "\n";
-    write_atomic(&ModelMeta::path_for(onnx_path), text.as_bytes())
-}
 
 /// Writes the inference model of `cfg` with the parameters and buffers in `state` (other entries,
 /// such as optimizer state or loss parameters, are ignored) to `onnx_path`, and its description
@@ -121,6 +74,7 @@ mod tests {
     use crate::graph::{Carried, DType, GradOptions, Optimizer, Runner, Sgd};
     use crate::model::step::tests::{batch, test_loss, tiny};
     use crate::model::step_graph;
+    use crate::modelfile::state_digest;
     use crate::runtime::RuntimeOptions;
 
     /// The model state after two SGD steps (so BN running statistics have moved off 0 / 1).

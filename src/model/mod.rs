@@ -9,7 +9,7 @@
 //! - [`inference_graph`] builds the forward pass with BatchNorm in inference form, with the same
 //!   parameter and buffer names;
 //! - [`export()`] writes that inference graph with trained values as `model.onnx` plus its
-//!   [`ModelMeta`](crate::encoder::ModelMeta) description, readable by
+//!   [`ModelMeta`](crate::modelfile::ModelMeta) description, readable by
 //!   [`OrtEncoder`](crate::encoder::OrtEncoder).
 //!
 //! ResNet names follow torchvision (`conv1.weight`, `bn1.running_mean`, `layer2.0.conv1.weight`,
@@ -29,8 +29,8 @@ pub mod quantize;
 mod resnet;
 mod step;
 
-pub(crate) use export::write_model;
-pub use export::{IMAGENET_MEAN, IMAGENET_STD, export, model_digest, state_digest};
+pub use crate::modelfile::{model_digest, state_digest};
+pub use export::{IMAGENET_MEAN, IMAGENET_STD, export};
 pub use net::Weights;
 /// Tiny configurations, a test loss and batches for other modules' tests.
 #[cfg(test)]

@@ -14,8 +14,8 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use sha2::{Digest, Sha256};
 
 use super::{Arch, Weights};
+use crate::fsutil::write_atomic;
 use crate::graph::{DType, Tensor};
-use crate::train::checkpoint::write_atomic;
 use crate::{Error, Result};
 
 /// Where an architecture's pretrained weights are published.

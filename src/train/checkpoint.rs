@@ -2,19 +2,19 @@
 //! trainer's JSON metadata in one safetensors file, written atomically and verified on load.
 //!
 //! The safetensors header's `__metadata__` holds `format` ([`CHECKPOINT_FORMAT`]), `digest`
-//! ([`state_digest`](crate::model::state_digest) of the tensors, so damage inside the data is
+//! ([`state_digest`](crate::modelfile::state_digest) of the tensors, so damage inside the data is
 //! caught, not only damage to the header) and `meta` (the caller's JSON, opaque here: step,
 //! sampler state, RNG state, ...).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ndarray::ArrayD;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use crate::fsutil::write_atomic;
 use crate::graph::Tensor;
-use crate::model::state_digest;
+use crate::modelfile::state_digest;
 use crate::{Error, Result};
 
 /// The `format` written into every checkpoint this build reads.
@@ -142,29 +142,6 @@ impl Checkpoint {
         problems.truncate(5);
         Err(damaged(path, format!("does not fit this model: {}{more}", problems.join("; "))))
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync, rename and directory fsync.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| damaged(path, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        let d = std::fs::File::open(&dir).map_err(|e| Error::io(&dir, e))?;
-        d.sync_all().map_err(|e| Error::io(&dir, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ fn build(dir: &Path, key: &ViewKey, images: &[RgbImage], prefix: &mut Runner, ba
     let same_key = read_json::<ViewKey>(&key_path).ok().as_ref() == Some(key);
     if !same_key {
         let _ = std::fs::remove_file(&partial);
-        crate::train::checkpoint::write_atomic(
+        crate::fsutil::write_atomic(
             &key_path,
             (serde_json::to_string_pretty(key).expect("key serialises") + "\n").as_bytes(),
         )?;
@@ -330,10 +330,7 @@ fn build(dir: &Path, key: &ViewKey, images: &[RgbImage], prefix: &mut Runner, ba
     drop(file);
     std::fs::rename(&partial, &views).map_err(|e| Error::io(&views, e))?;
     let c = Complete { bytes: key.bytes(n_images), sha256: file_sha256(&views)? };
-    crate::train::checkpoint::write_atomic(
-        &done,
-        (serde_json::to_string_pretty(&c).expect("serialises") + "\n").as_bytes(),
-    )?;
+    crate::fsutil::write_atomic(&done, (serde_json::to_string_pretty(&c).expect("serialises") + "\n").as_bytes())?;
     Ok((total - start, start))
 }
 

@@ -37,10 +37,10 @@ use sha2::{Digest, Sha256};
 
 use crate::catalogue::split::stable_hash;
 use crate::catalogue::{Manifest, Subset};
-use crate::encoder::ModelMeta;
 use crate::graph::import::{OnnxFile, import_err};
 use crate::graph::proto::{GraphProto, ModelProto};
 use crate::image::{Limits, Preprocess, batch_from_files, stack};
+use crate::modelfile::ModelMeta;
 use crate::runtime::RuntimeOptions;
 use crate::{Error, Result};
 use qdq::{activation_params, float_output, fold_batchnorms, fold_pads, op, plan, rewrite, share_pass_through_params};
@@ -408,7 +408,7 @@ pub fn quantize(
         cosine_min,
     };
 
-    let digest = crate::model::model_digest(out, &qbytes)?;
+    let digest = crate::modelfile::model_digest(out, &qbytes)?;
     let mut qmeta = meta.clone();
     qmeta.digest = digest;
     qmeta.extra.insert(
@@ -436,7 +436,7 @@ pub fn quantize(
             "check": { "images": cos.len(), "cosine_mean": cosine_mean, "cosine_min": cosine_min },
         }),
     );
-    crate::model::write_model(out, &qbytes, &qmeta)?;
+    crate::modelfile::write_model(out, &qbytes, &qmeta)?;
     Ok((qmeta, report))
 }
 

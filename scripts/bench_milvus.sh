@@ -4,6 +4,7 @@
 # `hiercon serve --index` and `hiercon serve --milvus`.
 #   BENCH_MILVUS_N (default 1000000) clustered vectors of width 128, M 16, ef_construction 200.
 # Results: bench/results/milvus-side-by-side.{md,json} (and the per-side files in .cache/bench-milvus).
+# Resumable: a side whose result file exists is not run again (BENCH_MILVUS_FRESH=1 reruns all).
 set -euo pipefail
 N=${BENCH_MILVUS_N:-1000000}
 M=${BENCH_MILVUS_M:-16}
@@ -21,8 +22,11 @@ trap stop EXIT
 syn=".cache/bench-index/synthetic-$N"
 [ -f "$syn/truth.json" ] || "$PY" bench/index_side_by_side.py data --dir "$syn" --n "$N"
 
+[ -z "${BENCH_MILVUS_FRESH:-}" ] || rm -f "$WORK/local-$N.json" "$WORK/milvus-$N.json" "$WORK"/load-*.json
+
 # hiercon's local index: the full `hiercon index` build path, then its serving figures.
 idx="$WORK/index-$N-m$M"
+if [ ! -f "$WORK/local-$N.json" ]; then
 rm -rf "$idx"
 RAYON_NUM_THREADS=$THREADS target/release/examples/bench_index build --dir "$syn" --index "$idx" --m "$M" \
   --ef-construction "$EFC" --out "$WORK/local-$N-build.json"
@@ -30,13 +34,14 @@ target/release/examples/bench_index graph-rss --index "$idx" --out "$WORK/local-
 RAYON_NUM_THREADS=1 target/release/examples/bench_index query --dir "$syn" --index "$idx" \
   --build "$WORK/local-$N-build.json" --graph-rss "$WORK/local-$N-graph.json" --out "$WORK/local-$N.json"
 rm -rf "$idx"
+fi
 
 # Milvus: a fresh server of its own.
 stop
 rm -rf "$SERVER"
 addr=$("$VPY" scripts/milvus.py start --data "$SERVER" --watch $$)
-target/release/examples/bench_milvus --dir "$syn" --address "$addr" --data "$SERVER" --m "$M" \
-  --ef-construction "$EFC" --out "$WORK/milvus-$N.json"
+[ -f "$WORK/milvus-$N.json" ] || target/release/examples/bench_milvus --dir "$syn" --address "$addr" \
+  --data "$SERVER" --m "$M" --ef-construction "$EFC" --out "$WORK/milvus-$N.json"
 
 # The emoji HTTP load test with each backend (same model, same queries, same server flags).
 loads=()

@@ -247,7 +247,7 @@ impl Service {
     /// The live local generation (`None` with the Milvus backend).
     pub fn local(&self) -> Option<Arc<Generation>> {
         match &self.backend {
-            Backend::Local { current, .. } => Some(current.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            Backend::Local { current, .. } => Some(live_generation(current)),
             Backend::Milvus(_) => None,
         }
     }
@@ -255,9 +255,7 @@ impl Service {
     /// The live index (with Milvus: its description, read again when stale).
     pub fn live(&self) -> Result<LiveIndex> {
         match &self.backend {
-            Backend::Local { current, .. } => {
-                Ok(LiveIndex::Local(current.read().unwrap_or_else(|e| e.into_inner()).clone()))
-            }
+            Backend::Local { current, .. } => Ok(LiveIndex::Local(live_generation(current))),
             Backend::Milvus(m) => Ok(LiveIndex::Milvus(Box::new(self.milvus_live(m, false)?))),
         }
     }
@@ -302,7 +300,7 @@ impl Service {
                 return Ok(ReloadOutcome { previous, current: live.collection, changed });
             }
         };
-        let previous = current.read().unwrap_or_else(|e| e.into_inner()).name();
+        let previous = live_generation(current).name();
         let name = root.current()?.ok_or_else(|| Error::NoLiveGeneration { path: root.root.clone() })?;
         if name == previous {
             return Ok(ReloadOutcome { current: name, previous, changed: false });
@@ -346,7 +344,7 @@ impl Service {
             Ok(ef)
         };
         let g = match &self.backend {
-            Backend::Local { current, .. } => current.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            Backend::Local { current, .. } => live_generation(current),
             Backend::Milvus(m) => {
                 if planning.exact_below_rows == usize::MAX {
                     return Err(Error::InvalidArgument {
@@ -393,7 +391,7 @@ impl Service {
     pub fn allowed(&self, filter: &Filter) -> Result<usize> {
         match &self.backend {
             Backend::Local { current, .. } => {
-                let g = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let g = live_generation(current);
                 Ok(match g.labels.allowed(filter) {
                     crate::index::filter::Allowed::All => g.items.len(),
                     crate::index::filter::Allowed::Rows(r) => r.len(),
@@ -407,7 +405,7 @@ impl Service {
     pub fn item(&self, id: &str) -> Result<Option<ItemRecord>> {
         match &self.backend {
             Backend::Local { current, .. } => {
-                let g = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let g = live_generation(current);
                 Ok(g.row_of(id).map(|r| g.item(r).clone()))
             }
             Backend::Milvus(m) => m.item(&self.milvus_live(m, false)?, id),
@@ -418,7 +416,7 @@ impl Service {
     pub fn item_embedding(&self, id: &str) -> Result<Option<Vec<f32>>> {
         match &self.backend {
             Backend::Local { current, .. } => {
-                let g = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let g = live_generation(current);
                 Ok(g.row_of(id).map(|r| g.exact.vector(r).to_vec()))
             }
             Backend::Milvus(m) => m.item_embedding(&self.milvus_live(m, false)?, id),
@@ -429,7 +427,7 @@ impl Service {
     pub fn image(&self, id: &str) -> Result<Option<(PathBuf, String)>> {
         match &self.backend {
             Backend::Local { current, .. } => {
-                let g = current.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let g = live_generation(current);
                 Ok(g.row_of(id).map(|r| (g.image_path(r), g.item(r).sha256.clone())))
             }
             Backend::Milvus(m) => {
@@ -438,6 +436,11 @@ impl Service {
             }
         }
     }
+}
+
+/// The local live generation (a clone of the `Arc`; the lock is held for the clone only).
+fn live_generation(current: &RwLock<Arc<Generation>>) -> Arc<Generation> {
+    current.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// A hit as the API shows it.

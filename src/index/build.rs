@@ -516,7 +516,7 @@ fn plan(root: &IndexDir, cfg: &IndexConfig, e: &Embedded) -> Plan {
 /// writes it, verifies it from disk and switches CURRENT to it. The caller holds the lock.
 pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Result<IndexOutcome> {
     cfg.validate()?;
-    let mut laps = Laps { clock: Instant::now(), seconds: Vec::new() };
+    let mut laps = Laps::start();
     let plan = plan(root, cfg, &e);
     laps.lap("plan");
     let (n, dir) = root.create_next()?;
@@ -644,14 +644,20 @@ pub fn write_and_switch(root: &IndexDir, cfg: &IndexConfig, e: Embedded) -> Resu
     })
 }
 
-/// Wall seconds per phase.
-struct Laps {
+/// Wall seconds per phase (`hiercon index`, local or into Milvus).
+pub(crate) struct Laps {
     clock: Instant,
-    seconds: Vec<(&'static str, f64)>,
+    pub(crate) seconds: Vec<(&'static str, f64)>,
 }
 
 impl Laps {
-    fn lap(&mut self, name: &'static str) {
+    /// Starts the first phase now.
+    pub(crate) fn start() -> Self {
+        Laps { clock: Instant::now(), seconds: Vec::new() }
+    }
+
+    /// Ends the phase `name` now and starts the next.
+    pub(crate) fn lap(&mut self, name: &'static str) {
         self.seconds.push((name, self.clock.elapsed().as_secs_f64()));
         self.clock = Instant::now();
     }

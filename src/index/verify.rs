@@ -27,6 +27,7 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::exact::ExactIndex;
 use super::store::Generation;
 use super::{AnnIndex, Hit};
 
@@ -132,16 +133,16 @@ fn self_check(g: &Generation, row: u32, identical: usize, ef: usize) -> SelfChec
 
 /// Recall@k of HNSW against exact search over `queries` rows (tie-aware, see module docs).
 pub fn recall_at_k(g: &Generation, queries: &[u32], k: usize, ef: usize) -> f64 {
-    recall_against(g, &exact_kth(g, queries, k), queries, k, ef)
+    recall_against(g, &exact_kth(&g.exact, queries, k), queries, k, ef)
 }
 
 /// The exact k-th best score of each query row (computed once, reused at every `ef` tried).
-fn exact_kth(g: &Generation, queries: &[u32], k: usize) -> Vec<f32> {
-    let k = k.min(g.items.len());
+pub(crate) fn exact_kth(exact: &ExactIndex, queries: &[u32], k: usize) -> Vec<f32> {
+    let k = k.min(exact.len());
     if k == 0 {
         return Vec::new();
     }
-    queries.par_iter().map(|&r| g.exact.search(g.exact.vector(r), k, 0, None)[k - 1].score).collect()
+    queries.par_iter().map(|&r| exact.search(exact.vector(r), k, 0, None)[k - 1].score).collect()
 }
 
 fn recall_against(g: &Generation, kth: &[f32], queries: &[u32], k: usize, ef: usize) -> f64 {
@@ -171,7 +172,7 @@ pub fn verify(g: &Generation, cfg: &VerifyConfig, self_rows: Option<&[u32]>) -> 
     let sample: Vec<u32> =
         rand::seq::index::sample(&mut rng, n, cfg.recall_sample.min(n)).into_iter().map(|i| i as u32).collect();
     let mut ef = g.meta.ef_search;
-    let kth = exact_kth(g, &sample, cfg.recall_k);
+    let kth = exact_kth(&g.exact, &sample, cfg.recall_k);
     let mut recall = recall_against(g, &kth, &sample, cfg.recall_k, ef);
     let mut ef_tried = vec![(ef, recall)];
     while recall < cfg.min_recall && ef < cfg.max_ef {

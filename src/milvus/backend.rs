@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use super::client::Client;
 use super::collection::{self, CollectionMeta, HIT_FIELDS};
-use super::index::{live_collection, search_params};
+use super::index::{live_collection, read_rows, search_params};
 use super::proto::schema;
 use crate::index::Answer;
 use crate::index::filter::{Filter, GroupBy, normalize_category};
+use crate::index::query::normalized_query;
 use crate::index::store::ItemRecord;
 use crate::{Error, Result};
 
@@ -152,11 +153,7 @@ impl MilvusBackend {
         filter: &Filter,
         group_by: Option<GroupBy>,
     ) -> Result<Ranked> {
-        if embedding.len() != live.meta.dim {
-            return Err(Error::WrongVectorDimension { expected: live.meta.dim, received: embedding.len() });
-        }
-        let norm = embedding.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let q: Vec<f32> = if norm > 0.0 { embedding.iter().map(|x| x / norm).collect() } else { embedding.to_vec() };
+        let q = normalized_query(embedding, live.meta.dim)?;
         let expr = collection::expression(filter);
         let allowed = if expr.is_empty() { live.meta.count } else { self.count(live, &expr)? };
         let mut fetch = match group_by {
@@ -219,28 +216,10 @@ impl MilvusBackend {
         Ok((v.len() == live.meta.dim).then_some(v))
     }
 
-    /// Every row matching `expr`, in row order: the items and their vectors (row-major). Read in
-    /// pages of 4,096 rows (eval reads a whole split this way).
+    /// Every row matching `expr`, in row order: the items and their vectors (row-major), read in
+    /// pages (eval reads a whole split this way).
     pub fn rows(&self, live: &Live, expr: &str) -> Result<(Vec<ItemRecord>, Vec<f32>)> {
-        let (mut records, mut vectors) = (Vec::new(), Vec::new());
-        for start in (0..live.meta.count).step_by(4096) {
-            let page = format!("row >= {start} and row < {} and ({expr})", start + 4096);
-            let fields = self.client.query(&live.collection, &page, &["row", "item", collection::VECTOR], None)?;
-            let rows = collection::long_column(&fields, "row")?;
-            let items = collection::item_column(&fields)?;
-            let vecs = if rows.is_empty() { Vec::new() } else { collection::vector_column(&fields)? };
-            let dim = live.meta.dim;
-            if items.len() != rows.len() || vecs.len() != rows.len() * dim {
-                return Err(Error::Milvus { op: "query", reason: "columns of different lengths".into() });
-            }
-            let mut order: Vec<usize> = (0..rows.len()).collect();
-            order.sort_by_key(|&i| rows[i]);
-            for i in order {
-                records.push(items[i].clone());
-                vectors.extend_from_slice(&vecs[i * dim..(i + 1) * dim]);
-            }
-        }
-        Ok((records, vectors))
+        read_rows(&self.client, &live.collection, &live.meta, expr)
     }
 
     /// A cheap liveness check.

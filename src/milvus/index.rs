@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ndarray::Array2;
@@ -21,12 +22,11 @@ use super::proto::common::{IndexState, LoadState};
 use crate::catalogue::Split;
 use crate::encoder::Encoder;
 use crate::image::Limits;
-use crate::index::AnnIndex;
-use crate::index::build::{EmbeddingCache, embed_items, read_manifest_items, short_digest};
+use crate::index::build::{EmbeddingCache, Laps, embed_items, read_manifest_items, short_digest};
 use crate::index::exact::{ExactIndex, dot};
 use crate::index::hnsw::HnswParams;
 use crate::index::store::{ItemRecord, ModelInfo};
-use crate::index::verify::{TIE_EPS, VerifyConfig};
+use crate::index::verify::{TIE_EPS, VerifyConfig, exact_kth};
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -176,29 +176,40 @@ pub fn live_collection(client: &Client, alias: &str) -> Result<Option<(String, C
 /// Rows read back per query call.
 const PAGE: usize = 4096;
 
-/// Every row's image hash and vector, in row order (the embedding cache of the next run).
-fn read_vectors(client: &Client, name: &str, meta: &CollectionMeta) -> Result<(Vec<String>, Array2<f32>)> {
-    let mut hashes = Vec::with_capacity(meta.count);
-    let mut data = Vec::with_capacity(meta.count * meta.dim);
+/// Every row of collection `name` matching `expr` (`""`: all), in row order: the items and their
+/// vectors (row-major). Read in pages of [`PAGE`] rows; the embedding cache of the next run and
+/// `eval --milvus` read it this way.
+pub fn read_rows(
+    client: &Client,
+    name: &str,
+    meta: &CollectionMeta,
+    expr: &str,
+) -> Result<(Vec<ItemRecord>, Vec<f32>)> {
+    let dim = meta.dim;
+    let (mut records, mut vectors) = (Vec::new(), Vec::new());
     for start in (0..meta.count).step_by(PAGE) {
-        let expr = format!("row >= {start} and row < {}", start + PAGE);
-        let fields = client.query(name, &expr, &["row", "sha256", VECTOR], None)?;
+        let mut page = format!("row >= {start} and row < {}", start + PAGE);
+        if !expr.is_empty() {
+            page = format!("{page} and ({expr})");
+        }
+        let fields = client.query(name, &page, &["row", "item", VECTOR], None)?;
         let rows = collection::long_column(&fields, "row")?;
-        let sha = collection::string_column(&fields, "sha256")?;
-        let vec = collection::vector_column(&fields)?;
+        let items = collection::item_column(&fields)?;
+        let vecs = if rows.is_empty() { Vec::new() } else { collection::vector_column(&fields)? };
+        if items.len() != rows.len() || vecs.len() != rows.len() * dim {
+            return Err(Error::MilvusCollection {
+                collection: name.into(),
+                reason: "columns of different lengths (vectors of another width than its metadata says?)".into(),
+            });
+        }
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| rows[i]);
         for i in order {
-            hashes.push(sha[i].clone());
-            data.extend_from_slice(&vec[i * meta.dim..(i + 1) * meta.dim]);
+            records.push(items[i].clone());
+            vectors.extend_from_slice(&vecs[i * dim..(i + 1) * dim]);
         }
     }
-    let n = hashes.len();
-    let emb = Array2::from_shape_vec((n, meta.dim), data).map_err(|_| Error::MilvusCollection {
-        collection: name.into(),
-        reason: "vectors of another width than its metadata says".into(),
-    })?;
-    Ok((hashes, emb))
+    Ok((records, vectors))
 }
 
 /// sha256 over the rows as a run would write them.
@@ -222,12 +233,7 @@ fn now_unix() -> u64 {
 #[tracing::instrument(skip(cfg, encoder), fields(alias = %cfg.alias, model = %short_digest(encoder.digest())))]
 pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndexOutcome> {
     cfg.validate()?;
-    let mut laps = Vec::new();
-    let mut clock = Instant::now();
-    let mut lap = |name: &'static str, laps: &mut Vec<(&'static str, f64)>| {
-        laps.push((name, clock.elapsed().as_secs_f64()));
-        clock = Instant::now();
-    };
+    let mut laps = Laps::start();
     let client = Client::new(&cfg.address, cfg.timeout)?;
     let version = client.version()?;
     tracing::info!(address = %cfg.address, %version, "connected to Milvus");
@@ -237,7 +243,9 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     let live = live_collection(&client, &cfg.alias)?;
     let cache = match &live {
         Some((name, meta)) if meta.model.digest == encoder.digest() && meta.dim == encoder.dim() => {
-            let (hashes, emb) = read_vectors(&client, name, meta)?;
+            let (records, vectors) = read_rows(&client, name, meta, "")?;
+            let hashes: Vec<String> = records.into_iter().map(|r| r.sha256).collect();
+            let emb = Array2::from_shape_vec((hashes.len(), meta.dim), vectors).expect("rows of width dim");
             tracing::info!(collection = %name, rows = hashes.len(), "reusing the live collection's embeddings");
             EmbeddingCache::from_rows(&hashes, emb)
         }
@@ -249,8 +257,10 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     };
     tracing::info!(items = items.len(), "phase: embedding");
     let (records, embeddings, stats) = embed_items(&items, &image_root, encoder, &cache, cfg.batch_size, &cfg.limits)?;
+    // Shared with verification's exact scan, never copied.
+    let embeddings = Arc::new(embeddings);
     drop(cache);
-    lap("embed", &mut laps);
+    laps.lap("embed");
     if records.is_empty() {
         return Err(Error::EmptyIndex { reason: format!("none of the {} images could be read", items.len()) });
     }
@@ -275,15 +285,10 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
         && meta.image_root == image_root
     {
         tracing::info!(collection = %name, "nothing changed: the live collection already holds these rows; nothing written");
-        return Ok(outcome(name.clone(), false, None, Vec::new(), laps));
+        return Ok(outcome(name.clone(), false, None, Vec::new(), laps.seconds));
     }
     // The next generation number: above every generation of this alias, live or left over.
-    let existing: Vec<(u64, String)> = client
-        .collections()?
-        .into_iter()
-        .filter_map(|c| collection::generation_of(&cfg.alias, &c).map(|n| (n, c)))
-        .collect();
-    let n = existing.iter().map(|(n, _)| *n).max().unwrap_or(0) + 1;
+    let n = generations(&client, &cfg.alias)?.last().map_or(0, |(n, _)| *n) + 1;
     let name = collection::collection_name(&cfg.alias, n);
     let dim = embeddings.ncols();
     let mut meta = CollectionMeta {
@@ -306,16 +311,16 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     client.create_collection(&name, &collection::schema(&name, &meta)?, 1)?;
     insert_all(&client, &name, &records, &embeddings)?;
     client.flush(&name)?;
-    lap("insert", &mut laps);
+    laps.lap("insert");
     tracing::info!(collection = %name, m = cfg.hnsw.m, ef_construction = cfg.hnsw.ef_construction, "phase: HNSW index");
     client.create_index(&name, VECTOR, collection::index_params(&cfg.hnsw))?;
     wait_index(&client, &name, records.len(), cfg.build_timeout)?;
     client.load(&name, cfg.replicas)?;
     wait_loaded(&client, &name, cfg.build_timeout)?;
-    lap("index+load", &mut laps);
+    laps.lap("index+load");
     tracing::info!(collection = %name, "phase: verification");
     let report = verify(&client, &name, &records, &embeddings, cfg)?;
-    lap("verify", &mut laps);
+    laps.lap("verify");
     if !report.passed {
         // Free its memory; the collection stays for inspection until a later run drops it.
         let _ = client.release(&name);
@@ -338,8 +343,8 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     client.point_alias(&cfg.alias, &name, live.is_some())?;
     tracing::info!(alias = %cfg.alias, collection = %name, previous = ?previous, "alias switched");
     let dropped = gc(&client, &cfg.alias, n, previous.as_deref(), cfg.keep);
-    lap("switch+gc", &mut laps);
-    Ok(outcome(name, true, Some(report), dropped, laps))
+    laps.lap("switch+gc");
+    Ok(outcome(name, true, Some(report), dropped, laps.seconds))
 }
 
 /// Inserts every row in calls of about 8 MB.
@@ -431,7 +436,7 @@ fn verify(
     client: &Client,
     name: &str,
     records: &[ItemRecord],
-    emb: &Array2<f32>,
+    emb: &Arc<Array2<f32>>,
     cfg: &MilvusIndexConfig,
 ) -> Result<MilvusVerify> {
     let v = &cfg.verify;
@@ -457,12 +462,10 @@ fn verify(
     let sample: Vec<usize> = rand::seq::index::sample(&mut rng, n, v.recall_sample.min(n)).into_iter().collect();
     report.recall_queries = sample.len();
     let k = report.recall_k;
-    let data = std::sync::Arc::new(emb.clone());
-    let exact = ExactIndex::new(data);
-    use rayon::prelude::*;
-    let kth: Vec<f32> =
-        sample.par_iter().map(|&r| exact.search(exact.vector(r as u32), k, 0, None)[k - 1].score).collect();
-    let queries: Vec<&[f32]> = sample.iter().map(|&r| exact.vector(r as u32)).collect();
+    let exact = ExactIndex::new(emb.clone());
+    let sample_rows: Vec<u32> = sample.iter().map(|&r| r as u32).collect();
+    let kth = exact_kth(&exact, &sample_rows, k);
+    let queries: Vec<&[f32]> = sample_rows.iter().map(|&r| exact.vector(r)).collect();
     let mut ef = cfg.ef_search;
     loop {
         let hits = search_ids(client, name, &queries, k, ef)?;
@@ -505,21 +508,29 @@ fn verify(
     Ok(report)
 }
 
+/// The collections that are generations of `alias`, oldest first.
+fn generations(client: &Client, alias: &str) -> Result<Vec<(u64, String)>> {
+    let mut gens: Vec<(u64, String)> = client
+        .collections()?
+        .into_iter()
+        .filter_map(|c| collection::generation_of(alias, &c).map(|n| (n, c)))
+        .collect();
+    gens.sort();
+    Ok(gens)
+}
+
 /// Drops old generations of `alias`: keeps `live`, `previous` (the one live before, kept loaded
 /// for an instant rollback) and the `keep - 1` newest generations older than `previous`
 /// (released); drops the rest, which includes leftovers of failed runs newer than `previous`.
 /// Failures are logged, never fatal: the switch has happened. One index run per alias at a time.
 fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usize) -> Vec<String> {
-    let all = match client.collections() {
-        Ok(c) => c,
+    let gens = match generations(client, alias) {
+        Ok(g) => g,
         Err(e) => {
             tracing::warn!("cannot list collections to drop old generations: {e}");
             return Vec::new();
         }
     };
-    let mut gens: Vec<(u64, String)> =
-        all.into_iter().filter_map(|c| collection::generation_of(alias, &c).map(|n| (n, c))).collect();
-    gens.sort();
     let prev_n = previous.and_then(|p| collection::generation_of(alias, p));
     let mut kept = 0;
     let mut dropped = Vec::new();

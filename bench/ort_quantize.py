@@ -5,9 +5,16 @@ hiercon int8 model (the ids its `.json` records), decoded and resized by PIL.
 
     python bench/ort_quantize.py quantize FLOAT.onnx HIERCON_INT8.json MANIFEST OUT.onnx
     python bench/ort_quantize.py time MODEL.onnx [MODEL.onnx ...] --size 128 --batch 64 --rounds 5
+    python bench/ort_quantize.py embed MODEL.onnx MANIFEST --size 128 [--no-draft]
 
 `time` runs each model with 2 intra-op threads on a fixed random batch, interleaved over rounds,
 and prints one JSON line per model: images/s (median of the rounds).
+
+`embed` is the end-to-end anchor of a catalogue embedding: every image of MANIFEST read and
+decoded by PIL (JPEGs in draft mode: PIL's DCT-scaled decoding to at least the model's size,
+unless --no-draft), the shorter side resized to --size (bilinear), centre-cropped, normalised
+with ImageNet's mean and std, 64 at a time through the model (2 intra-op threads); one JSON
+line: images, seconds, images/s.
 """
 
 import argparse
@@ -97,6 +104,45 @@ def timing(args):
         print(json.dumps({"model": m, "batch": args.batch, "images_per_s": statistics.median(r), "rounds": r}))
 
 
+def embed(args):
+    from PIL import Image
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    mean = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    root = os.path.dirname(os.path.abspath(args.manifest))
+    with open(args.manifest) as f:
+        paths = [os.path.join(root, json.loads(line)["image"]) for line in f if line.strip()]
+    size = args.size
+    t = time.perf_counter()
+    batch, n = [], 0
+    for i, path in enumerate(paths):
+        img = Image.open(path)
+        if img.format == "JPEG" and not args.no_draft:
+            img.draft("RGB", (size, size))
+        if img.mode in ("RGBA", "LA", "P"):
+            img = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+        img = img.convert("RGB")
+        w, h = img.size
+        rw, rh = (size, size * h // w) if w <= h else (size * w // h, size)
+        img = img.resize((rw, rh), Image.BILINEAR)
+        left, top = round((rw - size) / 2), round((rh - size) / 2)
+        img = img.crop((left, top, left + size, top + size))
+        x = (np.asarray(img, dtype=np.float32) / 255.0 - mean) / std
+        batch.append(x.transpose(2, 0, 1))
+        if len(batch) == 64 or i == len(paths) - 1:
+            session.run(None, {name: np.stack(batch)})
+            n += len(batch)
+            batch = []
+    seconds = time.perf_counter() - t
+    print(json.dumps({"model": args.model, "manifest": args.manifest, "draft": not args.no_draft,
+                      "images": n, "seconds": seconds, "images_per_s": n / seconds}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -112,8 +158,14 @@ def main():
     t.add_argument("--rounds", type=int, default=5)
     t.add_argument("--seconds", type=float, default=2.0)
     t.add_argument("--threads", type=int, default=2)
+    e = sub.add_parser("embed")
+    e.add_argument("model")
+    e.add_argument("manifest")
+    e.add_argument("--size", type=int, default=128)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--no-draft", action="store_true")
     args = p.parse_args()
-    quantize(args) if args.cmd == "quantize" else timing(args)
+    {"quantize": quantize, "time": timing, "embed": embed}[args.cmd](args)
 
 
 if __name__ == "__main__":

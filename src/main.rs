@@ -40,6 +40,11 @@ struct GlobalArgs {
     /// kernels (about 10% faster per step; the step graph is then not standard ONNX).
     #[arg(long, global = true, env = "HIERCON_CPU_NCHWC")]
     cpu_nchwc: bool,
+    /// ONNX Runtime's threads sleep between calls instead of spinning for work: frees the cores
+    /// for image preparation running beside the model (`index`, `eval`); costs latency when
+    /// calls come back to back.
+    #[arg(long, global = true, env = "HIERCON_NO_SPINNING")]
+    no_spinning: bool,
     /// Log lines on stderr: `text` (colours only when stderr is a terminal and NO_COLOR is unset)
     /// or `json` (one JSON object a line, for log collectors). RUST_LOG picks what is logged.
     #[arg(long, global = true, default_value = "text", env = "HIERCON_LOG_FORMAT")]
@@ -136,8 +141,12 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let rt_opts =
-        RuntimeOptions { device: cli.global.device, threads: cli.global.threads, cpu_nchwc: cli.global.cpu_nchwc };
+    let rt_opts = RuntimeOptions {
+        device: cli.global.device,
+        threads: cli.global.threads,
+        cpu_nchwc: cli.global.cpu_nchwc,
+        no_spinning: cli.global.no_spinning,
+    };
     match cli.command {
         Command::Runtime => {
             let rt = runtime::init()?;

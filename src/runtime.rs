@@ -48,6 +48,9 @@ pub struct RuntimeOptions {
     /// CPU training steps: write dense convolutions on ORT's NCHWc kernels
     /// (`graph::GradOptions::cpu_nchwc`; not standard ONNX, so off by default).
     pub cpu_nchwc: bool,
+    /// ONNX Runtime's worker threads sleep when a call ends instead of spinning for more work:
+    /// the cores go to whatever runs beside the model (image preparation while indexing).
+    pub no_spinning: bool,
 }
 
 /// The loaded library: where it came from and its version.
@@ -176,6 +179,10 @@ impl Runtime {
             .map_err(|e| Error::ort("setting optimization level", e))?;
         if opts.threads > 0 {
             b = b.with_intra_threads(opts.threads).map_err(|e| Error::ort("setting intra-op threads", e))?;
+        }
+        if opts.no_spinning {
+            b = b.with_intra_op_spinning(false).map_err(|e| Error::ort("turning off intra-op spinning", e))?;
+            b = b.with_inter_op_spinning(false).map_err(|e| Error::ort("turning off inter-op spinning", e))?;
         }
         match opts.device {
             Device::Cpu => Ok(b),

@@ -373,8 +373,7 @@ impl Service {
     /// Decodes, preprocesses and embeds one image.
     #[instrument(skip(self, image), fields(bytes = image.len()))]
     pub fn embed_image(&self, image: &[u8]) -> Result<Vec<f32>> {
-        let decoded = img::decode(image, &self.config.limits)?;
-        let t = img::to_tensor(&decoded, self.encoder.preprocess());
+        let t = img::tensor_from_bytes(image, self.encoder.preprocess(), &self.config.limits)?;
         let batch = t.insert_axis(ndarray::Axis(0));
         let emb = self.encoder.embed(batch.view())?;
         Ok(emb.row(0).to_vec())

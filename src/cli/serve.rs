@@ -78,6 +78,10 @@ pub(crate) struct ServeArgs {
     /// (`--threads` is per session; e.g. 4 sessions x 4 threads on 16 cores).
     #[arg(long, default_value_t = 1, env = "HIERCON_SESSIONS")]
     pub(crate) sessions: usize,
+    /// Decode every pixel of every JPEG (default: a JPEG at least twice the model's input size
+    /// is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, several times faster on photos).
+    #[arg(long, env = "HIERCON_FULL_JPEG_DECODE")]
+    pub(crate) full_jpeg_decode: bool,
     /// Use the deterministic test encoder of this width instead of a model (tests only).
     #[arg(long, hide = true)]
     pub(crate) test_encoder: Option<usize>,
@@ -115,6 +119,7 @@ impl ServeArgs {
         cfg.max_body_bytes = self.max_body_bytes;
         cfg.search.limits.max_bytes = self.max_body_bytes;
         cfg.search.limits.max_pixels = self.max_pixels;
+        cfg.search.limits.jpeg_dct_scaling = !self.full_jpeg_decode;
         cfg.decode_timeout = std::time::Duration::from_millis(self.decode_timeout_ms);
         cfg.max_k = self.max_k;
         cfg.sessions = self.sessions;

@@ -11,7 +11,8 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use super::preprocess::{FILTER, Preprocess, normalise, unit_chw};
+use super::preprocess::{Preprocess, normalise, unit_chw};
+use super::resize::resize_triangle;
 use crate::{Error, Result};
 
 /// Random augmentation settings (torchvision's `RandomResizedCrop`, `RandomHorizontalFlip`,
@@ -124,7 +125,7 @@ pub fn augment(img: &RgbImage, a: &Augment, p: &Preprocess, rng: &mut ChaCha8Rng
     let mut view = if (b.width, b.height) == (size, size) {
         crop.to_image()
     } else {
-        imageops::resize(&*crop, size, size, FILTER)
+        resize_triangle(&crop.to_image(), size, size)
     };
     if rng.random::<f32>() < a.flip_p {
         imageops::flip_horizontal_in_place(&mut view);

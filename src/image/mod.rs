@@ -10,13 +10,15 @@
 mod augment;
 mod decode;
 mod preprocess;
+mod resize;
 
 pub use augment::{Augment, CropBox, augment, sample_crop};
-pub use decode::{Limits, PixelLimit, decode, decode_file};
+pub use decode::{Limits, PixelLimit, decode, decode_file, decode_file_for, decode_for};
 pub use preprocess::{
     FILTER, IMAGENET_MEAN, IMAGENET_STD, Preprocess, batch_from_bytes, batch_from_files, stack, tensor_from_bytes,
     to_tensor,
 };
+pub use resize::resize_triangle;
 
 #[cfg(test)]
 mod test_images {

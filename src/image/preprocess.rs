@@ -6,11 +6,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 
 use ::image::RgbImage;
-use ::image::imageops::{self, FilterType};
+use ::image::imageops::FilterType;
 use ndarray::{Array3, Array4, Axis};
 use rayon::prelude::*;
 
-use super::decode::{Limits, decode, decode_file};
+use super::decode::{Limits, decode_file_for, decode_for};
+use super::resize::resize_triangle;
 use crate::{Error, Result};
 
 /// ImageNet channel means (RGB), on the 0..1 scale.
@@ -21,6 +22,7 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// The resampling filter: triangle (bilinear) with its support widened by the scale factor
 /// when shrinking, i.e. antialiased — the same weights as PIL's `BILINEAR` resize, which is
 /// what torchvision's `Resize` applies to PIL images, so tensors match a PyTorch pipeline's.
+/// [`to_tensor`] and the training views compute it with [`resize_triangle`] (the same result).
 pub const FILTER: FilterType = FilterType::Triangle;
 
 /// How an image becomes a model input: `size` x `size`, normalised per channel.
@@ -70,8 +72,7 @@ pub fn to_tensor(img: &RgbImage, p: &Preprocess) -> Array3<f32> {
         return Array3::zeros((3, size as usize, size as usize));
     }
     let (rw, rh) = shorter_side_to(w, h, size);
-    let resized =
-        if (rw, rh) == (w, h) { Cow::Borrowed(img) } else { Cow::Owned(imageops::resize(img, rw, rh, FILTER)) };
+    let resized = if (rw, rh) == (w, h) { Cow::Borrowed(img) } else { Cow::Owned(resize_triangle(img, rw, rh)) };
     let (left, top) = (centre_offset(rw, size), centre_offset(rh, size));
     normalised_chw(&resized, left, top, size, p)
 }
@@ -111,15 +112,35 @@ pub(crate) fn normalise(t: &mut Array3<f32>, p: &Preprocess) {
     }
 }
 
+/// [`unit_chw`] then [`normalise`] in one pass over the rows: each channel's 256 possible
+/// values are computed once, with the same f32 operations (`(v / 255 - mean) / std`), so the
+/// result is the two-step one bit for bit.
 fn normalised_chw(img: &RgbImage, left: u32, top: u32, size: u32, p: &Preprocess) -> Array3<f32> {
-    let mut t = unit_chw(img, left, top, size);
-    normalise(&mut t, p);
-    t
+    let table: [[f32; 256]; 3] =
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - p.mean[c]) / p.std[c]));
+    let s = size as usize;
+    let (w, raw) = (img.width() as usize, img.as_raw());
+    let mut out = vec![0f32; 3 * s * s];
+    let (r, rest) = out.split_at_mut(s * s);
+    let (g, b) = rest.split_at_mut(s * s);
+    for y in 0..s {
+        let start = ((top as usize + y) * w + left as usize) * 3;
+        let row = &raw[start..start + 3 * s];
+        let (r, g, b) = (&mut r[y * s..(y + 1) * s], &mut g[y * s..(y + 1) * s], &mut b[y * s..(y + 1) * s]);
+        for (x, px) in row.chunks_exact(3).enumerate() {
+            r[x] = table[0][px[0] as usize];
+            g[x] = table[1][px[1] as usize];
+            b[x] = table[2][px[2] as usize];
+        }
+    }
+    Array3::from_shape_vec((3, s, s), out).expect("3 planes of size x size")
 }
 
-/// Decodes one image and preprocesses it.
+/// Decodes one image and preprocesses it: the model-input path of serving, indexing, evaluation
+/// and calibration ([`decode_for`] at the model's size, so a large JPEG is decoded reduced when
+/// `limits` allow it).
 pub fn tensor_from_bytes(bytes: &[u8], p: &Preprocess, limits: &Limits) -> Result<Array3<f32>> {
-    decode(bytes, limits).map(|img| to_tensor(&img, p))
+    decode_for(bytes, limits, p.size).map(|img| to_tensor(&img, p))
 }
 
 /// Decodes the images in parallel (rayon); slot `i` holds item `i`'s tensor or its own error.
@@ -128,9 +149,12 @@ pub fn batch_from_bytes(items: &[&[u8]], p: &Preprocess, limits: &Limits) -> Vec
     items.par_iter().map(|bytes| guarded(|| tensor_from_bytes(bytes, p, limits))).collect()
 }
 
-/// As [`batch_from_bytes`], reading each file ([`decode_file`]).
+/// As [`batch_from_bytes`], reading each file ([`decode_file_for`]).
 pub fn batch_from_files(paths: &[PathBuf], p: &Preprocess, limits: &Limits) -> Vec<Result<Array3<f32>>> {
-    paths.par_iter().map(|path| guarded(|| decode_file(path, limits).map(|img| to_tensor(&img, p)))).collect()
+    paths
+        .par_iter()
+        .map(|path| guarded(|| decode_file_for(path, limits, p.size).map(|img| to_tensor(&img, p))))
+        .collect()
 }
 
 /// Runs one item's work, turning a panic into that item's error.
@@ -176,6 +200,18 @@ mod tests {
         assert_eq!(got.len(), want.len());
         for (i, (g, w)) in got.iter().zip(want).enumerate() {
             assert!((f64::from(*g) - w).abs() <= tol, "element {i}: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn one_pass_normalisation_equals_the_two_steps_bit_for_bit() {
+        let img = noise(37, 29);
+        let p = Preprocess { size: 21, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+        for (left, top) in [(0, 0), (16, 8), (5, 3)] {
+            let mut want = unit_chw(&img, left, top, 21);
+            normalise(&mut want, &p);
+            let got = normalised_chw(&img, left, top, 21, &p);
+            assert!(got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits()), "at ({left}, {top})");
         }
     }
 

@@ -274,7 +274,7 @@ pub fn embed_items<'a>(
         let decoded: Vec<(String, std::result::Result<ndarray::Array3<f32>, String>)> = pending
             .par_iter()
             .map(|(h, bytes)| {
-                let t = img::decode(bytes, limits).map(|decoded| img::to_tensor(&decoded, encoder.preprocess()));
+                let t = img::tensor_from_bytes(bytes, encoder.preprocess(), limits);
                 (h.to_string(), t.map_err(|e| e.to_string()))
             })
             .collect();

@@ -154,14 +154,13 @@ fn decode_jpeg_scaled(bytes: &[u8], limits: &Limits, min_side: u32) -> Option<Rg
         return None;
     }
     let want = (width.div_ceil(d), height.div_ceil(d));
-    let budget = limits.max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).saturating_add(DECODER_HEADROOM_BYTES);
-    decoder.set_max_decoding_buffer_size(usize::try_from(budget).unwrap_or(usize::MAX));
+    decoder.set_max_decoding_buffer_size(usize::try_from(alloc_budget(limits)).unwrap_or(usize::MAX));
     let (w, h) = decoder.scale(u16::try_from(want.0).ok()?, u16::try_from(want.1).ok()?).ok()?;
     if (u32::from(w), u32::from(h)) != want {
         return None;
     }
     let pixels = decoder.decode().ok()?;
-    let image = match info.pixel_format {
+    let mut image = match info.pixel_format {
         PixelFormat::RGB24 => DynamicImage::ImageRgb8(RgbImage::from_raw(want.0, want.1, pixels)?),
         _ => DynamicImage::ImageLuma8(::image::GrayImage::from_raw(want.0, want.1, pixels)?),
     };
@@ -169,7 +168,6 @@ fn decode_jpeg_scaled(bytes: &[u8], limits: &Limits, min_side: u32) -> Option<Rg
         .exif_data()
         .and_then(::image::metadata::Orientation::from_exif_chunk)
         .unwrap_or(::image::metadata::Orientation::NoTransforms);
-    let mut image = image;
     image.apply_orientation(orientation);
     Some(image.into_rgb8())
 }
@@ -200,8 +198,7 @@ fn mime(format: ImageFormat) -> &'static str {
 
 fn decode_sniffed(bytes: &[u8], format: ImageFormat, limits: &Limits) -> Result<RgbImage> {
     let fail = |err: ImageError| Error::ImageDecode { reason: format!("{}: {err}", mime(format)) };
-    let alloc_budget =
-        limits.max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).saturating_add(DECODER_HEADROOM_BYTES);
+    let alloc_budget = alloc_budget(limits);
 
     // Read the header with a memory budget but no dimension limit, so that we can say what the
     // dimensions were when refusing them.
@@ -229,6 +226,12 @@ fn decode_sniffed(bytes: &[u8], format: ImageFormat, limits: &Limits) -> Result<
     let mut image = DynamicImage::from_decoder(decoder).map_err(fail)?;
     image.apply_orientation(orientation);
     Ok(flatten_to_rgb(image))
+}
+
+/// The most memory a decoder may allocate: the largest allowed image at the widest pixel, plus
+/// working room.
+fn alloc_budget(limits: &Limits) -> u64 {
+    limits.max_pixels.saturating_mul(MAX_DECODED_BYTES_PER_PIXEL).saturating_add(DECODER_HEADROOM_BYTES)
 }
 
 fn check_dimensions(width: u32, height: u32, limits: &Limits) -> Result<()> {

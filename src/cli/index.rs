@@ -5,11 +5,20 @@ use clap::Args;
 use hiercon::catalogue::Split;
 use hiercon::encoder::{Encoder, OrtEncoder, TestEncoder};
 use hiercon::index::{self, IndexConfig};
+use hiercon::milvus::index::{WritePath, Written};
 use hiercon::runtime::RuntimeOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::parse_split;
+
+/// `--write` of `index --milvus`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WriteArg {
+    Auto,
+    Full,
+    Delta,
+}
 
 #[derive(Args, Debug)]
 pub(crate) struct IndexArgs {
@@ -39,6 +48,16 @@ pub(crate) struct IndexArgs {
     /// With --milvus: write a new collection even when nothing changed.
     #[arg(long, requires = "milvus")]
     pub(crate) force: bool,
+    /// With --milvus: how a change is written. `auto`: a change of at most 20 % of the rows is
+    /// applied to the standby collection (the previous generation, kept by --keep) with deletes
+    /// and inserts, verified, then switched to; a larger one, or one with no usable standby,
+    /// goes into a new collection. `full`: always a new collection. `delta`: always the standby.
+    #[arg(long, value_enum, default_value_t = WriteArg::Auto, requires = "milvus")]
+    pub(crate) write: WriteArg,
+    /// With --milvus: seconds the standby must have been out of service before it is written
+    /// (serve replicas re-read the alias every 2 s; a search already sent may still run).
+    #[arg(long, default_value_t = 60.0, requires = "milvus")]
+    pub(crate) standby_grace: f64,
     /// Index only this split: train or test (default: every item).
     #[arg(long, value_parser = parse_split)]
     pub(crate) split: Option<Split>,
@@ -158,22 +177,39 @@ pub(crate) fn run_index_milvus(args: &IndexArgs, address: &str, encoder: &dyn En
     cfg.timeout = std::time::Duration::from_secs_f64(args.milvus_timeout);
     cfg.replicas = args.replicas;
     cfg.force = args.force;
+    cfg.write = match args.write {
+        WriteArg::Auto => WritePath::Auto,
+        WriteArg::Full => WritePath::Full,
+        WriteArg::Delta => WritePath::Delta,
+    };
+    anyhow::ensure!(
+        args.standby_grace.is_finite() && args.standby_grace >= 0.0,
+        "--standby-grace must be zero or more seconds"
+    );
+    cfg.standby_grace = std::time::Duration::from_secs_f64(args.standby_grace);
     let out = hiercon::milvus::index::run(&cfg, encoder)?;
     let phases: Vec<String> = out.seconds.iter().map(|(p, s)| format!("{p} {s:.1} s")).collect();
     println!("took {}", phases.join(", "));
+    println!("path: {}", out.why);
     match &out.verify {
         None => println!(
             "nothing changed: {alias} still names {} ({} items, reused {}); nothing written",
             out.collection, out.count, out.reused
         ),
         Some(v) => println!(
-            "full build: {alias} now names {} (was {}): {} items (embedded {}, reused {}, skipped {}), recall@{} {:.4} at ef {}{}",
+            "{}: {alias} now names {} (was {}): {} items (embedded {}, reused {}, skipped {}; deleted {}, inserted {} rows), recall@{} {:.4} at ef {}{}",
+            match out.written {
+                Written::Delta => "small change",
+                _ => "full build",
+            },
             out.collection,
             out.previous.as_deref().unwrap_or("nothing"),
             out.count,
             out.embedded,
             out.reused,
             out.skipped,
+            out.deleted,
+            out.inserted,
             v.recall_k,
             v.recall,
             v.ef_search,

@@ -125,19 +125,12 @@ impl MilvusBackend {
         {
             return Ok(l.clone());
         }
-        let (collection, meta) =
-            live_collection(&self.client, &self.alias)?.ok_or_else(|| Error::MilvusCollection {
-                collection: self.alias.clone(),
-                reason: "no such alias: run `hiercon index --milvus` first".into(),
-            })?;
-        let d = self.client.describe_collection(&collection)?;
-        let ef_search = d
-            .properties
-            .iter()
-            .find(|kv| kv.key == collection::EF_PROPERTY)
-            .and_then(|kv| kv.value.parse().ok())
-            .unwrap_or(meta.ef_search);
-        let live = Live { collection, meta, ef_search, read_at: Instant::now() };
+        let g = live_collection(&self.client, &self.alias)?.ok_or_else(|| Error::MilvusCollection {
+            collection: self.alias.clone(),
+            reason: "no such alias: run `hiercon index --milvus` first".into(),
+        })?;
+        let ef_search = g.ef_search();
+        let live = Live { collection: g.name, meta: g.meta, ef_search, read_at: Instant::now() };
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = Some(live.clone());
         Ok(live)
     }
@@ -196,9 +189,7 @@ impl MilvusBackend {
         if expr.is_empty() {
             return Ok(live.meta.count);
         }
-        let fields = self.client.query(&live.collection, expr, &["count(*)"], None)?;
-        let n = collection::long_column(&fields, "count(*)")?;
-        Ok(n.first().copied().unwrap_or(0).max(0) as usize)
+        Ok(self.client.count(&live.collection, expr)? as usize)
     }
 
     /// An item by id.

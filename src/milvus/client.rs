@@ -7,6 +7,7 @@
 //! is back. Transport failures and deadlines are [`Error::MilvusUnavailable`] (retry later);
 //! errors Milvus answers with are [`Error::Milvus`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prost::Message;
@@ -21,11 +22,18 @@ const SERVICE: &str = "/milvus.proto.milvus.MilvusService/";
 const MAX_MESSAGE: usize = 512 << 20;
 
 /// A connection to one Milvus proxy.
+///
+/// Reads (search, query) are eventually consistent unless [`Client::read_after`] set a
+/// timestamp: then each read sees everything written before it (Milvus's "customized"
+/// consistency), and the client's own writes move that timestamp forward, so an index run reads
+/// what it wrote without paying for "strong" consistency on every call.
 pub struct Client {
     address: String,
     channel: Channel,
     timeout: Duration,
     rt: tokio::runtime::Runtime,
+    /// 0: eventually consistent reads; otherwise the hybrid timestamp reads must see.
+    guarantee: AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
@@ -59,7 +67,8 @@ answered!(
     api::SearchResults,
     api::QueryResults,
     api::GetVersionResponse,
-    api::GetCollectionStatisticsResponse
+    api::GetCollectionStatisticsResponse,
+    api::AllocTimestampResponse
 );
 
 impl Answered for common::Status {
@@ -117,7 +126,36 @@ impl Client {
             let _in_rt = rt.enter();
             endpoint.connect_lazy()
         };
-        Ok(Client { address: address.to_string(), channel, timeout, rt })
+        Ok(Client { address: address.to_string(), channel, timeout, rt, guarantee: AtomicU64::new(0) })
+    }
+
+    /// From now on, reads see every write Milvus accepted before this call (and every later
+    /// write of this client).
+    pub fn read_after_now(&self) -> Result<()> {
+        let req = api::AllocTimestampRequest::default();
+        let r: api::AllocTimestampResponse = self.call("allocate timestamp", "AllocTimestamp", req)?;
+        self.read_after(r.timestamp);
+        Ok(())
+    }
+
+    /// Reads see every write up to hybrid timestamp `ts` (kept at the largest asked).
+    pub fn read_after(&self, ts: u64) {
+        self.guarantee.fetch_max(ts, Ordering::SeqCst);
+    }
+
+    /// A write's timestamp moves the read guarantee when one is set.
+    fn wrote(&self, ts: u64) {
+        if self.guarantee.load(Ordering::SeqCst) != 0 {
+            self.read_after(ts);
+        }
+    }
+
+    /// The consistency level and guarantee timestamp of a read.
+    fn consistency(&self) -> (i32, u64) {
+        match self.guarantee.load(Ordering::SeqCst) {
+            0 => (common::ConsistencyLevel::Eventually as i32, 0),
+            ts => (common::ConsistencyLevel::Customized as i32, ts),
+        }
     }
 
     /// Where the client connects.
@@ -234,6 +272,7 @@ impl Client {
             ..Default::default()
         };
         let r: api::MutationResult = self.call("insert", "Insert", req)?;
+        self.wrote(r.timestamp);
         if r.insert_cnt as usize != num_rows {
             return Err(Error::Milvus {
                 op: "insert",
@@ -241,6 +280,23 @@ impl Client {
             });
         }
         Ok(())
+    }
+
+    /// Deletes the rows matching `expr` (Milvus 2.3 takes a primary-key `in` list); the number
+    /// Milvus reports deleted.
+    pub fn delete(&self, collection: &str, expr: &str) -> Result<u64> {
+        let req = api::DeleteRequest { collection_name: collection.into(), expr: expr.into(), ..Default::default() };
+        let r: api::MutationResult = self.call("delete", "Delete", req)?;
+        self.wrote(r.timestamp);
+        Ok(r.delete_cnt.max(0) as u64)
+    }
+
+    /// Rows `expr` matches (`""`: all), counted by Milvus at the client's read consistency
+    /// (deleted rows excluded, unlike [`Client::row_count`]).
+    pub fn count(&self, collection: &str, expr: &str) -> Result<u64> {
+        let fields = self.query(collection, expr, &["count(*)"], None)?;
+        let n = super::collection::long_column(&fields, "count(*)")?;
+        Ok(n.first().copied().unwrap_or(0).max(0) as u64)
     }
 
     /// Seals what was inserted into segments on storage.
@@ -340,6 +396,7 @@ impl Client {
         search_params: Vec<common::KeyValuePair>,
     ) -> Result<schema::SearchResultData> {
         let values = vectors.iter().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let (consistency_level, guarantee_timestamp) = self.consistency();
         let group = common::PlaceholderGroup {
             placeholders: vec![common::PlaceholderValue {
                 tag: "$0".into(),
@@ -356,7 +413,8 @@ impl Client {
             search_params,
             nq: vectors.len() as i64,
             search_input: Some(api::search_request::SearchInput::PlaceholderGroup(group.encode_to_vec())),
-            consistency_level: common::ConsistencyLevel::Eventually as i32,
+            consistency_level,
+            guarantee_timestamp,
             ..Default::default()
         };
         let r: api::SearchResults = self.call("search", "Search", req)?;
@@ -375,12 +433,14 @@ impl Client {
             Some((offset, limit)) => params([("offset", offset), ("limit", limit)]),
             None => Vec::new(),
         };
+        let (consistency_level, guarantee_timestamp) = self.consistency();
         let req = api::QueryRequest {
             collection_name: collection.into(),
             expr: expr.into(),
             output_fields: output_fields.iter().map(|s| s.to_string()).collect(),
             query_params,
-            consistency_level: common::ConsistencyLevel::Eventually as i32,
+            consistency_level,
+            guarantee_timestamp,
             ..Default::default()
         };
         let r: api::QueryResults = self.call("query", "Query", req)?;

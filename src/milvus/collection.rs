@@ -32,6 +32,12 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_ARRAY: usize = 256;
 /// The collection property holding the verified search breadth when verification widened it.
 pub const EF_PROPERTY: &str = "hiercon.ef_search";
+/// The collection property holding the generation's [`CollectionMeta`] when it was rewritten
+/// in place (a small change applied to the standby collection): it supersedes the description,
+/// which Milvus 2.3 cannot alter.
+pub const META_PROPERTY: &str = "hiercon.meta";
+/// The collection property holding when (unix seconds) the alias was pointed at it.
+pub const SWITCHED_PROPERTY: &str = "hiercon.switched_unix";
 /// Fields a search answer needs per hit.
 pub const HIT_FIELDS: [&str; 2] = ["item", "sha256"];
 
@@ -146,10 +152,17 @@ pub fn schema(name: &str, meta: &CollectionMeta) -> Result<schema::CollectionSch
     Ok(schema::CollectionSchema { name: name.into(), description, fields, ..Default::default() })
 }
 
-/// The metadata of a collection hiercon wrote (from its description).
-pub fn read_meta(name: &str, s: &schema::CollectionSchema) -> Result<CollectionMeta> {
+/// A collection property's value.
+pub fn property<'a>(properties: &'a [common::KeyValuePair], key: &str) -> Option<&'a str> {
+    properties.iter().find(|kv| kv.key == key).map(|kv| kv.value.as_str())
+}
+
+/// The metadata of a collection hiercon wrote: the [`META_PROPERTY`] when a small change
+/// rewrote it in place, else its description.
+pub fn read_meta(name: &str, s: &schema::CollectionSchema, properties: &[common::KeyValuePair]) -> Result<CollectionMeta> {
     let bad = |reason: String| Error::MilvusCollection { collection: name.into(), reason };
-    let meta: CollectionMeta = serde_json::from_str(&s.description).map_err(|e| {
+    let text = property(properties, META_PROPERTY).unwrap_or(&s.description);
+    let meta: CollectionMeta = serde_json::from_str(text).map_err(|e| {
         bad(format!("its description is not hiercon metadata ({e}); was it written by `hiercon index`?"))
     })?;
     if meta.format != FORMAT {
@@ -216,6 +229,13 @@ fn check_text(what: &str, id: &str, s: &str) -> Result<()> {
 
 /// The columns of rows `first..first + records.len()` (vectors row-major, `dim` wide).
 pub fn columns(first: usize, records: &[ItemRecord], vectors: &[f32], dim: usize) -> Result<Vec<schema::FieldData>> {
+    let rows: Vec<i64> = (first..first + records.len()).map(|r| r as i64).collect();
+    columns_at(&rows, records, vectors, dim)
+}
+
+/// The columns of `records` at row positions `rows` (one per record).
+pub fn columns_at(rows: &[i64], records: &[ItemRecord], vectors: &[f32], dim: usize) -> Result<Vec<schema::FieldData>> {
+    debug_assert_eq!(rows.len(), records.len());
     for r in records {
         let it = &r.item;
         for (what, s) in
@@ -240,9 +260,7 @@ pub fn columns(first: usize, records: &[ItemRecord], vectors: &[f32], dim: usize
         scalar(
             "row",
             schema::DataType::Int64,
-            schema::scalar_field::Data::LongData(schema::LongArray {
-                data: (first..first + records.len()).map(|r| r as i64).collect(),
-            }),
+            schema::scalar_field::Data::LongData(schema::LongArray { data: rows.to_vec() }),
         ),
         schema::FieldData {
             r#type: schema::DataType::FloatVector as i32,

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::client::{Client, params};
 use super::collection::{self, CollectionMeta, FORMAT, VECTOR};
-use super::proto::common::{IndexState, LoadState};
+use super::proto::common::{IndexState, KeyValuePair, LoadState};
 use crate::catalogue::Split;
 use crate::encoder::Encoder;
 use crate::image::Limits;
@@ -55,6 +55,41 @@ pub struct MilvusIndexConfig {
     pub replicas: i32,
     /// Rewrite even when nothing changed.
     pub force: bool,
+    /// How a change reaches Milvus: a new collection, or the change applied to the standby.
+    pub write: WritePath,
+    /// How long after leaving service the standby may be written: serve replicas re-read the
+    /// alias every [`super::backend::REFRESH`], and a search already sent may still run.
+    pub standby_grace: Duration,
+}
+
+/// How `index --milvus` writes a changed catalogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WritePath {
+    /// A change of at most [`DELTA_MAX_SHARE`] of the rows goes into the standby, anything
+    /// larger (or no usable standby) into a new collection.
+    Auto,
+    /// Always a new collection: every row inserted, the HNSW index built from scratch.
+    Full,
+    /// Always the standby (an error when there is none that can take it).
+    Delta,
+}
+
+/// The largest share of changed rows (deleted plus inserted, against the new row count) that
+/// `auto` applies to the standby in place: `make bench-milvus` measures both paths (the
+/// "nightly" table of `bench/results/milvus-side-by-side.md`).
+pub const DELTA_MAX_SHARE: f64 = 0.2;
+
+/// Which path a run took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Written {
+    /// Nothing changed; nothing was written.
+    Nothing,
+    /// A new collection.
+    Full,
+    /// The change applied to the standby collection, which then went live.
+    Delta,
 }
 
 impl MilvusIndexConfig {
@@ -75,6 +110,8 @@ impl MilvusIndexConfig {
             build_timeout: Duration::from_secs(3600),
             replicas: 1,
             force: false,
+            write: WritePath::Auto,
+            standby_grace: Duration::from_secs(60),
         }
     }
 
@@ -135,6 +172,13 @@ pub struct MilvusIndexOutcome {
     pub previous: Option<String>,
     /// False when nothing changed and nothing was written.
     pub changed: bool,
+    /// Which path the run took, and why.
+    pub written: Written,
+    pub why: String,
+    /// Rows deleted from and inserted into the collection that went live (a full write inserts
+    /// every row).
+    pub deleted: usize,
+    pub inserted: usize,
     pub count: usize,
     pub embedded: usize,
     pub reused: usize,
@@ -146,8 +190,41 @@ pub struct MilvusIndexOutcome {
     pub seconds: Vec<(&'static str, f64)>,
 }
 
+/// A generation collection as Milvus describes it.
+#[derive(Debug, Clone)]
+pub struct GenerationInfo {
+    /// The physical collection.
+    pub name: String,
+    pub meta: CollectionMeta,
+    /// Its properties (the verified search breadth, when it went live, rewritten metadata).
+    pub properties: Vec<KeyValuePair>,
+}
+
+impl GenerationInfo {
+    /// The search breadth verification passed at.
+    pub fn ef_search(&self) -> usize {
+        collection::property(&self.properties, collection::EF_PROPERTY)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.meta.ef_search)
+    }
+
+    /// When the alias was last pointed at it (unix seconds), when hiercon recorded it.
+    pub fn switched_unix(&self) -> Option<u64> {
+        collection::property(&self.properties, collection::SWITCHED_PROPERTY).and_then(|v| v.parse().ok())
+    }
+}
+
+/// Describes the generation collection `name`.
+pub fn describe_generation(client: &Client, name: &str) -> Result<GenerationInfo> {
+    let d = client.describe_collection(name)?;
+    let schema =
+        d.schema.ok_or_else(|| Error::MilvusCollection { collection: name.into(), reason: "no schema".into() })?;
+    let meta = collection::read_meta(name, &schema, &d.properties)?;
+    Ok(GenerationInfo { name: name.into(), meta, properties: d.properties })
+}
+
 /// The collection an alias names, with its metadata; `None` when the alias does not exist.
-pub fn live_collection(client: &Client, alias: &str) -> Result<Option<(String, CollectionMeta)>> {
+pub fn live_collection(client: &Client, alias: &str) -> Result<Option<GenerationInfo>> {
     if !client.has_collection(alias)? {
         return Ok(None);
     }
@@ -167,27 +244,24 @@ pub fn live_collection(client: &Client, alias: &str) -> Result<Option<(String, C
                 .into(),
         });
     }
-    let schema =
-        d.schema.ok_or_else(|| Error::MilvusCollection { collection: name.clone(), reason: "no schema".into() })?;
-    let meta = collection::read_meta(&name, &schema)?;
-    Ok(Some((name, meta)))
+    describe_generation(client, &name).map(Some)
 }
 
 /// Rows read back per query call.
 const PAGE: usize = 4096;
 
-/// Every row of collection `name` matching `expr` (`""`: all), in row order: the items and their
-/// vectors (row-major). Read in pages of [`PAGE`] rows; the embedding cache of the next run and
-/// `eval --milvus` read it this way.
-pub fn read_rows(
+/// Rows at positions `0..upto` of collection `name` matching `expr` (`""`: all), sorted by
+/// position: their positions, items and vectors (row-major, `dim` wide). Read in pages of
+/// [`PAGE`] positions.
+fn read_positions(
     client: &Client,
     name: &str,
-    meta: &CollectionMeta,
+    dim: usize,
+    upto: usize,
     expr: &str,
-) -> Result<(Vec<ItemRecord>, Vec<f32>)> {
-    let dim = meta.dim;
-    let (mut records, mut vectors) = (Vec::new(), Vec::new());
-    for start in (0..meta.count).step_by(PAGE) {
+) -> Result<(Vec<i64>, Vec<ItemRecord>, Vec<f32>)> {
+    let (mut positions, mut records, mut vectors) = (Vec::new(), Vec::new(), Vec::new());
+    for start in (0..upto).step_by(PAGE) {
         let mut page = format!("row >= {start} and row < {}", start + PAGE);
         if !expr.is_empty() {
             page = format!("{page} and ({expr})");
@@ -205,10 +279,23 @@ pub fn read_rows(
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| rows[i]);
         for i in order {
+            positions.push(rows[i]);
             records.push(items[i].clone());
             vectors.extend_from_slice(&vecs[i * dim..(i + 1) * dim]);
         }
     }
+    Ok((positions, records, vectors))
+}
+
+/// Every row of collection `name` matching `expr` (`""`: all), in row order: the items and their
+/// vectors (row-major). The embedding cache of the next run and `eval --milvus` read it this way.
+pub fn read_rows(
+    client: &Client,
+    name: &str,
+    meta: &CollectionMeta,
+    expr: &str,
+) -> Result<(Vec<ItemRecord>, Vec<f32>)> {
+    let (_, records, vectors) = read_positions(client, name, meta.dim, meta.count, expr)?;
     Ok((records, vectors))
 }
 
@@ -237,20 +324,22 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     let client = Client::new(&cfg.address, cfg.timeout)?;
     let version = client.version()?;
     tracing::info!(address = %cfg.address, %version, "connected to Milvus");
+    // Every read of this run sees every write made before it started, and its own.
+    client.read_after_now()?;
     let items = read_manifest_items(&cfg.manifest, cfg.split)?;
     let manifest = std::path::absolute(&cfg.manifest).map_err(|e| Error::io(&cfg.manifest, e))?;
     let image_root = manifest.parent().map(Path::to_path_buf).unwrap_or_default();
     let live = live_collection(&client, &cfg.alias)?;
     let cache = match &live {
-        Some((name, meta)) if meta.model.digest == encoder.digest() && meta.dim == encoder.dim() => {
-            let (records, vectors) = read_rows(&client, name, meta, "")?;
+        Some(g) if g.meta.model.digest == encoder.digest() && g.meta.dim == encoder.dim() => {
+            let (records, vectors) = read_rows(&client, &g.name, &g.meta, "")?;
             let hashes: Vec<String> = records.into_iter().map(|r| r.sha256).collect();
-            let emb = Array2::from_shape_vec((hashes.len(), meta.dim), vectors).expect("rows of width dim");
-            tracing::info!(collection = %name, rows = hashes.len(), "reusing the live collection's embeddings");
+            let emb = Array2::from_shape_vec((hashes.len(), g.meta.dim), vectors).expect("rows of width dim");
+            tracing::info!(collection = %g.name, rows = hashes.len(), "reusing the live collection's embeddings");
             EmbeddingCache::from_rows(&hashes, emb)
         }
-        Some((name, _)) => {
-            tracing::info!(collection = %name, "the live collection was embedded with another model; embedding everything");
+        Some(g) => {
+            tracing::info!(collection = %g.name, "the live collection was embedded with another model; embedding everything");
             EmbeddingCache::empty()
         }
         None => EmbeddingCache::empty(),
@@ -265,32 +354,65 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
         return Err(Error::EmptyIndex { reason: format!("none of the {} images could be read", items.len()) });
     }
     let content = content_digest(&records, &embeddings);
-    let previous = live.as_ref().map(|(n, _)| n.clone());
-    let outcome = |collection: String, changed, verify, dropped, seconds| MilvusIndexOutcome {
-        collection,
-        previous: previous.clone(),
-        changed,
-        count: records.len(),
-        embedded: stats.embedded,
-        reused: stats.reused,
-        skipped: stats.skipped,
-        verify,
-        dropped,
-        seconds,
+    let previous = live.as_ref().map(|g| g.name.clone());
+    let outcome = |collection: String, written, why: String, (deleted, inserted), verify, dropped, seconds| {
+        MilvusIndexOutcome {
+            collection,
+            previous: previous.clone(),
+            changed: written != Written::Nothing,
+            written,
+            why,
+            deleted,
+            inserted,
+            count: records.len(),
+            embedded: stats.embedded,
+            reused: stats.reused,
+            skipped: stats.skipped,
+            verify,
+            dropped,
+            seconds,
+        }
     };
-    if let Some((name, meta)) = &live
+    if let Some(g) = &live
         && !cfg.force
-        && meta.content == content
-        && meta.hnsw == cfg.hnsw
-        && meta.image_root == image_root
+        && g.meta.content == content
+        && g.meta.hnsw == cfg.hnsw
+        && g.meta.image_root == image_root
     {
-        tracing::info!(collection = %name, "nothing changed: the live collection already holds these rows; nothing written");
-        return Ok(outcome(name.clone(), false, None, Vec::new(), laps.seconds));
+        tracing::info!(collection = %g.name, "nothing changed: the live collection already holds these rows; nothing written");
+        let why = "the live collection already holds these rows".to_string();
+        return Ok(outcome(g.name.clone(), Written::Nothing, why, (0, 0), None, Vec::new(), laps.seconds));
     }
-    // The next generation number: above every generation of this alias, live or left over.
-    let n = generations(&client, &cfg.alias)?.last().map_or(0, |(n, _)| *n) + 1;
-    let name = collection::collection_name(&cfg.alias, n);
     let dim = embeddings.ncols();
+    let plan = match cfg.write {
+        WritePath::Full => Err("--write full".to_string()),
+        WritePath::Auto | WritePath::Delta => plan_delta(&client, cfg, encoder, live.as_ref(), &records, &embeddings)?,
+    };
+    let (written, why, name, n, changes) = match plan {
+        Ok(delta) => {
+            let why = format!(
+                "{} of {} rows change ({:.1} %): applied to the standby {}",
+                delta.changed(),
+                records.len(),
+                100.0 * delta.share(records.len()),
+                delta.standby.name
+            );
+            let n = collection::generation_of(&cfg.alias, &delta.standby.name).unwrap_or(delta.standby.meta.generation);
+            (Written::Delta, why, delta.standby.name.clone(), n, Some(delta))
+        }
+        Err(why) if cfg.write == WritePath::Delta => {
+            return Err(Error::InvalidArgument {
+                name: "write",
+                reason: format!("delta: the change cannot be applied to a standby collection: {why}"),
+            });
+        }
+        Err(why) => {
+            // The next generation number: above every generation of this alias, live or left over.
+            let n = generations(&client, &cfg.alias)?.last().map_or(0, |(n, _)| *n) + 1;
+            (Written::Full, format!("new collection: {why}"), collection::collection_name(&cfg.alias, n), n, None)
+        }
+    };
+    tracing::info!(path = ?written, "{why}");
     let mut meta = CollectionMeta {
         format: FORMAT.into(),
         generation: n,
@@ -307,23 +429,49 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
         content,
         summary: collection::Summary::of(&records),
     };
-    tracing::info!(collection = %name, rows = records.len(), path = "full", "phase: writing collection");
-    client.create_collection(&name, &collection::schema(&name, &meta)?, 1)?;
-    insert_all(&client, &name, &records, &embeddings)?;
-    client.flush(&name)?;
-    laps.lap("insert");
-    tracing::info!(collection = %name, m = cfg.hnsw.m, ef_construction = cfg.hnsw.ef_construction, "phase: HNSW index");
-    client.create_index(&name, VECTOR, collection::index_params(&cfg.hnsw))?;
-    wait_index(&client, &name, records.len(), cfg.build_timeout)?;
-    client.load(&name, cfg.replicas)?;
-    wait_loaded(&client, &name, cfg.build_timeout)?;
-    laps.lap("index+load");
+    let counts = match &changes {
+        None => {
+            tracing::info!(collection = %name, rows = records.len(), path = "full", "phase: writing collection");
+            client.create_collection(&name, &collection::schema(&name, &meta)?, 1)?;
+            insert_all(&client, &name, &records, &embeddings)?;
+            client.flush(&name)?;
+            laps.lap("insert");
+            tracing::info!(collection = %name, m = cfg.hnsw.m, ef_construction = cfg.hnsw.ef_construction, "phase: HNSW index");
+            client.create_index(&name, VECTOR, collection::index_params(&cfg.hnsw))?;
+            wait_index(&client, &name, records.len(), cfg.build_timeout)?;
+            client.load(&name, cfg.replicas)?;
+            wait_loaded(&client, &name, cfg.build_timeout)?;
+            laps.lap("index+load");
+            (0, records.len())
+        }
+        Some(delta) => {
+            tracing::info!(collection = %name, deleted = delta.deletes.len(), inserted = delta.inserts.len(), path = "delta", "phase: writing collection");
+            apply_delta(&client, delta, &records, &embeddings)?;
+            laps.lap("delete+insert");
+            if client.load_state(&name)? != LoadState::Loaded {
+                client.load(&name, cfg.replicas)?;
+                wait_loaded(&client, &name, cfg.build_timeout)?;
+            }
+            laps.lap("load");
+            (delta.deletes.len(), delta.inserts.len())
+        }
+    };
     tracing::info!(collection = %name, "phase: verification");
-    let report = verify(&client, &name, &records, &embeddings, cfg)?;
+    let mut report = verify(&client, &name, &records, &embeddings, cfg)?;
+    if report.passed
+        && let Some(delta) = &changes
+        && let Err(why) = check_positions(&client, &name, &records, delta)
+    {
+        report.passed = false;
+        report.reason = Some(why);
+    }
     laps.lap("verify");
     if !report.passed {
-        // Free its memory; the collection stays for inspection until a later run drops it.
-        let _ = client.release(&name);
+        // Free a new collection's memory; it stays for inspection until a later run drops it.
+        // (A standby stays loaded: it is the rollback generation of the one before.)
+        if changes.is_none() {
+            let _ = client.release(&name);
+        }
         return Err(Error::IndexVerification {
             generation: name,
             reason: format!(
@@ -334,17 +482,226 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
             ),
         });
     }
-    if report.ef_search != meta.ef_search {
-        // The description was written before verification widened the breadth: record the
-        // verified one as a collection property, which serve prefers.
-        meta.ef_search = report.ef_search;
-        client.set_property(&name, collection::EF_PROPERTY, &report.ef_search.to_string())?;
+    meta.ef_search = report.ef_search;
+    if changes.is_some() {
+        // The description still holds the standby's old metadata: the property supersedes it.
+        let json = serde_json::to_string(&meta)
+            .map_err(|e| Error::MilvusCollection { collection: name.clone(), reason: format!("metadata: {e}") })?;
+        client.set_property(&name, collection::META_PROPERTY, &json)?;
     }
+    // serve prefers the property (the description was written before verification).
+    client.set_property(&name, collection::EF_PROPERTY, &report.ef_search.to_string())?;
+    client.set_property(&name, collection::SWITCHED_PROPERTY, &now_unix().to_string())?;
     client.point_alias(&cfg.alias, &name, live.is_some())?;
     tracing::info!(alias = %cfg.alias, collection = %name, previous = ?previous, "alias switched");
     let dropped = gc(&client, &cfg.alias, n, previous.as_deref(), cfg.keep);
     laps.lap("switch+gc");
-    Ok(outcome(name, true, Some(report), dropped, laps.seconds))
+    Ok(outcome(name, written, why, counts, Some(report), dropped, laps.seconds))
+}
+
+/// A change to apply to the standby collection.
+#[derive(Debug)]
+struct Delta {
+    standby: GenerationInfo,
+    /// Ids to delete (every row of each).
+    deletes: Vec<String>,
+    /// Rows of the new catalogue to insert, each with its position.
+    inserts: Vec<(usize, i64)>,
+    /// Rows kept as they are: position of each row of the new catalogue (-1: inserted).
+    positions: Vec<i64>,
+}
+
+impl Delta {
+    fn changed(&self) -> usize {
+        self.deletes.len() + self.inserts.len()
+    }
+
+    fn share(&self, rows: usize) -> f64 {
+        self.changed() as f64 / rows.max(1) as f64
+    }
+}
+
+/// The change that turns the standby collection (the newest generation that is not live, made
+/// with the same model, dimension and HNSW settings, out of service for at least the grace
+/// period) into the new rows; `Err(why not)` when there is none or, under `auto`, when the
+/// change is too large to be worth it.
+fn plan_delta(
+    client: &Client,
+    cfg: &MilvusIndexConfig,
+    encoder: &dyn Encoder,
+    live: Option<&GenerationInfo>,
+    records: &[ItemRecord],
+    emb: &Array2<f32>,
+) -> Result<std::result::Result<Delta, String>> {
+    let Some(live) = live else { return Ok(Err("the alias is new".into())) };
+    let since = live.switched_unix().unwrap_or(live.meta.created_unix);
+    let out_of_service = now_unix().saturating_sub(since);
+    let mut why_not = Vec::new();
+    let mut standby = None;
+    for (_, name) in generations(client, &cfg.alias)?.into_iter().rev() {
+        if name == live.name {
+            continue;
+        }
+        let g = match describe_generation(client, &name) {
+            Ok(g) => g,
+            Err(e) => {
+                why_not.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        if g.meta.model.digest != encoder.digest() || g.meta.dim != encoder.dim() {
+            why_not.push(format!("{name} was embedded with another model"));
+        } else if g.meta.hnsw != cfg.hnsw {
+            why_not.push(format!("{name} has other HNSW settings"));
+        } else if !matches!(client.index_progress(&name, VECTOR), Ok((IndexState::Finished, ..))) {
+            why_not.push(format!("{name} has no finished HNSW index"));
+        } else {
+            standby = Some(g);
+            break;
+        }
+    }
+    let Some(standby) = standby else {
+        return Ok(Err(if why_not.is_empty() {
+            "no standby collection (the previous generation is kept with --keep)".into()
+        } else {
+            format!("no usable standby ({})", why_not.join("; "))
+        }));
+    };
+    if (out_of_service as u128) < cfg.standby_grace.as_secs() as u128 {
+        return Ok(Err(format!(
+            "the standby {} left service {out_of_service} s ago; serve replicas may read it for {} s after a switch",
+            standby.name,
+            cfg.standby_grace.as_secs()
+        )));
+    }
+    let n = records.len();
+    let dim = emb.ncols();
+    let (positions, old, vectors) = read_positions(client, &standby.name, dim, standby.meta.count.max(n), "")?;
+    let total = client.count(&standby.name, "")? as usize;
+    if total != positions.len() {
+        return Ok(Err(format!(
+            "the standby {} holds {total} rows, {} at positions below {}",
+            standby.name,
+            positions.len(),
+            standby.meta.count.max(n)
+        )));
+    }
+    let (deletes, inserts, positions) = diff(&positions, &old, &vectors, records, emb);
+    let delta = Delta { standby, deletes, inserts, positions };
+    if cfg.write == WritePath::Auto && delta.share(n) > DELTA_MAX_SHARE {
+        return Ok(Err(format!(
+            "{} of {n} rows change ({:.1} %), more than the {:.0} % a change in place is cheaper for",
+            delta.changed(),
+            100.0 * delta.share(n),
+            100.0 * DELTA_MAX_SHARE
+        )));
+    }
+    Ok(Ok(delta))
+}
+
+/// What turns rows `old` (at `positions`, vectors row-major) into `records` (vectors `emb`,
+/// positions `0..records.len()`): the ids to delete, the rows to insert with their positions,
+/// and every new row's position. A row stays when its id occurs once in `old`, its item,
+/// image hash and vector bits are equal, and its position is free and below the new count;
+/// everything else is deleted and inserted again.
+fn diff(
+    positions: &[i64],
+    old: &[ItemRecord],
+    vectors: &[f32],
+    records: &[ItemRecord],
+    emb: &Array2<f32>,
+) -> (Vec<String>, Vec<(usize, i64)>, Vec<i64>) {
+    let n = records.len();
+    let dim = emb.ncols();
+    // An id seen twice (an insert of a killed run that was retried) is rewritten whole.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for r in old {
+        *seen.entry(r.item.id.as_str()).or_insert(0) += 1;
+    }
+    let old_row: HashMap<&str, usize> = old.iter().enumerate().map(|(i, r)| (r.item.id.as_str(), i)).collect();
+    let mut taken = vec![false; n];
+    let mut at = vec![-1i64; n];
+    for (t, r) in records.iter().enumerate() {
+        let id = r.item.id.as_str();
+        let Some(&o) = old_row.get(id) else { continue };
+        let pos = positions[o];
+        let same = seen[id] == 1
+            && old[o] == *r
+            && (0..n as i64).contains(&pos)
+            && !taken[pos as usize]
+            && vectors[o * dim..(o + 1) * dim].iter().zip(emb.row(t)).all(|(a, b)| a.to_bits() == b.to_bits());
+        if same {
+            taken[pos as usize] = true;
+            at[t] = pos;
+        }
+    }
+    let kept: std::collections::HashSet<&str> =
+        records.iter().zip(&at).filter(|(_, p)| **p >= 0).map(|(r, _)| r.item.id.as_str()).collect();
+    let mut deletes: Vec<String> = seen.keys().filter(|id| !kept.contains(*id)).map(|id| id.to_string()).collect();
+    deletes.sort();
+    let mut free = (0..n as i64).filter(|&p| !taken[p as usize]);
+    let inserts: Vec<(usize, i64)> = (0..n)
+        .filter(|&t| at[t] < 0)
+        .map(|t| (t, free.next().expect("as many free positions as rows to insert")))
+        .collect();
+    for &(t, p) in &inserts {
+        at[t] = p;
+    }
+    (deletes, inserts, at)
+}
+
+/// Ids per delete call.
+const DELETE_BATCH: usize = 1000;
+
+/// Deletes, then inserts (a delete names an id, so it must come first), then flushes.
+fn apply_delta(client: &Client, delta: &Delta, records: &[ItemRecord], emb: &Array2<f32>) -> Result<()> {
+    let name = &delta.standby.name;
+    let dim = emb.ncols();
+    for chunk in delta.deletes.chunks(DELETE_BATCH) {
+        let ids: Vec<String> = chunk.iter().map(|id| collection::literal(id)).collect();
+        client.delete(name, &format!("id in [{}]", ids.join(", ")))?;
+    }
+    let per_call = ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000);
+    let progress = Progress::new("inserting", delta.inserts.len() as u64, "rows");
+    for chunk in delta.inserts.chunks(per_call) {
+        let rows: Vec<i64> = chunk.iter().map(|&(_, p)| p).collect();
+        let recs: Vec<ItemRecord> = chunk.iter().map(|&(t, _)| records[t].clone()).collect();
+        let mut vecs = Vec::with_capacity(chunk.len() * dim);
+        for &(t, _) in chunk {
+            vecs.extend(emb.row(t).iter().copied());
+        }
+        client.insert(name, collection::columns_at(&rows, &recs, &vecs, dim)?, chunk.len())?;
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish();
+    client.flush(name)
+}
+
+/// After a change in place: every row of the new catalogue is in the collection once, at the
+/// position the plan gave it, with its image hash, and nothing else is.
+fn check_positions(client: &Client, name: &str, records: &[ItemRecord], delta: &Delta) -> std::result::Result<(), String> {
+    let n = records.len();
+    let mut found = vec![false; n];
+    let row_of: HashMap<&str, usize> = records.iter().enumerate().map(|(t, r)| (r.item.id.as_str(), t)).collect();
+    for start in (0..n).step_by(PAGE * 4) {
+        let expr = format!("row >= {start} and row < {}", start + PAGE * 4);
+        let fields = client.query(name, &expr, &["row", "id", "sha256"], None).map_err(|e| e.to_string())?;
+        let rows = collection::long_column(&fields, "row").map_err(|e| e.to_string())?;
+        let ids = collection::string_column(&fields, "id").map_err(|e| e.to_string())?;
+        let shas = collection::string_column(&fields, "sha256").map_err(|e| e.to_string())?;
+        for ((pos, id), sha) in rows.iter().zip(&ids).zip(&shas) {
+            match row_of.get(id.as_str()) {
+                Some(&t) if delta.positions[t] == *pos && records[t].sha256 == *sha && !found[t] => found[t] = true,
+                _ => return Err(format!("after the change the standby holds {id:?} at position {pos}, which the plan does not")),
+            }
+        }
+    }
+    let missing = found.iter().filter(|f| !**f).count();
+    let total = client.count(name, "").map_err(|e| e.to_string())? as usize;
+    if missing > 0 || total != n {
+        return Err(format!("after the change the standby holds {total} rows, {missing} of the {n} rows missing"));
+    }
+    Ok(())
 }
 
 /// Inserts every row in calls of about 8 MB.
@@ -441,7 +798,7 @@ fn verify(
 ) -> Result<MilvusVerify> {
     let v = &cfg.verify;
     let n = records.len();
-    let rows = client.row_count(name)?;
+    let rows = client.count(name, "")?;
     let mut report = MilvusVerify {
         passed: false,
         reason: None,
@@ -520,9 +877,12 @@ fn generations(client: &Client, alias: &str) -> Result<Vec<(u64, String)>> {
 }
 
 /// Drops old generations of `alias`: keeps `live`, `previous` (the one live before, kept loaded
-/// for an instant rollback) and the `keep - 1` newest generations older than `previous`
-/// (released); drops the rest, which includes leftovers of failed runs newer than `previous`.
-/// Failures are logged, never fatal: the switch has happened. One index run per alias at a time.
+/// for an instant rollback) and the `keep - 1` generations that went live most recently before
+/// it (released); drops the rest, which includes leftovers of failed runs. A generation "went
+/// live" when it carries [`collection::SWITCHED_PROPERTY`] (ordered by it: a change applied to
+/// the standby makes numbers no longer follow time) or, written before that property existed,
+/// when its number is below `previous`'s. Failures are logged, never fatal: the switch has
+/// happened. One index run per alias at a time.
 fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usize) -> Vec<String> {
     let gens = match generations(client, alias) {
         Ok(g) => g,
@@ -532,17 +892,21 @@ fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usi
         }
     };
     let prev_n = previous.and_then(|p| collection::generation_of(alias, p));
-    let mut kept = 0;
+    // (went live at, number, name) of every generation besides the live and the previous one.
+    let mut others: Vec<(Option<u64>, u64, String)> = gens
+        .into_iter()
+        .filter(|(n, _)| *n != live && Some(*n) != prev_n)
+        .map(|(n, c)| {
+            let switched = describe_generation(client, &c).ok().and_then(|g| g.switched_unix());
+            let went_live = switched.or_else(|| prev_n.filter(|&p| n < p).map(|_| 0));
+            (went_live, n, c)
+        })
+        .collect();
+    others.sort_by(|a, b| b.cmp(a));
+    let mut kept = usize::from(prev_n.is_some());
     let mut dropped = Vec::new();
-    for (n, c) in gens.into_iter().rev() {
-        if n == live {
-            continue;
-        }
-        if Some(n) == prev_n && keep > 0 {
-            kept += 1;
-            continue;
-        }
-        if prev_n.is_some_and(|p| n < p) && kept < keep {
+    for (went_live, _, c) in others {
+        if went_live.is_some() && kept < keep {
             kept += 1;
             let _ = client.release(&c);
             continue;
@@ -556,4 +920,63 @@ fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usi
         }
     }
     dropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::testutil::item;
+
+    /// Row `i`'s vector: `[i, i + 0.5]`.
+    fn vectors(ids: &[usize]) -> Array2<f32> {
+        Array2::from_shape_fn((ids.len(), 2), |(r, c)| ids[r] as f32 + c as f32 * 0.5)
+    }
+
+    #[test]
+    fn an_unchanged_catalogue_changes_nothing_and_a_small_change_touches_only_its_rows() {
+        let old: Vec<ItemRecord> = (0..5).map(item).collect();
+        let old_emb = vectors(&[0, 1, 2, 3, 4]);
+        let positions: Vec<i64> = (0..5).collect();
+        let flat = old_emb.as_slice().unwrap();
+        let (d, i, at) = diff(&positions, &old, flat, &old, &old_emb);
+        assert!(d.is_empty() && i.is_empty());
+        assert_eq!(at, positions);
+        // Item 1 removed, item 3's image changed, item 7 added (at the end of the manifest).
+        let mut new: Vec<ItemRecord> = [0, 2, 3, 4, 7].into_iter().map(item).collect();
+        new[2].sha256 = "changed".into();
+        let emb = vectors(&[0, 2, 3, 4, 7]);
+        let (d, i, at) = diff(&positions, &old, flat, &new, &emb);
+        assert_eq!(d, vec!["item-1".to_string(), "item-3".to_string()]);
+        // Kept rows keep their positions (0, 2, 4); the two inserted take the free ones, 1 and 3.
+        assert_eq!(i, vec![(2, 1), (4, 3)]);
+        assert_eq!(at, vec![0, 2, 1, 4, 3]);
+    }
+
+    #[test]
+    fn other_vector_bits_duplicates_and_positions_past_the_end_are_rewritten() {
+        let old: Vec<ItemRecord> = [0, 1, 2, 2, 3].into_iter().map(item).collect();
+        let old_emb = vectors(&[0, 1, 2, 2, 3]);
+        // Item 3 sits at position 9 (a killed run's insert), item 2 twice.
+        let positions = vec![0, 1, 2, 3, 9];
+        let new: Vec<ItemRecord> = (0..4).map(item).collect();
+        let mut emb = vectors(&[0, 1, 2, 3]);
+        emb[[1, 1]] = f32::from_bits(emb[[1, 1]].to_bits() + 1);
+        let (d, i, at) = diff(&positions, &old, old_emb.as_slice().unwrap(), &new, &emb);
+        assert_eq!(d, vec!["item-1".to_string(), "item-2".to_string(), "item-3".to_string()]);
+        assert_eq!(i.iter().map(|&(t, _)| t).collect::<Vec<_>>(), vec![1, 2, 3]);
+        let mut sorted = at.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2, 3], "positions are 0..n, each once: {at:?}");
+        assert_eq!(at[0], 0);
+    }
+
+    #[test]
+    fn a_changed_item_record_is_rewritten_even_with_the_same_image() {
+        let old: Vec<ItemRecord> = (0..3).map(item).collect();
+        let emb = vectors(&[0, 1, 2]);
+        let mut new = old.clone();
+        new[1].item.title = Some("renamed".into());
+        let (d, i, _) = diff(&[0, 1, 2], &old, emb.as_slice().unwrap(), &new, &emb);
+        assert_eq!((d, i), (vec!["item-1".to_string()], vec![(1, 1)]));
+    }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use hiercon::Error;
 use hiercon::catalogue::Split;
 use hiercon::index::build;
+use hiercon::milvus::index::{WritePath, Written};
 use hiercon::milvus::{MilvusBackend, MilvusIndexConfig, index as mindex};
 use hiercon::search::{Filter, GroupBy, SearchConfig, SearchRequest, Service};
 
@@ -212,6 +213,186 @@ fn reruns_write_nothing_when_nothing_changed_and_switch_the_alias_when_something
     assert_eq!(fourth.embedded, c.items.len() - 1);
     // ... which the running service (this model) refuses: the old one keeps being asked for.
     assert!(matches!(m.reload(), Err(Error::ModelMismatch { .. })));
+}
+
+/// The collection behind `m` holds exactly the catalogue's items, with the embeddings and
+/// records a local build of the same catalogue has, and answers top-10 like its exact scan.
+fn holds_exactly(m: &Service, c: &Catalogue) {
+    let exact = local(c);
+    let g = exact.local().unwrap();
+    assert_eq!(m.live().unwrap().count(), c.items.len());
+    let exact_scan = hiercon::index::query::QueryConfig { exact_below_rows: usize::MAX, ..Default::default() };
+    let mut good = 0;
+    for it in &c.items {
+        let row = g.row_of(&it.id).unwrap();
+        assert_eq!(m.item(&it.id).unwrap().as_ref(), Some(g.item(row)), "{}", it.id);
+        let q = g.exact.vector(row).to_vec();
+        assert_eq!(m.item_embedding(&it.id).unwrap().unwrap(), q, "{}", it.id);
+        let want = exact.search_embedding_with(&q, &req(10, Filter::default(), None), &exact_scan).unwrap();
+        let got = m.search_embedding(&q, &req(10, Filter::default(), None)).unwrap();
+        let kth = want.hits[9].score;
+        good += got.hits.iter().filter(|h| h.score >= kth - 1e-5).count();
+    }
+    let recall = good as f64 / (10 * c.items.len()) as f64;
+    assert!(recall >= 0.99, "recall@10 {recall}");
+}
+
+#[test]
+fn a_small_change_goes_into_the_standby_and_a_large_one_into_a_new_collection() {
+    let mut c = Catalogue::new(3);
+    let alias = "standby";
+    let cfg = |c: &Catalogue, write: WritePath| {
+        let mut k = config(c, alias);
+        k.standby_grace = Duration::ZERO;
+        k.write = write;
+        k
+    };
+    let run = |c: &Catalogue, write| mindex::run(&cfg(c, write), encoder().as_ref());
+    let first = run(&c, WritePath::Auto).unwrap();
+    assert_eq!((first.written, first.collection.as_str()), (Written::Full, "standby_g1"));
+    assert!(first.why.contains("the alias is new"), "{}", first.why);
+    c.add("second", "garden/pots", "p90", "v0", draw(930, 0, 3), 0);
+    c.write_manifest();
+    let second = run(&c, WritePath::Auto).unwrap();
+    assert_eq!((second.written, second.collection.as_str()), (Written::Full, "standby_g2"));
+    assert!(second.why.contains("no standby collection"), "{}", second.why);
+    // A small change: one image redrawn, one item added, one removed. It goes into the standby
+    // (the first generation, one change behind), which then goes live.
+    let m = service(alias);
+    draw(931, 1, 2).save(c.image_path("p2-v1-w0")).unwrap();
+    c.add("third", "clothing/shoes", "p91", "v1", draw(932, 1, 4), 1);
+    c.items.retain(|i| i.id != "p4-v0-w1");
+    c.write_manifest();
+    let third = run(&c, WritePath::Auto).unwrap();
+    assert_eq!(third.written, Written::Delta, "{}", third.why);
+    assert_eq!((third.collection.as_str(), third.previous.as_deref()), ("standby_g1", Some("standby_g2")));
+    assert!(third.why.contains("applied to the standby standby_g1"), "{}", third.why);
+    // Deleted: the redrawn item's old row and the removed item; inserted: the redrawn item, and
+    // the two added since the first generation.
+    assert_eq!((third.deleted, third.inserted, third.embedded), (2, 3, 2));
+    assert!(third.dropped.is_empty(), "{:?}", third.dropped);
+    let v = third.verify.as_ref().unwrap();
+    assert!(v.passed && v.recall >= 0.99, "{v:?}");
+    // A running service follows; the rewritten collection holds exactly the new catalogue.
+    let o = m.reload().unwrap();
+    assert_eq!((o.previous.as_str(), o.current.as_str()), ("standby_g2", "standby_g1"));
+    holds_exactly(&m, &c);
+    assert!(m.item("p4-v0-w1").unwrap().is_none());
+    let bytes = std::fs::read(c.image_path("p2-v1-w0")).unwrap();
+    assert_eq!(m.search_image(&bytes, &req(1, Filter::default(), None)).unwrap().hits[0].id, "p2-v1-w0");
+    // Nothing changed: nothing written.
+    let same = run(&c, WritePath::Auto).unwrap();
+    assert_eq!((same.written, same.collection.as_str(), same.embedded), (Written::Nothing, "standby_g1", 0));
+    // A large change (16 of 62 images, 52 % of the rows deleted or inserted) is a new collection;
+    // --keep 1 drops standby_g2, which went live before standby_g1.
+    let redraw = |c: &Catalogue, seed: u64| {
+        for (n, it) in c.items.iter().filter(|i| i.id.starts_with('p')).take(16).enumerate() {
+            draw(seed + n as u64, 0, 5).save(c.image_path(&it.id)).unwrap();
+        }
+    };
+    redraw(&c, 1000);
+    let fourth = run(&c, WritePath::Auto).unwrap();
+    assert_eq!((fourth.written, fourth.collection.as_str()), (Written::Full, "standby_g3"), "{}", fourth.why);
+    assert!(fourth.why.contains("more than the 20 %"), "{}", fourth.why);
+    assert_eq!(fourth.dropped, vec!["standby_g2".to_string()]);
+    // --write delta takes the standby whatever the size of the change.
+    redraw(&c, 2000);
+    let fifth = run(&c, WritePath::Delta).unwrap();
+    assert_eq!((fifth.written, fifth.collection.as_str()), (Written::Delta, "standby_g1"));
+    assert!(fifth.deleted >= 16 && fifth.inserted >= 16, "{fifth:?}");
+    m.reload().unwrap();
+    holds_exactly(&m, &c);
+    // --write full: a new collection for the smallest change.
+    c.add("fourth", "garden/tools", "p92", "v0", draw(933, 0, 1), 0);
+    c.write_manifest();
+    // With --keep 2 the generation live before the previous one stays: standby_g3, although its
+    // number is above the previous one's (standby_g1, rewritten in place after it).
+    let mut keep2 = cfg(&c, WritePath::Full);
+    keep2.keep = 2;
+    let sixth = mindex::run(&keep2, encoder().as_ref()).unwrap();
+    assert_eq!((sixth.written, sixth.collection.as_str()), (Written::Full, "standby_g4"));
+    assert!(sixth.why.contains("--write full"), "{}", sixth.why);
+    assert!(sixth.dropped.is_empty(), "{:?}", sixth.dropped);
+    // The standby left service a moment ago: with the default grace a change takes a new collection...
+    c.add("fifth", "garden/tools", "p93", "v0", draw(934, 0, 1), 0);
+    c.write_manifest();
+    let seventh = mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    assert_eq!((seventh.written, seventh.collection.as_str()), (Written::Full, "standby_g5"));
+    assert!(seventh.why.contains("left service"), "{}", seventh.why);
+    assert_eq!(seventh.dropped, vec!["standby_g1".to_string(), "standby_g3".to_string()]);
+    // ... and --write delta says why it cannot.
+    c.add("sixth", "garden/tools", "p94", "v0", draw(935, 0, 1), 0);
+    c.write_manifest();
+    let mut strict = config(&c, alias);
+    strict.write = WritePath::Delta;
+    let err = mindex::run(&strict, encoder().as_ref()).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { name: "write", .. }), "{err}");
+    assert!(err.to_string().contains("left service"), "{err}");
+    // Another model: no standby can take the change.
+    let other = hiercon::encoder::TestEncoder::new(DIM, 1);
+    strict.standby_grace = Duration::ZERO;
+    let err = mindex::run(&strict, &other).unwrap_err();
+    assert!(err.to_string().contains("embedded with another model"), "{err}");
+    assert_eq!(service(alias).live().unwrap().name(), "standby_g5");
+}
+
+#[test]
+fn killing_a_small_change_leaves_the_alias_on_a_good_collection_and_the_next_run_repairs_the_standby() {
+    let mut c = Catalogue::new(2);
+    let alias = "killed_delta";
+    mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    c.add("base", "garden/pots", "p70", "v0", draw(940, 0, 1), 0);
+    c.write_manifest();
+    mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
+    let dim = DIM.to_string();
+    for (n, phase) in ["phase: writing collection", "phase: verification", "alias switched"].into_iter().enumerate() {
+        let before = service(alias).live().unwrap().name();
+        c.add(&format!("kd-{n}"), "garden/pots", &format!("p{}", 71 + n), "v0", draw(941 + n as u64, 0, 1), 0);
+        c.write_manifest();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+            .args(["index", "--milvus", milvus(), "--collection", alias, "--test-encoder", &dim])
+            .args(["--write", "delta", "--standby-grace", "0", "--manifest"])
+            .arg(c.manifest())
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+        let mut log = String::new();
+        loop {
+            let line = lines.next().unwrap_or_else(|| panic!("index ended before {phase:?}:\n{log}")).unwrap();
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains(phase) {
+                break;
+            }
+        }
+        assert!(log.contains("applied to the standby"), "{log}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let m = service(alias);
+        let live = m.live().unwrap().name();
+        if phase == "alias switched" {
+            assert_ne!(live, before);
+        }
+        // The live collection answers with every item it holds.
+        let count = m.live().unwrap().count();
+        let q = m.item_embedding("p1-v1-w0").unwrap().unwrap();
+        let r = m.search_embedding(&q, &req(count, Filter::default(), None)).unwrap();
+        assert_eq!(r.hits.len(), count, "{phase}");
+        assert_eq!(r.hits[0].id, "p1-v1-w0");
+    }
+    // A clean run applies the change to whatever the killed runs left in the standby.
+    c.add("kd-last", "garden/pots", "p79", "v0", draw(949, 0, 1), 0);
+    c.write_manifest();
+    let mut k = config(&c, alias);
+    k.standby_grace = Duration::ZERO;
+    let ok = mindex::run(&k, encoder().as_ref()).unwrap();
+    assert_eq!(ok.written, Written::Delta, "{}", ok.why);
+    let m = service(alias);
+    assert_eq!(m.live().unwrap().name(), ok.collection);
+    holds_exactly(&m, &c);
 }
 
 #[test]

@@ -41,7 +41,7 @@ help:
 	@echo "make docker-test - build the CPU image (local bases) and run serve + the re-index job in it (.ci/run runs it)"
 	@echo "make milvus - start a loopback-only Milvus $(MILVUS_VERSION) standalone (PyPI wheel; data in $(MILVUS_DATA)); prints its address"
 	@echo "make milvus-stop - stop it (data kept)"
-	@echo "make bench-milvus - the 1M x 128 vectors through the local index and Milvus, and the emoji load test with each backend"
+	@echo "make bench-milvus - the 1M x 128 vectors through the local index and Milvus, the nightly re-index (standby vs new collection), and the emoji load test with each backend"
 
 # --- ONNX Runtime, from the PyPI wheel -------------------------------------------------------
 ort: $(ORT_LIB)

@@ -3,6 +3,8 @@
 # Milvus 2.3.5 (standalone, this machine) in one run, then the emoji HTTP load test against
 # `hiercon serve --index` and `hiercon serve --milvus`.
 #   BENCH_MILVUS_N (default 1000000) clustered vectors of width 128, M 16, ef_construction 200.
+# Then the nightly re-index into Milvus: a small change applied to the standby collection against a
+# new collection (bench/milvus_nightly.py -> bench/results/milvus-nightly.{md,json}).
 # Results: bench/results/milvus-side-by-side.{md,json} (and the per-side files in .cache/bench-milvus).
 # Resumable: a side whose result file exists is not run again (BENCH_MILVUS_FRESH=1 reruns all).
 set -euo pipefail
@@ -42,6 +44,17 @@ rm -rf "$SERVER"
 addr=$("$VPY" scripts/milvus.py start --data "$SERVER" --watch $$)
 [ -f "$WORK/milvus-$N.json" ] || target/release/examples/bench_milvus --dir "$syn" --address "$addr" \
   --data "$SERVER" --m "$M" --ef-construction "$EFC" --out "$WORK/milvus-$N.json"
+
+# The nightly re-index: a change applied to the standby collection against a new collection,
+# through `hiercon index --milvus` (bench/milvus_nightly.py; BENCH_MILVUS_NIGHTLY_N rows, default 100k).
+NIGHTLY_N=${BENCH_MILVUS_NIGHTLY_N:-100000}
+[ -n "${BENCH_MILVUS_FRESH:-}" ] && rm -f "$WORK/nightly-$NIGHTLY_N.done"
+if [ ! -f "$WORK/nightly-$NIGHTLY_N.done" ]; then
+  "$PY" bench/milvus_nightly.py --hiercon target/release/hiercon --address "$addr" \
+    --work "$WORK/nightly-$NIGHTLY_N" --n "$NIGHTLY_N" \
+    --out-json "$OUT/milvus-nightly.json" --out-md "$OUT/milvus-nightly.md"
+  touch "$WORK/nightly-$NIGHTLY_N.done"
+fi
 
 # The emoji HTTP load test with each backend (same model, same queries, same server flags).
 loads=()

@@ -197,7 +197,7 @@ pub(crate) fn run_index_milvus(args: &IndexArgs, address: &str, encoder: &dyn En
             out.collection, out.count, out.reused
         ),
         Some(v) => println!(
-            "{}: {alias} now names {} (was {}): {} items (embedded {}, reused {}, skipped {}; deleted {}, inserted {} rows), recall@{} {:.4} at ef {}{}",
+            "{}: {alias} now names {} (was {}): {} items (embedded {}, reused {}, skipped {}; deleted {}, inserted {} rows), recall@{} {:.4} at ef {}{}{}",
             match out.written {
                 Written::Delta => "small change",
                 _ => "full build",
@@ -213,6 +213,11 @@ pub(crate) fn run_index_milvus(args: &IndexArgs, address: &str, encoder: &dyn En
             v.recall_k,
             v.recall,
             v.ef_search,
+            if v.attempts > 1 {
+                format!(" (passed on check {}: Milvus was settling)", v.attempts)
+            } else {
+                String::new()
+            },
             if out.dropped.is_empty() { String::new() } else { format!("; dropped {}", out.dropped.join(", ")) }
         ),
     }

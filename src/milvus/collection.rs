@@ -159,7 +159,11 @@ pub fn property<'a>(properties: &'a [common::KeyValuePair], key: &str) -> Option
 
 /// The metadata of a collection hiercon wrote: the [`META_PROPERTY`] when a small change
 /// rewrote it in place, else its description.
-pub fn read_meta(name: &str, s: &schema::CollectionSchema, properties: &[common::KeyValuePair]) -> Result<CollectionMeta> {
+pub fn read_meta(
+    name: &str,
+    s: &schema::CollectionSchema,
+    properties: &[common::KeyValuePair],
+) -> Result<CollectionMeta> {
     let bad = |reason: String| Error::MilvusCollection { collection: name.into(), reason };
     let text = property(properties, META_PROPERTY).unwrap_or(&s.description);
     let meta: CollectionMeta = serde_json::from_str(text).map_err(|e| {

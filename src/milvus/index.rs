@@ -60,6 +60,8 @@ pub struct MilvusIndexConfig {
     /// How long after leaving service the standby may be written: serve replicas re-read the
     /// alias every [`super::backend::REFRESH`], and a search already sent may still run.
     pub standby_grace: Duration,
+    /// Longest wait for a changed standby to pass verification while Milvus settles.
+    pub settle: Duration,
 }
 
 /// How `index --milvus` writes a changed catalogue.
@@ -112,6 +114,7 @@ impl MilvusIndexConfig {
             force: false,
             write: WritePath::Auto,
             standby_grace: Duration::from_secs(60),
+            settle: Duration::from_secs(300),
         }
     }
 
@@ -460,8 +463,8 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     // Right after a change in place Milvus is still sealing, compacting, indexing and handing
     // over the standby's segments, and for a while some rows may not come back from a search
     // (seen with 2.3.5 after changes of 10 % and more). The standby serves no one, so a failed
-    // check is repeated until Milvus has settled, up to SETTLE; only a pass goes live.
-    let settle_until = Instant::now() + SETTLE.min(cfg.build_timeout);
+    // check is repeated until Milvus has settled, up to `settle`; only a pass goes live.
+    let settle_until = Instant::now() + cfg.settle;
     let mut attempts = 0;
     let report = loop {
         attempts += 1;
@@ -686,8 +689,6 @@ fn diff(
     (deletes, inserts, at)
 }
 
-/// Longest wait for a changed standby to pass verification.
-const SETTLE: Duration = Duration::from_secs(300);
 /// Pause between its verifications.
 const SETTLE_POLL: Duration = Duration::from_secs(5);
 

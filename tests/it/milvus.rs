@@ -415,6 +415,25 @@ fn a_failed_verification_leaves_the_alias_where_it_was() {
     let ok = mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
     assert_eq!(ok.collection, "guarded_g3");
     assert_eq!(ok.dropped, vec!["guarded_g2".to_string()]);
+    // A change applied to the standby that fails verification (checked again while Milvus may be
+    // settling, here for 2 s) leaves the alias too; the standby keeps the change for the next run.
+    c.add("yet-another", "garden/pots", "p78", "v0", draw(905, 0, 3), 0);
+    c.write_manifest();
+    let mut strict = config(&c, alias);
+    strict.verify.min_recall = 1.5;
+    strict.verify.max_ef = strict.ef_search;
+    strict.standby_grace = Duration::ZERO;
+    strict.settle = Duration::from_secs(2);
+    let err = mindex::run(&strict, encoder().as_ref()).unwrap_err();
+    assert!(matches!(&err, Error::IndexVerification { generation, .. } if generation == "guarded_g1"), "{err}");
+    assert!(err.to_string().contains("still names guarded_g3"), "{err}");
+    let m = service(alias);
+    assert_eq!(m.live().unwrap().name(), "guarded_g3");
+    assert!(m.item("yet-another").unwrap().is_none());
+    let mut k = config(&c, alias);
+    k.standby_grace = Duration::ZERO;
+    let ok = mindex::run(&k, encoder().as_ref()).unwrap();
+    assert_eq!((ok.written, ok.collection.as_str(), ok.deleted, ok.inserted), (Written::Delta, "guarded_g1", 0, 0));
 }
 
 #[test]

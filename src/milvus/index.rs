@@ -590,7 +590,7 @@ fn plan_delta(
             format!("no usable standby ({})", why_not.join("; "))
         }));
     };
-    if (out_of_service as u128) < cfg.standby_grace.as_secs() as u128 {
+    if out_of_service < cfg.standby_grace.as_secs() {
         return Ok(Err(format!(
             "the standby {} left service {out_of_service} s ago; serve replicas may read it for {} s after a switch",
             standby.name,

@@ -52,8 +52,8 @@ def make(work: Path, n: int) -> Path:
     img = work / "img"
     img.mkdir(parents=True, exist_ok=True)
     manifest = work / "manifest.jsonl"
-    if manifest.exists() and sum(1 for _ in manifest.open()) == n:
-        return manifest
+    # Always drawn afresh: the runs below redraw images with fixed seeds, so a catalogue left by an
+    # earlier run would already hold those drawings and nothing would change.
     with manifest.open("w") as f:
         for i in range(n):
             (img / f"{i}.png").write_bytes(draw(i, 0))

@@ -336,6 +336,47 @@ fn a_small_change_goes_into_the_standby_and_a_large_one_into_a_new_collection() 
     assert_eq!(service(alias).live().unwrap().name(), "standby_g5");
 }
 
+/// Runs `hiercon index --milvus` on `c` into `alias` with `extra` flags, kills it (`kill -9`) as
+/// soon as its log shows `phase`, and returns the log up to there.
+fn kill_index_at(c: &Catalogue, alias: &str, extra: &[&str], phase: &str) -> String {
+    let dim = DIM.to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
+        .args(["index", "--milvus", milvus(), "--collection", alias, "--test-encoder", &dim])
+        .args(extra)
+        .arg("--manifest")
+        .arg(c.manifest())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut log = String::new();
+    loop {
+        let line = lines.next().unwrap_or_else(|| panic!("index ended before {phase:?}:\n{log}")).unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains(phase) {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    log
+}
+
+/// The collection `alias` names answers with every item it holds (`p1-v1-w0` first for its own
+/// embedding); its name.
+fn answers_whole(alias: &str, phase: &str) -> String {
+    let m = service(alias);
+    let count = m.live().unwrap().count();
+    let q = m.item_embedding("p1-v1-w0").unwrap().unwrap();
+    let r = m.search_embedding(&q, &req(count, Filter::default(), None)).unwrap();
+    assert_eq!(r.hits.len(), count, "{phase}");
+    assert_eq!(r.hits[0].id, "p1-v1-w0", "{phase}");
+    m.live().unwrap().name()
+}
+
 #[test]
 fn killing_a_small_change_leaves_the_alias_on_a_good_collection_and_the_next_run_repairs_the_standby() {
     let mut c = Catalogue::new(2);
@@ -344,44 +385,16 @@ fn killing_a_small_change_leaves_the_alias_on_a_good_collection_and_the_next_run
     c.add("base", "garden/pots", "p70", "v0", draw(940, 0, 1), 0);
     c.write_manifest();
     mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
-    let dim = DIM.to_string();
     for (n, phase) in ["phase: writing collection", "phase: verification", "alias switched"].into_iter().enumerate() {
         let before = service(alias).live().unwrap().name();
         c.add(&format!("kd-{n}"), "garden/pots", &format!("p{}", 71 + n), "v0", draw(941 + n as u64, 0, 1), 0);
         c.write_manifest();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
-            .args(["index", "--milvus", milvus(), "--collection", alias, "--test-encoder", &dim])
-            .args(["--write", "delta", "--standby-grace", "0", "--manifest"])
-            .arg(c.manifest())
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-        let mut log = String::new();
-        loop {
-            let line = lines.next().unwrap_or_else(|| panic!("index ended before {phase:?}:\n{log}")).unwrap();
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains(phase) {
-                break;
-            }
-        }
+        let log = kill_index_at(&c, alias, &["--write", "delta", "--standby-grace", "0"], phase);
         assert!(log.contains("applied to the standby"), "{log}");
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let m = service(alias);
-        let live = m.live().unwrap().name();
+        let live = answers_whole(alias, phase);
         if phase == "alias switched" {
             assert_ne!(live, before);
         }
-        // The live collection answers with every item it holds.
-        let count = m.live().unwrap().count();
-        let q = m.item_embedding("p1-v1-w0").unwrap().unwrap();
-        let r = m.search_embedding(&q, &req(count, Filter::default(), None)).unwrap();
-        assert_eq!(r.hits.len(), count, "{phase}");
-        assert_eq!(r.hits[0].id, "p1-v1-w0");
     }
     // A clean run applies the change to whatever the killed runs left in the standby.
     c.add("kd-last", "garden/pots", "p79", "v0", draw(949, 0, 1), 0);
@@ -706,7 +719,6 @@ fn killing_index_in_any_phase_leaves_the_alias_on_a_good_collection() {
     let mut c = Catalogue::new(2);
     let alias = "killed";
     mindex::run(&config(&c, alias), encoder().as_ref()).unwrap();
-    let dim = DIM.to_string();
     for (n, (phase, switched)) in [
         ("phase: embedding", false),
         ("phase: writing collection", false),
@@ -720,39 +732,14 @@ fn killing_index_in_any_phase_leaves_the_alias_on_a_good_collection() {
         let before = service(alias).live().unwrap().name();
         c.add(&format!("kill-{n}"), "garden/pots", &format!("p{}", 80 + n), "v0", draw(910 + n as u64, 0, 1), 0);
         c.write_manifest();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hiercon"))
-            .args(["index", "--milvus", milvus(), "--collection", alias, "--test-encoder", &dim, "--manifest"])
-            .arg(c.manifest())
-            .env("RUST_LOG", "info")
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-        let mut log = String::new();
-        loop {
-            let line = lines.next().unwrap_or_else(|| panic!("index ended before {phase:?}:\n{log}")).unwrap();
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains(phase) {
-                break;
-            }
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let m = service(alias);
-        let live = m.live().unwrap().name();
+        kill_index_at(&c, alias, &[], phase);
         // Before the switch the kill may land a moment late (these runs take a second or two),
         // so the alias names the old collection or, if the run got that far, the new one.
+        // Whatever it names answers, with every item it should hold.
+        let live = answers_whole(alias, phase);
         if switched {
             assert_ne!(live, before, "{phase}");
         }
-        // Whatever it names answers, with every item it should hold.
-        let count = m.live().unwrap().count();
-        let q = m.item_embedding("p1-v1-w0").unwrap().unwrap();
-        let r = m.search_embedding(&q, &req(count, Filter::default(), None)).unwrap();
-        assert_eq!(r.hits.len(), count, "{phase}");
-        assert_eq!(r.hits[0].id, "p1-v1-w0");
     }
     // A clean run goes live and drops what the killed ones left.
     c.add("kill-last", "garden/pots", "p89", "v0", draw(920, 0, 1), 0);

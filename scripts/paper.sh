@@ -35,7 +35,7 @@ PRE_FREEZE=${PRE_FREEZE:-6}
 PRE_LR=${PRE_LR:-0.01}
 PRE_LOSSES=(ce supcon hmce)
 PARTS=${PARTS:-scratch pretrained study}
-STUDY_PAIRS=${STUDY_PAIRS:-emoji-hmce,emoji-supcon emoji-fit-hmce,emoji-fit-supcon emoji-fit-hmce-vc8,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-supcon emoji-fit-hmce-mix1,emoji-fit-supcon emoji-fit-hmce-mix1,emoji-fit-hmce fmnist-hmce,fmnist-supcon}
+STUDY_PAIRS=${STUDY_PAIRS:-emoji-hmce,emoji-supcon emoji-fit-hmce,emoji-fit-supcon emoji-fit-hmce-vc8,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-hmce emoji-fit-hmce-novar,emoji-fit-supcon emoji-fit-hmce-mix1,emoji-fit-supcon emoji-fit-hmce-mix1,emoji-fit-hmce emoji-fit-hmce-mix1-f4,emoji-fit-supcon-f4 emoji-hmce-mix1-f4,emoji-supcon-f4 fmnist-hmce,fmnist-supcon}
 STUDY_TRAIN=${STUDY_TRAIN:-1}
 OUT=runs/paper
 mkdir -p "$OUT" reports

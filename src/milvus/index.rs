@@ -703,7 +703,7 @@ fn apply_delta(client: &Client, delta: &Delta, records: &[ItemRecord], emb: &Arr
         let ids: Vec<String> = chunk.iter().map(|id| collection::literal(id)).collect();
         client.delete(name, &format!("id in [{}]", ids.join(", ")))?;
     }
-    let per_call = ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000);
+    let per_call = rows_per_insert(dim);
     let progress = Progress::new("inserting", delta.inserts.len() as u64, "rows");
     for chunk in delta.inserts.chunks(per_call) {
         let rows: Vec<i64> = chunk.iter().map(|&(_, p)| p).collect();
@@ -756,9 +756,14 @@ fn check_positions(
 }
 
 /// Inserts every row in calls of about 8 MB.
+/// Rows per insert call: about 8 MB of vectors and item JSON.
+fn rows_per_insert(dim: usize) -> usize {
+    ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000)
+}
+
 fn insert_all(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<f32>) -> Result<()> {
     let dim = emb.ncols();
-    let per_call = ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000);
+    let per_call = rows_per_insert(dim);
     let progress = Progress::new("inserting", records.len() as u64, "rows");
     let flat =
         emb.as_slice().ok_or_else(|| Error::Milvus { op: "insert", reason: "embeddings not contiguous".into() })?;

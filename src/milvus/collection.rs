@@ -36,7 +36,8 @@ pub const EF_PROPERTY: &str = "hiercon.ef_search";
 /// in place (a small change applied to the standby collection): it supersedes the description,
 /// which Milvus 2.3 cannot alter.
 pub const META_PROPERTY: &str = "hiercon.meta";
-/// The collection property holding when (unix seconds) the alias was pointed at it.
+/// The collection property holding when (unix seconds, with a millisecond fraction) the alias was
+/// pointed at it.
 pub const SWITCHED_PROPERTY: &str = "hiercon.switched_unix";
 /// Fields a search answer needs per hit.
 pub const HIT_FIELDS: [&str; 2] = ["item", "sha256"];

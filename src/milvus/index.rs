@@ -217,7 +217,13 @@ impl GenerationInfo {
 
     /// When the alias was last pointed at it (unix seconds), when hiercon recorded it.
     pub fn switched_unix(&self) -> Option<u64> {
-        collection::property(&self.properties, collection::SWITCHED_PROPERTY).and_then(|v| v.parse().ok())
+        self.switched_ms().map(|ms| ms / 1000)
+    }
+
+    /// The same in milliseconds: the property holds seconds with a millisecond fraction (whole
+    /// seconds before 2026-12-08), so two switches within one second still order.
+    pub fn switched_ms(&self) -> Option<u64> {
+        collection::property(&self.properties, collection::SWITCHED_PROPERTY).and_then(stamp_ms)
     }
 }
 
@@ -321,6 +327,24 @@ fn content_digest(records: &[ItemRecord], emb: &Array2<f32>) -> String {
 
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Now as unix seconds with a millisecond fraction, for [`collection::SWITCHED_PROPERTY`].
+fn switch_stamp() -> String {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("{}.{:03}", ms / 1000, ms % 1000)
+}
+
+/// Milliseconds of a [`switch_stamp`] (or of whole seconds, as written before it).
+fn stamp_ms(v: &str) -> Option<u64> {
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: u64 = secs.parse().ok()?;
+    let ms: u64 = match frac.len() {
+        0 => 0,
+        1..=3 if frac.bytes().all(|b| b.is_ascii_digit()) => frac.parse::<u64>().ok()? * 10u64.pow(3 - frac.len() as u32),
+        _ => return None,
+    };
+    secs.checked_mul(1000)?.checked_add(ms)
 }
 
 /// Runs `index --milvus`.
@@ -514,7 +538,7 @@ pub fn run(cfg: &MilvusIndexConfig, encoder: &dyn Encoder) -> Result<MilvusIndex
     }
     // serve prefers the property (the description was written before verification).
     client.set_property(&name, collection::EF_PROPERTY, &report.ef_search.to_string())?;
-    client.set_property(&name, collection::SWITCHED_PROPERTY, &now_unix().to_string())?;
+    client.set_property(&name, collection::SWITCHED_PROPERTY, &switch_stamp())?;
     client.point_alias(&cfg.alias, &name, live.is_some())?;
     tracing::info!(alias = %cfg.alias, collection = %name, previous = ?previous, "alias switched");
     let dropped = gc(&client, &cfg.alias, n, previous.as_deref(), cfg.keep);
@@ -980,7 +1004,7 @@ fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usi
         .into_iter()
         .filter(|(n, _)| *n != live && Some(*n) != prev_n)
         .map(|(n, c)| {
-            let switched = describe_generation(client, &c).ok().and_then(|g| g.switched_unix());
+            let switched = describe_generation(client, &c).ok().and_then(|g| g.switched_ms());
             let went_live = switched.or_else(|| prev_n.filter(|&p| n < p).map(|_| 0));
             (went_live, n, c)
         })
@@ -1008,6 +1032,19 @@ fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switch_stamps_read_back_in_milliseconds_old_and_new() {
+        assert_eq!(stamp_ms("1765000000"), Some(1_765_000_000_000));
+        assert_eq!(stamp_ms("1765000000.042"), Some(1_765_000_000_042));
+        assert_eq!(stamp_ms("1765000000.5"), Some(1_765_000_000_500));
+        let before = now_unix();
+        let ms = stamp_ms(&switch_stamp()).unwrap();
+        assert!((before..=now_unix()).contains(&(ms / 1000)), "{ms}");
+        for bad in ["", "x", "1.2345", "-1", "1.-2", "1.a"] {
+            assert_eq!(stamp_ms(bad), None, "{bad}");
+        }
+    }
     use crate::index::testutil::item;
 
     /// Row `i`'s vector: `[i, i + 0.5]`.

@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BASE_REV=${BENCH_BASE_REV:-80d45a9}
-MODEL=${BENCH_MODEL:-models/emoji-lite0-supcon.onnx}
+MODEL=${BENCH_MODEL:-models/emoji-lite0-hmce-mix.onnx}
 PHOTOS=${BENCH_PHOTOS:-300}
 ROUNDS=${BENCH_ROUNDS:-2}
 LOAD_SECONDS=${BENCH_LOAD_SECONDS:-10}

@@ -116,7 +116,7 @@ enum Command {
     /// Foreign ONNX models: `model describe` makes one servable without training.
     #[command(subcommand)]
     Model(ModelCommand),
-    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-supcon.onnx
+    /// Run the shipped default end to end: index the emoji catalogue with models/emoji-lite0-hmce-mix.onnx
     /// into index/emoji, then serve it (run from the repository root; `make demo` does it all).
     Demo(DemoArgs),
     /// Show which ONNX Runtime library is loaded and whether the requested device works.

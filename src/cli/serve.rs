@@ -12,7 +12,7 @@ use super::index::{IndexArgs, run_index};
 
 /// The demo catalogue `hiercon demo` summarises.
 pub(crate) const DEMO_MANIFEST: &str = "data/emoji/manifest.jsonl";
-pub(crate) const DEMO_MODEL: &str = "models/emoji-lite0-supcon.onnx";
+pub(crate) const DEMO_MODEL: &str = "models/emoji-lite0-hmce-mix.onnx";
 pub(crate) const DEMO_INDEX: &str = "index/emoji";
 
 #[derive(Args, Debug)]

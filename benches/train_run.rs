@@ -1,7 +1,13 @@
-//! The whole trainer, start to exported model, on hiercon's shipped setting (EfficientNet-Lite0
-//! from ImageNet, 128 px, stem + stages 1-5 frozen, hmce, SGD lr 0.01, 32 samples x 2 views per
-//! step, 1,500 steps, seed 0) over the emoji catalogue's train split, written to
-//! `bench/results/train_run.json`. Three rows, run one after the other in one process:
+//! The whole trainer, start to exported model, on one of hiercon's shipped settings over the emoji
+//! catalogue's train split (EfficientNet-Lite0 from ImageNet, 128 px, SGD lr 0.01, 32 samples x 2
+//! views per step, 1,500 steps, seed 0), chosen by `BENCH_TRAIN_SETTING`:
+//!
+//! - `shipped` (the default): today's default model, stem + stages 1-3 frozen, hmce plus SupCon's
+//!   product term (`--supcon-mix 1`), written to `bench/results/train_run-shipped.json`;
+//! - `f6-hmce`: the default when the throughput work was done, stem + stages 1-5 frozen, hmce,
+//!   written to `bench/results/train_run-f6-hmce.json`.
+//!
+//! Three rows, run one after the other in one process:
 //!
 //! - `before`: the trainer as it was before the throughput work — trained depthwise
 //!   convolutions as grouped Conv nodes and batches prepared between steps on the calling thread
@@ -19,7 +25,8 @@
 //! too, for scale. Accuracy at equal settings is the study's job (reports/paper.md): this
 //! bench only times.
 //!
-//! `BENCH_TRAIN_STEPS` shortens the runs (default 1,500: about 45 minutes on 2 cores);
+//! `BENCH_TRAIN_STEPS` shortens the runs (default 1,500: about 45 minutes (f6-hmce) to an hour
+//! (shipped) on 2 cores);
 //! `BENCH_TRAIN_ROWS` picks rows (comma-separated names). Needs `HIERCON_TEST_DATA` (`make bench`
 //! sets it) and the Lite0 weights of `make pretrained`.
 
@@ -42,6 +49,12 @@ fn main() {
         .split(',')
         .map(str::to_string)
         .collect();
+    let setting = std::env::var("BENCH_TRAIN_SETTING").unwrap_or_else(|_| "shipped".into());
+    let (freeze, supcon_mix, what) = match setting.as_str() {
+        "shipped" => (4, 1.0, "stem + stages 1-3 frozen, hmce + SupCon at product level (--supcon-mix 1)"),
+        "f6-hmce" => (6, 0.0, "stem + stages 1-5 frozen, hmce"),
+        other => panic!("BENCH_TRAIN_SETTING {other:?}: shipped or f6-hmce"),
+    };
     let data = std::env::var("HIERCON_TEST_DATA").expect("HIERCON_TEST_DATA (make bench sets it)");
     let manifest = PathBuf::from(data).join("emoji/manifest.jsonl");
     hiercon::runtime::init().expect("ONNX Runtime (make ort)");
@@ -50,7 +63,7 @@ fn main() {
     let cfg = |view_cache: usize| TrainConfig {
         manifest: manifest.clone(),
         split: Subset::Train,
-        loss: LossOptions { kind: LossKind::Hmce, ..LossOptions::default() },
+        loss: LossOptions { kind: LossKind::Hmce, supcon_mix, ..LossOptions::default() },
         arch: Arch::EfficientnetLite0,
         image_size: 128,
         batch_size: 32,
@@ -65,7 +78,7 @@ fn main() {
         checkpoint_every: 250,
         init: Init::Pretrained,
         weights: None,
-        freeze: 6,
+        freeze,
         init_onnx: None,
         cut: None,
         normalization: None,
@@ -110,29 +123,42 @@ fn main() {
         });
         eprintln!("train_run: {row}: {r}");
         results.insert(row.clone(), r);
+        // Written after every row, so a long bench stopped part-way keeps what it measured.
+        write_report(&setting, what, steps, &results, None);
     }
-    let torch = torch_twin();
+    write_report(&setting, what, steps, &results, Some(torch_twin(freeze)));
+}
+
+/// Writes `bench/results/train_run-SETTING.json` with the rows measured so far.
+fn write_report(
+    setting: &str,
+    what: &str,
+    steps: usize,
+    rows: &serde_json::Map<String, serde_json::Value>,
+    torch: Option<serde_json::Value>,
+) {
     let report = serde_json::json!({
-        "bench": format!("hiercon train, shipped setting (Lite0 128 px, freeze 6, hmce, batch 32 x 2 views), {steps} steps on the emoji train split, start to exported model"),
+        "bench": format!("hiercon train, setting {setting} (Lite0 128 px, {what}, batch 32 x 2 views), {steps} steps on the emoji train split, start to exported model"),
+        "setting": setting,
         "machine": hiercon::runtime::machine_description(),
         "steps": steps,
-        "rows": results,
-        "torch_step_twin": torch,
+        "rows": rows,
+        "torch_step_twin": torch.unwrap_or_else(|| serde_json::json!({"note": "not run yet"})),
     });
-    let path = PathBuf::from("bench/results/train_run.json");
+    let path = PathBuf::from(format!("bench/results/train_run-{setting}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&report).expect("serialises") + "\n").expect("writing results");
     eprintln!("wrote {}", path.display());
 }
 
 /// PyTorch eager's twin of the step (`bench/torch_step.py`), when `make bench-torch`'s venv is
-/// there: its JSON answer, or a note.
-fn torch_twin() -> serde_json::Value {
+/// there, with the same units frozen: its JSON answer, or a note.
+fn torch_twin(freeze: usize) -> serde_json::Value {
     let python = std::env::var("HIERCON_TORCH_PYTHON").unwrap_or_else(|_| "bench/venv/bin/python".into());
     if !std::path::Path::new(&python).exists() {
         return serde_json::json!({"note": format!("{python} not found: run `make bench-torch` for PyTorch's twin")});
     }
     let out = std::process::Command::new(&python)
-        .args(["bench/torch_step.py", "--arch", "efficientnet-lite0", "--freeze", "6", "--images", "64"])
+        .args(["bench/torch_step.py", "--arch", "efficientnet-lite0", "--freeze", &freeze.to_string(), "--images", "64"])
         .args(["--size", "128", "--steps", "20"])
         .output()
         .expect("running bench/torch_step.py");

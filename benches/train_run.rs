@@ -158,7 +158,15 @@ fn torch_twin(freeze: usize) -> serde_json::Value {
         return serde_json::json!({"note": format!("{python} not found: run `make bench-torch` for PyTorch's twin")});
     }
     let out = std::process::Command::new(&python)
-        .args(["bench/torch_step.py", "--arch", "efficientnet-lite0", "--freeze", &freeze.to_string(), "--images", "64"])
+        .args([
+            "bench/torch_step.py",
+            "--arch",
+            "efficientnet-lite0",
+            "--freeze",
+            &freeze.to_string(),
+            "--images",
+            "64",
+        ])
         .args(["--size", "128", "--steps", "20"])
         .output()
         .expect("running bench/torch_step.py");

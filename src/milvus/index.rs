@@ -221,7 +221,8 @@ impl GenerationInfo {
     }
 
     /// The same in milliseconds: the property holds seconds with a millisecond fraction (whole
-    /// seconds before 2026-12-08), so two switches within one second still order.
+    /// seconds where written before the fraction was added), so two switches within one second
+    /// still order.
     pub fn switched_ms(&self) -> Option<u64> {
         collection::property(&self.properties, collection::SWITCHED_PROPERTY).and_then(stamp_ms)
     }
@@ -341,7 +342,9 @@ fn stamp_ms(v: &str) -> Option<u64> {
     let secs: u64 = secs.parse().ok()?;
     let ms: u64 = match frac.len() {
         0 => 0,
-        1..=3 if frac.bytes().all(|b| b.is_ascii_digit()) => frac.parse::<u64>().ok()? * 10u64.pow(3 - frac.len() as u32),
+        1..=3 if frac.bytes().all(|b| b.is_ascii_digit()) => {
+            frac.parse::<u64>().ok()? * 10u64.pow(3 - frac.len() as u32)
+        }
         _ => return None,
     };
     secs.checked_mul(1000)?.checked_add(ms)
@@ -779,12 +782,12 @@ fn check_positions(
     Ok(())
 }
 
-/// Inserts every row in calls of about 8 MB.
 /// Rows per insert call: about 8 MB of vectors and item JSON.
 fn rows_per_insert(dim: usize) -> usize {
     ((8 << 20) / (dim * 4 + 1024)).clamp(1, 20_000)
 }
 
+/// Inserts every row in calls of about 8 MB.
 fn insert_all(client: &Client, name: &str, records: &[ItemRecord], emb: &Array2<f32>) -> Result<()> {
     let dim = emb.ncols();
     let per_call = rows_per_insert(dim);
@@ -1032,6 +1035,7 @@ fn gc(client: &Client, alias: &str, live: u64, previous: Option<&str>, keep: usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::index::testutil::item;
 
     #[test]
     fn switch_stamps_read_back_in_milliseconds_old_and_new() {
@@ -1045,7 +1049,6 @@ mod tests {
             assert_eq!(stamp_ms(bad), None, "{bad}");
         }
     }
-    use crate::index::testutil::item;
 
     /// Row `i`'s vector: `[i, i + 0.5]`.
     fn vectors(ids: &[usize]) -> Array2<f32> {
